@@ -1,0 +1,137 @@
+"""Finding labels and model inputs in arbitrary batches, with no user code.
+
+MbPA writes ``(embedding, label)`` pairs during training; the embedding comes from a hook on
+the head, the label from the batch. Batches come in many shapes (tuples, dicts, NamedTuples,
+dataclasses), so the look-up here follows the conventions most Lightning data pipelines use.
+Framework-free: no Lightning import.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+#: Names under which a batch carries its labels (matched case-insensitively).
+LABEL_NAMES: tuple[str, ...] = ("y", "label", "labels", "target", "targets")
+
+
+def _fields(batch: Any) -> dict[str, Any] | None:
+    """The named fields of a NamedTuple or dataclass instance, else ``None``."""
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
+        return dict(zip(batch._fields, batch, strict=False))
+    if dataclasses.is_dataclass(batch) and not isinstance(batch, type):
+        return {f.name: getattr(batch, f.name) for f in dataclasses.fields(batch)}
+    return None
+
+
+def _named(batch: Any) -> dict[str, Any] | None:
+    if isinstance(batch, Mapping):
+        return {str(key): value for key, value in batch.items()}
+    return _fields(batch)
+
+
+def find_label_name(batch: Any, label_key: str | int | None = None) -> str | int | None:
+    """The key, field name or position under which ``batch`` holds its labels, or ``None``."""
+    if label_key is not None:
+        return label_key
+    named = _named(batch)
+    if named is not None:
+        lowered = {name.lower(): name for name in named}
+        for candidate in LABEL_NAMES:
+            if candidate in lowered:
+                return lowered[candidate]
+        return None
+    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
+        return 1
+    return None
+
+
+def get_item(batch: Any, key: str | int) -> Any:
+    """``batch[key]`` for sequences and mappings, ``getattr(batch, key)`` for records.
+
+    Raises:
+        KeyError: when the batch has no such item.
+    """
+    if isinstance(batch, Mapping):
+        if key in batch:
+            return batch[key]
+        raise KeyError(key)
+    if isinstance(key, int):
+        if isinstance(batch, (tuple, list)) and -len(batch) <= key < len(batch):
+            return batch[key]
+        raise KeyError(key)
+    named = _fields(batch)
+    if named is not None and key in named:
+        return named[key]
+    raise KeyError(key)
+
+
+def describe(batch: Any, depth: int = 0) -> str:
+    """A short, human-readable description of a batch's structure for error messages."""
+    if isinstance(batch, Tensor):
+        return f"Tensor(shape={tuple(batch.shape)}, dtype={batch.dtype})"
+    if depth > 2:
+        return type(batch).__name__
+    named = _named(batch)
+    if named is not None:
+        inner = ", ".join(f"{name!r}: {describe(value, depth + 1)}" for name, value in named.items())
+        return f"{type(batch).__name__}({inner})"
+    if isinstance(batch, (tuple, list)):
+        inner = ", ".join(describe(value, depth + 1) for value in batch[:8])
+        more = ", ..." if len(batch) > 8 else ""
+        return f"{type(batch).__name__}[{inner}{more}]"
+    return f"{type(batch).__name__}"
+
+
+def as_label_tensor(labels: Any, argument: str = "labels") -> Tensor:
+    """Turn labels into an int64 tensor: ``[B, 1]`` is squeezed and integral floats are cast.
+
+    Raises:
+        ValueError: for labels that are not integers (naming ``argument``).
+    """
+    if not isinstance(labels, Tensor):
+        try:
+            labels = torch.as_tensor(labels)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise ValueError(
+                f"`{argument}` must be integer class labels, got {type(labels).__name__}: {err}"
+            ) from err
+    if labels.dtype == torch.bool or labels.is_complex():
+        raise ValueError(f"`{argument}` must be integer class labels, got dtype {labels.dtype}.")
+    if labels.is_floating_point():
+        finite = torch.isfinite(labels)
+        if not bool(finite.all()) or not bool((labels == labels.round()).all()):
+            bad = labels[~finite | (labels != labels.round())].flatten()[:5].tolist()
+            raise ValueError(
+                f"`{argument}` must be integer class labels; got non-integral values {bad} "
+                f"(dtype {labels.dtype})."
+            )
+    labels = labels.long()
+    if labels.dim() >= 2 and labels.shape[-1] == 1:
+        labels = labels.squeeze(-1)
+    return labels
+
+
+def slice_inputs(batch: Any, label_name: str | int | None) -> Any:
+    """A batch without its labels: what the model's ``forward`` takes.
+
+    A tuple/list gives its first element, a mapping the mapping without its label key, a
+    NamedTuple/dataclass its first non-label field, a tensor itself.
+    """
+    if isinstance(batch, Tensor):
+        return batch
+    if isinstance(batch, Mapping):
+        return {key: value for key, value in batch.items() if key != label_name}
+    named = _fields(batch)
+    if named is not None:
+        for name, value in named.items():
+            if name != label_name:
+                return value
+        raise ValueError(f"The batch {describe(batch)} has no field besides its labels.")
+    if isinstance(batch, (tuple, list)) and len(batch) >= 1:
+        return batch[0]
+    raise ValueError(f"Cannot find model inputs in a batch of type {describe(batch)}.")

@@ -1,0 +1,718 @@
+"""The MbPA callback: Memory-based Parameter Adaptation for any Lightning classifier.
+
+Sprechmann et al., "Memory-based Parameter Adaptation", ICLR 2018 (arXiv:1802.10542).
+
+The callback splits the user's model at its output head ``g_θ``: the head's input ``h = f(x)``
+is the memory key. During ``fit`` a forward pre-hook on the head captures ``h`` for every
+training example and the callback writes ``(h, y)`` into an :class:`~lightning_mbpa.EpisodicMemory`.
+During ``test``/``predict`` a forward hook replaces the head's output with the output of a
+copy of the head adapted, per query, on the query's K nearest memories
+(:func:`~lightning_mbpa.local_adapt`), so the module's own ``test_step`` and its metrics see the
+adapted predictions. The trained parameters are never modified.
+"""
+
+from __future__ import annotations
+
+import time
+import weakref
+from collections.abc import Iterable, Sequence
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+import torchmetrics
+from lightning.fabric.utilities.apply_func import move_data_to_device
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.model_helpers import is_overridden
+from lightning.pytorch.utilities.warnings import WarningCache
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from lightning_mbpa.adaptation import kernel_weights, local_adapt
+from lightning_mbpa.batches import (
+    as_label_tensor,
+    describe,
+    find_label_name,
+    get_item,
+    slice_inputs,
+)
+from lightning_mbpa.memory import EpisodicMemory
+
+Stage = Literal["validate", "test", "predict"]
+_STAGES: tuple[str, ...] = ("validate", "test", "predict")
+_IGNORE_INDEX = -100
+
+
+def _linear_names(module: nn.Module) -> list[str]:
+    return [name for name, sub in module.named_modules() if isinstance(sub, nn.Linear) and name]
+
+
+class MbPA(Callback):
+    r"""Memory-based Parameter Adaptation (Sprechmann et al., 2018) as a Lightning callback.
+
+    Attach it to a ``Trainer``: ``fit`` fills an episodic memory with the head inputs and labels
+    of the training examples; ``test`` and ``predict`` classify every query with a copy of the
+    head adapted for ``adaptation_steps`` gradient steps on its ``k`` nearest memories,
+    ``θx ← θx − adaptation_lr·∇Σ_k w_k·CE(g_θx(h_k), y_k) − beta·(θx − θ)``, then thrown away.
+
+    Args:
+        head: Dotted name of the output head (``pl_module.get_submodule(head)``), e.g.
+            ``"model.classifier"``. ``None``: the ``nn.Linear`` that runs last in the forward
+            pass, found by execution order on the first batch.
+        memory_size: Capacity of the episodic memory (number of examples).
+        k: Number of nearest memories each query adapts on.
+        adaptation_steps: Gradient steps of local adaptation per query (0 disables it).
+        adaptation_lr: Step size ``α`` of local adaptation.
+        beta: Pull toward the trained head per step, ``β`` in ``−β(θx − θ)``, in [0, 1]
+            (the Gaussian prior of the paper's MAP view; 0 is plain weighted fine-tuning).
+        kernel_eps: ``ε`` of the neighbour weights ``w_k ∝ 1 / (ε + ||q − h_k||²)``.
+        label_key: Where training batches keep their labels: a mapping key or attribute name,
+            or a position in a tuple. ``None``: a tuple's second element, or a key/attribute
+            named ``y``, ``label``, ``labels``, ``target`` or ``targets``.
+        eviction: What a full memory overwrites: ``"fifo"`` the oldest entry (the paper),
+            ``"reservoir"`` a uniform sample of everything seen.
+        index: A faiss ``index_factory`` string: ``"Flat"`` (exact) or approximate indexes
+            such as ``"HNSW32"`` or ``"IVF1024,Flat"`` for large memories.
+        write_fraction: Fraction of training examples written to memory, chosen at random
+            (MbPA++ stores 10–50% with little loss).
+        adapt_on: Stages whose predictions are adapted (any of ``"validate"``, ``"test"``,
+            ``"predict"``).
+        online_writes: During ``test``, write each labelled batch to memory after predicting
+            it (the paper's fast learning during evaluation).
+        save_memory: Put the memory into checkpoints (``trainer.test(ckpt_path=...)`` then
+            restores it).
+        seed: Seed of the random choices (``write_fraction``, reservoir eviction).
+
+    Example::
+
+        trainer = pl.Trainer(callbacks=[MbPA(k=32)])
+        trainer.fit(model, datamodule=dm)   # writes the memory
+        trainer.test(model, datamodule=dm)  # test_step sees MbPA-adapted logits
+    """
+
+    def __init__(
+        self,
+        head: str | None = None,
+        memory_size: int = 100_000,
+        k: int = 32,
+        adaptation_steps: int = 5,
+        adaptation_lr: float = 0.1,
+        beta: float = 0.01,
+        kernel_eps: float = 1e-3,
+        label_key: str | int | None = None,
+        eviction: Literal["fifo", "reservoir"] = "fifo",
+        index: str = "Flat",
+        write_fraction: float = 1.0,
+        adapt_on: Sequence[Literal["validate", "test", "predict"]] = ("test", "predict"),
+        online_writes: bool = False,
+        save_memory: bool = True,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        _check(head is None or (isinstance(head, str) and head != ""), "head", head, "a non-empty dotted module name or None")
+        _check(_is_int(memory_size) and memory_size >= 1, "memory_size", memory_size, "an int >= 1")
+        _check(_is_int(k) and k >= 1, "k", k, "an int >= 1")
+        _check(_is_int(adaptation_steps) and adaptation_steps >= 0, "adaptation_steps", adaptation_steps, "an int >= 0")
+        _check(_is_real(adaptation_lr) and adaptation_lr >= 0, "adaptation_lr", adaptation_lr, "a finite float >= 0")
+        _check(_is_real(beta) and 0 <= beta <= 1, "beta", beta, "a float in [0, 1]")
+        _check(_is_real(kernel_eps) and kernel_eps > 0, "kernel_eps", kernel_eps, "a finite float > 0")
+        _check(label_key is None or isinstance(label_key, (str, int)) and not isinstance(label_key, bool), "label_key", label_key, "a str, an int or None")
+        _check(eviction in ("fifo", "reservoir"), "eviction", eviction, "'fifo' or 'reservoir'")
+        _check(isinstance(index, str) and index.strip() != "", "index", index, "a faiss index_factory string such as 'Flat' or 'HNSW32'")
+        _check(_is_real(write_fraction) and 0 < write_fraction <= 1, "write_fraction", write_fraction, "a float in (0, 1]")
+        if isinstance(adapt_on, str):
+            adapt_on = (adapt_on,)
+        _check(
+            isinstance(adapt_on, Iterable) and all(stage in _STAGES for stage in adapt_on),
+            "adapt_on", adapt_on, f"a list of stages from {list(_STAGES)}",
+        )
+        _check(isinstance(online_writes, bool), "online_writes", online_writes, "a bool")
+        _check(isinstance(save_memory, bool), "save_memory", save_memory, "a bool")
+        _check(_is_int(seed), "seed", seed, "an int")
+
+        self.head = head
+        self.memory_size = int(memory_size)
+        self.k = int(k)
+        self.adaptation_steps = int(adaptation_steps)
+        self.adaptation_lr = float(adaptation_lr)
+        self.beta = float(beta)
+        self.kernel_eps = float(kernel_eps)
+        self.label_key = label_key
+        self.eviction = eviction
+        self.index = index
+        self.write_fraction = float(write_fraction)
+        self.adapt_on = tuple(dict.fromkeys(adapt_on))
+        self.online_writes = online_writes
+        self.save_memory = save_memory
+        self.seed = int(seed)
+
+        try:
+            self.memory = EpisodicMemory(
+                capacity=self.memory_size, eviction=eviction, index=index, seed=self.seed
+            )
+        except ValueError as err:
+            raise MisconfigurationException(f"MbPA: {err}") from err
+        self._write_generator = torch.Generator().manual_seed(self.seed)
+        self._init_runtime_state()
+
+    # ------------------------------------------------------------------ runtime state
+    def _init_runtime_state(self) -> None:
+        self._module_ref: weakref.ReferenceType[nn.Module] | None = None
+        self._head_module: nn.Module | None = None
+        self._head_name: str | None = getattr(self, "_head_name", None) or self.head
+        self._capture_handles: list[RemovableHandle] = []
+        self._adapt_handle: RemovableHandle | None = None
+        self._discovering = False
+        self._capturing = False
+        self._captured: list[tuple[nn.Module, Tensor]] = []
+        self._adapted_calls: list[tuple[Tensor, Tensor, Tensor]] = []
+        self._adapting_stage: str | None = None
+        self._slot_outputs: Tensor | None = None
+        self._base_acc: torchmetrics.Metric | None = None
+        self._adapted_acc: torchmetrics.Metric | None = None
+        self._queries = 0
+        self._adapt_seconds = 0.0
+        self._warnings = WarningCache()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        for transient in (
+            "_module_ref", "_head_module", "_capture_handles", "_adapt_handle", "_captured",
+            "_adapted_calls", "_slot_outputs", "_base_acc", "_adapted_acc", "_warnings",
+        ):
+            state.pop(transient, None)
+        state["_write_generator"] = self._write_generator.get_state()
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        generator_state = state.pop("_write_generator")
+        self.__dict__.update(state)
+        self._write_generator = torch.Generator()
+        self._write_generator.set_state(generator_state)
+        self._init_runtime_state()
+
+    @property
+    def head_name(self) -> str | None:
+        """The dotted name of the head module, once known (given, or found on the first batch)."""
+        return self._head_name
+
+    # ------------------------------------------------------------------ extension points
+    def extract_labels(self, batch: Any) -> Tensor | None:
+        """The integer class labels of a batch, or ``None`` if it has none.
+
+        Override in a subclass for batches the defaults do not cover; the subclass stays
+        selectable from YAML by ``class_path``.
+        """
+        name = find_label_name(batch, self.label_key)
+        if name is None:
+            return None
+        try:
+            labels = get_item(batch, name)
+        except KeyError:
+            if self.label_key is not None:
+                raise MisconfigurationException(
+                    f"MbPA(label_key={self.label_key!r}): the batch has no such item; it contains "
+                    f"{describe(batch)}."
+                ) from None
+            return None
+        if labels is None:
+            return None
+        try:
+            return as_label_tensor(labels)
+        except ValueError as err:
+            raise ValueError(f"MbPA: the batch's labels under {name!r} are unusable: {err}") from err
+
+    def extract_inputs(self, batch: Any) -> Any:
+        """What the module's ``forward`` takes from a batch (used by :meth:`populate`).
+
+        Default: a tuple's first element, a mapping without its label key, a tensor itself.
+        """
+        return slice_inputs(batch, find_label_name(batch, self.label_key))
+
+    # ------------------------------------------------------------------ head resolution
+    def _resolve_named_head(self, pl_module: nn.Module, name: str) -> nn.Module:
+        try:
+            module = pl_module.get_submodule(name)
+        except AttributeError:
+            module = None
+        if module is None or module is pl_module:
+            raise MisconfigurationException(
+                f"MbPA(head={name!r}): {type(pl_module).__name__} has no submodule {name!r}. "
+                f"Its nn.Linear modules are: {_linear_names(pl_module)}."
+            )
+        return module
+
+    def _set_head(self, pl_module: nn.Module, name: str) -> None:
+        self._head_module = self._resolve_named_head(pl_module, name)
+        self._head_name = name
+        self._check_memory_width(self.memory.dim)
+
+    def _head_in_features(self) -> int | None:
+        head = self._head_module
+        if isinstance(head, nn.Linear):
+            return head.in_features
+        return None
+
+    def _check_memory_width(self, dim: int | None) -> None:
+        width = self._head_in_features()
+        if dim is not None and width is not None and dim != width:
+            raise MisconfigurationException(
+                f"MbPA: the memory holds keys of width {dim} but the head {self._head_name!r} "
+                f"takes inputs of width {width}. The memory (e.g. from a checkpoint) was written "
+                f"by a different model; clear it with `mbpa.memory.clear()` or fix `head`."
+            )
+
+    # ------------------------------------------------------------------ Lightning hooks
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        others = [cb for cb in trainer.callbacks if isinstance(cb, MbPA) and cb is not self]
+        if others:
+            raise MisconfigurationException(
+                "MbPA: only one MbPA callback per Trainer is supported (found "
+                f"{len(others) + 1}); they would adapt the same head twice. Keep one."
+            )
+        self._module_ref = weakref.ref(pl_module)
+        if self._head_name is not None:
+            self._set_head(pl_module, self._head_name)
+        elif not _linear_names(pl_module):
+            raise MisconfigurationException(
+                f"MbPA(head=None): {type(pl_module).__name__} has no nn.Linear module to use as "
+                "the head. Name the output head with `head=...`."
+            )
+        if self.save_memory and stage == "fit":
+            for cb in trainer.checkpoint_callbacks:
+                if isinstance(cb, ModelCheckpoint) and cb.save_weights_only:
+                    rank_zero_warn(
+                        "MbPA(save_memory=True): a ModelCheckpoint with save_weights_only=True "
+                        "drops callback state, so its checkpoints will not hold the episodic "
+                        "memory. Use save_weights_only=False to keep it.",
+                        category=UserWarning,
+                    )
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._remove_capture_hooks()
+        self._remove_adapt_hook()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._remove_capture_hooks()
+        self._remove_adapt_hook()
+
+    # ---- fit: writing
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._move_memory(pl_module)
+        self._install_capture_hooks(pl_module)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._remove_capture_hooks()
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        self._captured.clear()
+        self._capturing = True
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._capturing = False
+        try:
+            self._finish_discovery(pl_module)
+            self._write_batch(batch, where="training batch")
+        finally:
+            self._captured.clear()
+
+    # ---- validate/test/predict: adapting
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if "validate" in self.adapt_on and not trainer.sanity_checking:
+            self._start_adapting(trainer, pl_module, "validate")
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._stop_adapting()
+
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if "test" in self.adapt_on:
+            self._start_adapting(trainer, pl_module, "test")
+        elif self.online_writes:
+            self._install_capture_hooks(pl_module)
+
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._stop_adapting()
+        self._remove_capture_hooks()
+
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if "predict" in self.adapt_on:
+            self._start_adapting(trainer, pl_module, "predict")
+
+    def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._stop_adapting()
+
+    def on_validation_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._adapted_calls.clear()
+        self._captured.clear()
+        self._capturing = bool(self._capture_handles) and trainer.testing and self.online_writes
+
+    on_test_batch_start = on_validation_batch_start
+    on_predict_batch_start = on_validation_batch_start
+
+    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if self._adapting_stage == "validate":
+            self._log_batch(pl_module, batch)
+
+    def on_test_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._capturing = False
+        try:
+            labels = self._log_batch(pl_module, batch) if self._adapting_stage == "test" else None
+            if self.online_writes:
+                self._online_write(pl_module, batch, labels)
+        finally:
+            self._adapted_calls.clear()
+            self._captured.clear()
+
+    def on_predict_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._adapted_calls.clear()
+
+    # ------------------------------------------------------------------ checkpointing
+    def state_dict(self) -> dict[str, Any]:
+        if not self.save_memory:
+            return {}
+        return {
+            "memory": self.memory.state_dict(),
+            "head": self._head_name,
+            "write_generator": self._write_generator.get_state(),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not self.save_memory or not state_dict:
+            return
+        saved_head = state_dict.get("head")
+        if self.head is not None and saved_head is not None and saved_head != self.head:
+            raise MisconfigurationException(
+                f"MbPA(head={self.head!r}): the checkpoint's memory was written from head "
+                f"{saved_head!r}. Use head={saved_head!r} or clear the memory."
+            )
+        memory_state = state_dict.get("memory")
+        if not isinstance(memory_state, dict):
+            raise MisconfigurationException(
+                "MbPA: the checkpoint's MbPA state has no 'memory' entry; it is truncated or "
+                "was written by another callback."
+            )
+        module = self._module_ref() if self._module_ref is not None else None
+        if self._head_module is None and saved_head is not None and module is not None:
+            self._set_head(module, saved_head)
+        keys = memory_state.get("keys")
+        if isinstance(keys, Tensor) and keys.dim() == 2:
+            self._check_memory_width(keys.shape[1])
+        try:
+            self.memory.load_state_dict(memory_state)
+        except ValueError as err:
+            raise MisconfigurationException(f"MbPA: cannot restore the memory from the checkpoint: {err}") from err
+        if saved_head is not None:
+            self._head_name = saved_head
+        generator_state = state_dict.get("write_generator")
+        if isinstance(generator_state, Tensor):
+            self._write_generator.set_state(generator_state)
+
+    # ------------------------------------------------------------------ populate
+    @torch.no_grad()
+    def populate(self, model: nn.Module, dataloader: Iterable[Any]) -> int:
+        """Fill the memory from ``dataloader`` with the model's current weights.
+
+        This is how MbPA is added to a classifier trained without it. The model runs in eval
+        mode on its own device; its weights are not changed.
+
+        Returns:
+            The number of examples offered to the memory.
+        """
+        was_training = model.training
+        model.eval()
+        before = self.memory.num_seen
+        self._install_capture_hooks(model)
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        try:
+            for batch in dataloader:
+                if isinstance(model, pl.LightningModule):
+                    batch = model.transfer_batch_to_device(batch, device, 0)
+                else:
+                    batch = move_data_to_device(batch, device)
+                self._captured.clear()
+                self._capturing = True
+                model(self.extract_inputs(batch))
+                self._capturing = False
+                self._finish_discovery(model)
+                self._write_batch(batch, where="batch of the populate() dataloader")
+        finally:
+            self._capturing = False
+            self._captured.clear()
+            self._remove_capture_hooks()
+            model.train(was_training)
+        return self.memory.num_seen - before
+
+    # ------------------------------------------------------------------ internals: capture
+    def _install_capture_hooks(self, module: nn.Module) -> None:
+        if self._capture_handles:
+            return
+        if self._head_module is None and self._head_name is not None:
+            self._set_head(module, self._head_name)
+        if self._head_module is not None:
+            candidates = [self._head_module]
+            self._discovering = False
+        else:
+            candidates = [sub for name, sub in module.named_modules() if isinstance(sub, nn.Linear) and name]
+            self._discovering = True
+        for candidate in candidates:
+            self._capture_handles.append(candidate.register_forward_pre_hook(self._capture_hook))
+
+    def _remove_capture_hooks(self) -> None:
+        for handle in self._capture_handles:
+            handle.remove()
+        self._capture_handles.clear()
+        self._capturing = False
+
+    def _capture_hook(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        if self._capturing and args and isinstance(args[0], Tensor):
+            self._captured.append((module, args[0].detach()))
+
+    def _finish_discovery(self, pl_module: nn.Module) -> None:
+        """After the first captured batch, the last Linear that ran is the head."""
+        if not self._discovering or not self._captured:
+            return
+        head = self._captured[-1][0]
+        name = next(name for name, sub in pl_module.named_modules() if sub is head)
+        self._head_module, self._head_name = head, name
+        self._captured = [(m, x) for m, x in self._captured if m is head]
+        self._remove_capture_hooks()
+        self._install_capture_hooks(pl_module)
+        self._check_memory_width(self.memory.dim)
+        rank_zero_info(f"MbPA: using `{name}` (the last nn.Linear in the forward pass) as the head.")
+
+    def _write_batch(self, batch: Any, where: str) -> None:
+        if not self._captured:
+            raise MisconfigurationException(
+                f"MbPA: the head {self._head_name!r} was not called while processing the {where}, so "
+                "there is nothing to write to memory. Name the module your forward pass ends "
+                "with via `head=...`."
+            )
+        labels = self.extract_labels(batch)
+        if labels is None:
+            raise MisconfigurationException(
+                f"MbPA: cannot find labels in the {where}: it contains {describe(batch)}. "
+                f"Labels are looked for as a tuple's second element or under the keys/attributes "
+                f"y, label, labels, target, targets. Set `label_key=...` or override "
+                f"`MbPA.extract_labels`."
+            )
+        keys_written = False
+        for _, inputs in self._captured:
+            keys, values = self._pair(inputs, labels)
+            if keys is None:
+                continue
+            keys_written = True
+            self._add(keys, values)
+        if not keys_written:
+            shapes = [tuple(x.shape) for _, x in self._captured]
+            raise MisconfigurationException(
+                f"MbPA: the labels of the {where} (shape {tuple(labels.shape)}) do not match the "
+                f"inputs of the head {self._head_name!r} (shapes {shapes}): need one label per "
+                f"head input row ([B, D] with [B] labels, or [B, T, D] with [B, T]). The batch "
+                f"contains {describe(batch)}."
+            )
+
+    def _pair(self, inputs: Tensor, labels: Tensor) -> tuple[Tensor | None, Tensor]:
+        """Match a head input ``[*lead, D]`` with labels ``[*lead]``; drop ignore_index."""
+        if inputs.dim() < 2 or tuple(inputs.shape[:-1]) != tuple(labels.shape):
+            return None, labels
+        keys = inputs.reshape(-1, inputs.shape[-1])
+        values = labels.reshape(-1).to(keys.device)
+        keep = values != _IGNORE_INDEX
+        if not bool(keep.all()):
+            keys, values = keys[keep], values[keep]
+        return keys, values
+
+    def _add(self, keys: Tensor, values: Tensor) -> None:
+        if self.write_fraction < 1.0 and keys.shape[0] > 0:
+            chosen = torch.rand(keys.shape[0], generator=self._write_generator) < self.write_fraction
+            chosen = chosen.to(keys.device)
+            keys, values = keys[chosen], values[chosen]
+        if keys.shape[0] == 0:
+            return
+        self.memory.add(keys.float(), values)
+        self._slot_outputs = None
+
+    def _online_write(self, pl_module: nn.Module, batch: Any, labels: Tensor | None) -> None:
+        """Write a labelled test batch after it was predicted (fast learning during evaluation)."""
+        if labels is None:
+            labels = self.extract_labels(batch)
+        if labels is None:
+            return
+        if self._discovering:
+            self._finish_discovery(pl_module)
+            if self._head_module is not None and self._adapt_handle is None:
+                self._adapt_handle = self._head_module.register_forward_hook(self._adapt_hook)
+        inputs = [q for q, _, _ in self._adapted_calls] or [x for _, x in self._captured]
+        for batch_inputs in inputs:
+            keys, values = self._pair(batch_inputs, labels)
+            if keys is not None:
+                self._add(keys, values)
+
+    def _move_memory(self, pl_module: nn.Module) -> None:
+        device = pl_module.device if isinstance(pl_module, pl.LightningModule) else None
+        if device is not None and device.type == "cuda":
+            self.memory.to(device)
+
+    # ------------------------------------------------------------------ internals: adapt
+    def _start_adapting(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._move_memory(pl_module)
+        if len(self.memory) == 0:
+            self._auto_populate(trainer, pl_module)
+        if self._head_module is None and self._head_name is not None:
+            self._set_head(pl_module, self._head_name)
+        if len(self.memory) == 0:
+            rank_zero_warn(
+                f"MbPA: the episodic memory is empty, so {stage} uses the model's base "
+                "predictions until something is written. Fit with the callback attached, restore "
+                "a checkpoint that holds the memory, or call `MbPA.populate(model, dataloader)`.",
+                category=UserWarning,
+            )
+        self._adapting_stage = stage
+        self._queries, self._adapt_seconds = 0, 0.0
+        self._base_acc = self._adapted_acc = None
+        if self._head_module is None:  # nothing was ever written: find the head for online writes
+            if self.online_writes and stage == "test":
+                self._install_capture_hooks(pl_module)
+            return
+        self._check_memory_width(self.memory.dim)
+        if self._adapt_handle is None:
+            self._adapt_handle = self._head_module.register_forward_hook(self._adapt_hook)
+
+    def _stop_adapting(self) -> None:
+        self._remove_adapt_hook()
+        self._adapting_stage = None
+        self._adapted_calls.clear()
+        self._slot_outputs = None
+
+    def _remove_adapt_hook(self) -> None:
+        if self._adapt_handle is not None:
+            self._adapt_handle.remove()
+            self._adapt_handle = None
+
+    def _auto_populate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        datamodule = trainer.datamodule
+        if datamodule is None or not is_overridden("train_dataloader", datamodule):
+            return
+        try:
+            loader = datamodule.train_dataloader()
+        except Exception:  # the datamodule may only set up its train split for stage="fit"
+            datamodule.setup("fit")
+            loader = datamodule.train_dataloader()
+        rank_zero_info(
+            "MbPA: the memory is empty; populating it from the datamodule's train_dataloader() "
+            "with the model's current weights."
+        )
+        self.populate(pl_module, loader)
+
+    def _neighbour_outputs(self, indices: Tensor, mask: Tensor) -> Tensor | None:
+        """For a Linear head, the trained head's outputs on every memory, computed once per run."""
+        head = self._head_module
+        if not isinstance(head, nn.Linear):
+            return None
+        if self._slot_outputs is None:
+            keys = self.memory.keys
+            if keys.shape[0] * head.out_features * 4 > 512 * 2**20:  # too large to cache
+                return None
+            with torch.autocast(keys.device.type, enabled=False):
+                weight = head.weight.detach().to(device=keys.device, dtype=torch.float32)
+                bias = None if head.bias is None else head.bias.detach().to(device=keys.device, dtype=torch.float32)
+                self._slot_outputs = torch.nn.functional.linear(keys, weight, bias)
+        safe = indices.clamp_min(0).to(self._slot_outputs.device)
+        return self._slot_outputs[safe].to(indices.device)
+
+    def _adapt_hook(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+        if not args or not isinstance(args[0], Tensor) or not isinstance(output, Tensor):
+            raise MisconfigurationException(
+                f"MbPA: the head {self._head_name!r} must take a tensor and return a tensor of "
+                f"logits; it returned {type(output).__name__}."
+            )
+        inputs = args[0]
+        if output.dim() != inputs.dim() or output.shape[:-1] != inputs.shape[:-1]:
+            raise MisconfigurationException(
+                f"MbPA: the head {self._head_name!r} maps inputs of shape {tuple(inputs.shape)} to "
+                f"outputs of shape {tuple(output.shape)}; MbPA needs [B, C] logits for [B, D] "
+                "inputs (or [B, T, C] for [B, T, D])."
+            )
+        start = time.perf_counter()
+        queries = inputs.detach().reshape(-1, inputs.shape[-1])
+        base = output.detach().reshape(-1, output.shape[-1])
+        if queries.shape[0] == 0 or len(self.memory) == 0:
+            self._adapted_calls.append((inputs.detach(), base, base))
+            return output
+        neighbours = self.memory.search(queries, self.k)
+        weights = kernel_weights(neighbours.distances, neighbours.mask, self.kernel_eps)
+        adapted = local_adapt(
+            module,
+            queries,
+            neighbours.keys,
+            neighbours.values,
+            weights,
+            steps=self.adaptation_steps,
+            lr=self.adaptation_lr,
+            beta=self.beta,
+            base_outputs=base,
+            neighbour_outputs=self._neighbour_outputs(neighbours.indices, neighbours.mask),
+        )
+        self._adapt_seconds += time.perf_counter() - start
+        self._queries += queries.shape[0]
+        self._adapted_calls.append((inputs.detach(), base, adapted))
+        return adapted.reshape(output.shape).to(output.dtype)
+
+    def _log_batch(self, pl_module: pl.LightningModule, batch: Any) -> Tensor | None:
+        """Log base vs adapted accuracy when the batch carries labels; return the labels."""
+        if not self._adapted_calls:
+            return None
+        try:
+            labels = self.extract_labels(batch)
+        except (ValueError, MisconfigurationException):
+            labels = None
+        pl_module.log("mbpa/memory_size", float(len(self.memory)), on_step=False, on_epoch=True, reduce_fx="max")
+        if self._adapt_seconds > 0:
+            pl_module.log("mbpa/queries_per_s", self._queries / self._adapt_seconds, on_step=False, on_epoch=True)
+        if labels is None:
+            return None
+        for inputs, base, adapted in self._adapted_calls:
+            if tuple(inputs.shape[:-1]) != tuple(labels.shape):
+                continue
+            flat = labels.reshape(-1).to(base.device)
+            keep = flat != _IGNORE_INDEX
+            if not bool(keep.all()):
+                flat, base, adapted = flat[keep], base[keep], adapted[keep]
+            if flat.numel() == 0:
+                continue
+            if self._base_acc is None:
+                self._base_acc, self._adapted_acc = self._make_metrics(base.shape[-1], base.device)
+            self._base_acc(self._predictions(base), flat)
+            self._adapted_acc(self._predictions(adapted), flat)
+            pl_module.log("mbpa/base_acc", self._base_acc, on_step=False, on_epoch=True)
+            pl_module.log("mbpa/adapted_acc", self._adapted_acc, on_step=False, on_epoch=True)
+        return labels
+
+    @staticmethod
+    def _make_metrics(num_classes: int, device: torch.device) -> tuple[torchmetrics.Metric, torchmetrics.Metric]:
+        if num_classes == 1:
+            make = lambda: torchmetrics.classification.BinaryAccuracy()  # noqa: E731
+        else:
+            make = lambda: torchmetrics.classification.MulticlassAccuracy(num_classes=num_classes, average="micro")  # noqa: E731
+        return make().to(device), make().to(device)
+
+    @staticmethod
+    def _predictions(logits: Tensor) -> Tensor:
+        if logits.shape[-1] == 1:
+            return (logits[..., 0] > 0).long()
+        return logits.argmax(-1)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value and abs(value) != float("inf")
+
+
+def _check(ok: bool, name: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise MisconfigurationException(f"MbPA(`{name}`={value!r}) is invalid: expected {allowed}.")
