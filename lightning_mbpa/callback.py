@@ -26,7 +26,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.model_helpers import is_overridden
-from lightning.pytorch.utilities.warnings import WarningCache
+from lightning_utilities.core.rank_zero import WarningCache
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
@@ -194,6 +194,12 @@ class MbPA(Callback):
         self._init_runtime_state()
 
     @property
+    def state_key(self) -> str:
+        """Checkpoint key: depends only on ``head``, so changing the adaptation settings between
+        fit and test still restores the memory."""
+        return self._generate_state_key(head=self.head)
+
+    @property
     def head_name(self) -> str | None:
         """The dotted name of the head module, once known (given, or found on the first batch)."""
         return self._head_name
@@ -346,6 +352,8 @@ class MbPA(Callback):
     def on_validation_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._adapted_calls.clear()
         self._captured.clear()
+        if self._adapting_stage is not None and self._head_module is None and len(self.memory) > 0:
+            self._discover_head_with_forward(pl_module, batch)
         self._capturing = bool(self._capture_handles) and trainer.testing and self.online_writes
 
     on_test_batch_start = on_validation_batch_start
@@ -353,12 +361,20 @@ class MbPA(Callback):
 
     def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         if self._adapting_stage == "validate":
-            self._log_batch(pl_module, batch)
+            self._update_metrics(batch)
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._adapting_stage == "validate":
+            self._log_epoch(pl_module)
+
+    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._adapting_stage == "test":
+            self._log_epoch(pl_module)
 
     def on_test_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._capturing = False
         try:
-            labels = self._log_batch(pl_module, batch) if self._adapting_stage == "test" else None
+            labels = self._update_metrics(batch) if self._adapting_stage == "test" else None
             if self.online_writes:
                 self._online_write(pl_module, batch, labels)
         finally:
@@ -481,6 +497,26 @@ class MbPA(Callback):
         self._install_capture_hooks(pl_module)
         self._check_memory_width(self.memory.dim)
         rank_zero_info(f"MbPA: using `{name}` (the last nn.Linear in the forward pass) as the head.")
+
+    def _discover_head_with_forward(self, pl_module: nn.Module, batch: Any) -> None:
+        """A memory exists (e.g. loaded by hand) but the head was never seen: one dry forward."""
+        self._install_capture_hooks(pl_module)
+        self._capturing = True
+        try:
+            with torch.no_grad():
+                pl_module(self.extract_inputs(batch))
+            self._finish_discovery(pl_module)
+        finally:
+            self._capturing = False
+            self._captured.clear()
+            self._remove_capture_hooks()
+        if self._head_module is None:
+            raise MisconfigurationException(
+                "MbPA(head=None): no nn.Linear ran in the forward pass, so the head cannot be "
+                "found. Name it with `head=...`."
+            )
+        self._check_memory_width(self.memory.dim)
+        self._adapt_handle = self._head_module.register_forward_hook(self._adapt_hook)
 
     def _write_batch(self, batch: Any, where: str) -> None:
         if not self._captured:
@@ -660,17 +696,14 @@ class MbPA(Callback):
         self._adapted_calls.append((inputs.detach(), base, adapted))
         return adapted.reshape(output.shape).to(output.dtype)
 
-    def _log_batch(self, pl_module: pl.LightningModule, batch: Any) -> Tensor | None:
-        """Log base vs adapted accuracy when the batch carries labels; return the labels."""
+    def _update_metrics(self, batch: Any) -> Tensor | None:
+        """Update base vs adapted accuracy when the batch carries labels; return the labels."""
         if not self._adapted_calls:
             return None
         try:
             labels = self.extract_labels(batch)
         except (ValueError, MisconfigurationException):
             labels = None
-        pl_module.log("mbpa/memory_size", float(len(self.memory)), on_step=False, on_epoch=True, reduce_fx="max")
-        if self._adapt_seconds > 0:
-            pl_module.log("mbpa/queries_per_s", self._queries / self._adapt_seconds, on_step=False, on_epoch=True)
         if labels is None:
             return None
         for inputs, base, adapted in self._adapted_calls:
@@ -684,11 +717,20 @@ class MbPA(Callback):
                 continue
             if self._base_acc is None:
                 self._base_acc, self._adapted_acc = self._make_metrics(base.shape[-1], base.device)
-            self._base_acc(self._predictions(base), flat)
-            self._adapted_acc(self._predictions(adapted), flat)
-            pl_module.log("mbpa/base_acc", self._base_acc, on_step=False, on_epoch=True)
-            pl_module.log("mbpa/adapted_acc", self._adapted_acc, on_step=False, on_epoch=True)
+            self._base_acc.update(self._predictions(base), flat)
+            self._adapted_acc.update(self._predictions(adapted), flat)
         return labels
+
+    def _log_epoch(self, pl_module: pl.LightningModule) -> None:
+        """Log the stage's metrics once, at epoch end (``compute()`` syncs across processes)."""
+        pl_module.log("mbpa/memory_size", float(len(self.memory)), sync_dist=True, reduce_fx="max")
+        if self._adapt_seconds > 0:
+            pl_module.log("mbpa/queries_per_s", self._queries / self._adapt_seconds, sync_dist=True)
+        if self._base_acc is not None and self._adapted_acc is not None:
+            pl_module.log("mbpa/base_acc", self._base_acc.compute())
+            pl_module.log("mbpa/adapted_acc", self._adapted_acc.compute())
+            self._base_acc.reset()
+            self._adapted_acc.reset()
 
     @staticmethod
     def _make_metrics(num_classes: int, device: torch.device) -> tuple[torchmetrics.Metric, torchmetrics.Metric]:
