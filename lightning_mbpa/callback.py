@@ -13,6 +13,7 @@ adapted predictions. The trained parameters are never modified.
 
 from __future__ import annotations
 
+import io
 import time
 import weakref
 from collections.abc import Iterable, Sequence
@@ -160,6 +161,7 @@ class MbPA(Callback):
     # ------------------------------------------------------------------ runtime state
     def _init_runtime_state(self) -> None:
         self._module_ref: weakref.ReferenceType[nn.Module] | None = None
+        self._strategy: Any = None  # set when training on several processes
         self._head_module: nn.Module | None = None
         self._head_name: str | None = getattr(self, "_head_name", None) or self.head
         self._capture_handles: list[RemovableHandle] = []
@@ -179,18 +181,25 @@ class MbPA(Callback):
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         for transient in (
-            "_module_ref", "_head_module", "_capture_handles", "_adapt_handle", "_captured",
+            "_module_ref", "_strategy", "_head_module", "_capture_handles", "_adapt_handle", "_captured",
             "_adapted_calls", "_slot_outputs", "_base_acc", "_adapted_acc", "_warnings",
         ):
             state.pop(transient, None)
-        state["_write_generator"] = self._write_generator.get_state()
+        # bytes, not tensors: torch's multiprocessing pickler (ddp_spawn) would share tensors
+        # through file descriptors, which fails for empty ones
+        buffer = io.BytesIO()
+        torch.save({"memory": self.memory.state_dict(), "write_generator": self._write_generator.get_state()}, buffer)
+        state["memory"] = buffer.getvalue()
+        state["_write_generator"] = None
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        generator_state = state.pop("_write_generator")
+        saved = torch.load(io.BytesIO(state["memory"]), weights_only=True)
         self.__dict__.update(state)
+        self.memory = EpisodicMemory(capacity=self.memory_size, eviction=self.eviction, index=self.index, seed=self.seed)
+        self.memory.load_state_dict(saved["memory"])
         self._write_generator = torch.Generator()
-        self._write_generator.set_state(generator_state)
+        self._write_generator.set_state(saved["write_generator"])
         self._init_runtime_state()
 
     @property
@@ -279,6 +288,7 @@ class MbPA(Callback):
                 f"{len(others) + 1}); they would adapt the same head twice. Keep one."
             )
         self._module_ref = weakref.ref(pl_module)
+        self._strategy = trainer.strategy if trainer.world_size > 1 else None
         if self._head_name is not None:
             self._set_head(pl_module, self._head_name)
         elif not _linear_names(pl_module):
@@ -452,7 +462,7 @@ class MbPA(Callback):
                 model(self.extract_inputs(batch))
                 self._capturing = False
                 self._finish_discovery(model)
-                self._write_batch(batch, where="batch of the populate() dataloader")
+                self._write_batch(batch, where="batch of the populate() dataloader", gather=False)
         finally:
             self._capturing = False
             self._captured.clear()
@@ -518,7 +528,7 @@ class MbPA(Callback):
         self._check_memory_width(self.memory.dim)
         self._adapt_handle = self._head_module.register_forward_hook(self._adapt_hook)
 
-    def _write_batch(self, batch: Any, where: str) -> None:
+    def _write_batch(self, batch: Any, where: str, gather: bool = True) -> None:
         if not self._captured:
             raise MisconfigurationException(
                 f"MbPA: the head {self._head_name!r} was not called while processing the {where}, so "
@@ -539,7 +549,7 @@ class MbPA(Callback):
             if keys is None:
                 continue
             keys_written = True
-            self._add(keys, values)
+            self._add(keys, values, gather=gather)
         if not keys_written:
             shapes = [tuple(x.shape) for _, x in self._captured]
             raise MisconfigurationException(
@@ -560,8 +570,11 @@ class MbPA(Callback):
             keys, values = keys[keep], values[keep]
         return keys, values
 
-    def _add(self, keys: Tensor, values: Tensor) -> None:
+    def _add(self, keys: Tensor, values: Tensor, gather: bool = True) -> None:
+        if gather and self._strategy is not None:
+            keys, values = self._gather(keys, values)
         if self.write_fraction < 1.0 and keys.shape[0] > 0:
+            # after the gather, so every rank makes the same choice from the same generator
             chosen = torch.rand(keys.shape[0], generator=self._write_generator) < self.write_fraction
             chosen = chosen.to(keys.device)
             keys, values = keys[chosen], values[chosen]
@@ -569,6 +582,26 @@ class MbPA(Callback):
             return
         self.memory.add(keys.float(), values)
         self._slot_outputs = None
+
+    def _gather(self, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
+        """Keys and labels of every rank, in rank order, so all ranks hold the same memory.
+
+        Collectives run on every rank; batches of different sizes are padded to the largest.
+        """
+        strategy = self._strategy
+        count = torch.tensor([keys.shape[0]], device=keys.device)
+        counts = strategy.all_gather(count).reshape(-1).tolist()
+        largest = max(counts)
+        padded_keys = keys.new_zeros((largest, keys.shape[1]))
+        padded_values = values.new_zeros((largest,))
+        padded_keys[: keys.shape[0]] = keys
+        padded_values[: keys.shape[0]] = values
+        all_keys = strategy.all_gather(padded_keys.float())
+        all_values = strategy.all_gather(padded_values)
+        return (
+            torch.cat([all_keys[rank, :n] for rank, n in enumerate(counts)]),
+            torch.cat([all_values[rank, :n] for rank, n in enumerate(counts)]),
+        )
 
     def _online_write(self, pl_module: nn.Module, batch: Any, labels: Tensor | None) -> None:
         """Write a labelled test batch after it was predicted (fast learning during evaluation)."""
@@ -727,8 +760,8 @@ class MbPA(Callback):
         if self._adapt_seconds > 0:
             pl_module.log("mbpa/queries_per_s", self._queries / self._adapt_seconds, sync_dist=True)
         if self._base_acc is not None and self._adapted_acc is not None:
-            pl_module.log("mbpa/base_acc", self._base_acc.compute())
-            pl_module.log("mbpa/adapted_acc", self._adapted_acc.compute())
+            pl_module.log("mbpa/base_acc", self._base_acc.compute(), sync_dist=True)  # equal on all ranks
+            pl_module.log("mbpa/adapted_acc", self._adapted_acc.compute(), sync_dist=True)
             self._base_acc.reset()
             self._adapted_acc.reset()
 

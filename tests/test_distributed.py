@@ -1,0 +1,96 @@
+"""MbPA under DDP: 2 CPU processes (gloo). Every rank must hold the same, complete memory.
+
+The two processes are started once and run fit → test → resumed fit with ``strategy="ddp"``
+(Lightning sees them as launched externally), which keeps the test to one process start-up.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+from lightning_mbpa import MbPA
+from tests.helpers import TinyClassifier, blobs, loader, trainer
+
+ADAPT = dict(k=8, adaptation_steps=3, adaptation_lr=0.5, beta=0.1)
+
+
+class DumpMemory(Callback):
+    """Each rank saves its MbPA memory, so the test can compare ranks."""
+
+    def __init__(self, directory, tag):
+        self.directory, self.tag = directory, tag
+
+    def on_fit_end(self, trainer, pl_module):
+        mbpa = next(cb for cb in trainer.callbacks if isinstance(cb, MbPA))
+        torch.save(mbpa.memory.state_dict(), os.path.join(self.directory, f"{self.tag}-rank{trainer.global_rank}.pt"))
+
+
+def _worker(rank: int, world: int, port: int, directory: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), NODE_RANK="0", LOCAL_RANK=str(rank), RANK=str(rank))
+    torch.set_num_threads(1)
+    x, y = blobs(90)  # 45 per rank: batches of 16, 16, 13 (an uneven last batch)
+    xt, yt = blobs(40, seed=1)
+    ddp = dict(strategy="ddp", devices=world)
+    last = os.path.join(directory, "last.ckpt")
+
+    torch.manual_seed(0)
+    ckpt = ModelCheckpoint(dirpath=directory, save_last=True)
+    trainer(callbacks=[MbPA(**ADAPT), DumpMemory(directory, "fit"), ckpt], enable_checkpointing=True, **ddp).fit(
+        TinyClassifier(), loader(x, y)
+    )
+    result = trainer(callbacks=[MbPA(**ADAPT)], **ddp).test(TinyClassifier(), loader(xt, yt), ckpt_path=last, verbose=False)[0]
+    if rank == 0:
+        with open(os.path.join(directory, "ddp-test.json"), "w") as f:
+            json.dump(result, f)
+    # resume from rank 0's checkpoint, now storing a random half: same choice on every rank
+    trainer(callbacks=[MbPA(write_fraction=0.5, **ADAPT), DumpMemory(directory, "resume")], max_epochs=2, **ddp).fit(
+        TinyClassifier(), loader(x, y), ckpt_path=last
+    )
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _load(path):
+    return torch.load(path, weights_only=True)
+
+
+def _assert_same(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+@pytest.mark.slow
+def test_ddp_ranks_write_identical_complete_memories_test_and_resume(tmp_path):
+    mp.start_processes(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
+    x, y = blobs(90)
+    xt, yt = blobs(40, seed=1)
+
+    rank0, rank1 = _load(tmp_path / "fit-rank0.pt"), _load(tmp_path / "fit-rank1.pt")
+    _assert_same(rank0, rank1)
+    assert sorted(rank0["values"].tolist()) == sorted(y.tolist())  # every example of every rank
+    saved = _load(tmp_path / "last.ckpt")["callbacks"][MbPA(**ADAPT).state_key]["memory"]
+    _assert_same(saved, rank0)  # rank 0's checkpoint holds the complete memory
+
+    # each rank adapted its own queries on its full memory; the synced metrics equal one
+    # process testing everything from the same checkpoint
+    single = trainer(callbacks=[MbPA(**ADAPT)]).test(TinyClassifier(), loader(xt, yt), ckpt_path=tmp_path / "last.ckpt", verbose=False)[0]
+    both = json.loads((tmp_path / "ddp-test.json").read_text())
+    for key in ("test_acc", "mbpa/base_acc", "mbpa/adapted_acc", "mbpa/memory_size"):
+        assert both[key] == pytest.approx(single[key]), key
+
+    rank0, rank1 = _load(tmp_path / "resume-rank0.pt"), _load(tmp_path / "resume-rank1.pt")
+    _assert_same(rank0, rank1)
+    assert torch.equal(rank0["keys"][:90], saved["keys"])  # the memory continued
+    assert 90 + 20 <= len(rank0["values"]) <= 90 + 70
