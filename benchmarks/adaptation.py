@@ -1,0 +1,170 @@
+"""Throughput of MbPA local adaptation: per-query loop vs the dual and generic paths.
+
+The per-query loop is what public MbPA reimplementations do: a deep copy of the head and a
+fresh SGD optimiser for every query. It is timed on a subset of the queries and reported per
+query. "dual" is ``local_adapt`` on an ``nn.Linear`` head; "dual+nb" also gets
+``neighbour_outputs`` (the trained head's logits on the keys, which a caller can precompute once
+per memory slot); "generic" is forced by wrapping the same Linear in ``nn.Sequential``.
+All paths run under ``torch.inference_mode()``, as in Lightning's test/predict loops.
+
+Usage::
+
+    python benchmarks/adaptation.py [--threads 1] [--profile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.profiler import ProfilerActivity, profile
+
+from lightning_mbpa.adaptation import kernel_weights, local_adapt
+
+BATCH, DIM, NEIGHBOURS, STEPS = 256, 512, 32, 5
+LR, BETA = 0.01, 1e-3
+DUAL_PARTS = {
+    "mbpa.dual.gram": "Gram H·Hᵀ (+H·q)",
+    "mbpa.dual.neighbour_logits": "Z0 = H·W0ᵀ+b0",
+    "mbpa.dual.steps": f"{STEPS} steps",
+    "mbpa.dual.query_output": "query output",
+}
+
+
+def loop_reference(
+    head: nn.Module, queries: Tensor, keys: Tensor, labels: Tensor, weights: Tensor
+) -> Tensor:
+    """One deep copy and one fresh SGD optimiser per query, as public reimplementations do."""
+    outputs = []
+    for b in range(queries.shape[0]):
+        model = copy.deepcopy(head)
+        theta = [p.detach().clone() for p in model.parameters()]
+        opt = torch.optim.SGD(model.parameters(), lr=LR)
+        for _ in range(STEPS):
+            before = [p.detach().clone() for p in model.parameters()]
+            opt.zero_grad()
+            losses = F.cross_entropy(model(keys[b]), labels[b], reduction="none")
+            (weights[b] * losses).sum().backward()
+            opt.step()
+            with torch.no_grad():
+                for p, p_before, p0 in zip(model.parameters(), before, theta, strict=True):
+                    p -= BETA * (p_before - p0)
+        with torch.no_grad():
+            outputs.append(model(queries[b : b + 1])[0])
+    return torch.stack(outputs)
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def best_time(fn: Callable[[], object], repeats: int, min_seconds: float = 0.0) -> float:
+    """Best wall time of ``fn`` over at least ``repeats`` runs and ``min_seconds``."""
+    fn()  # warm-up
+    sync()
+    best, done, start = float("inf"), 0, time.perf_counter()
+    while done < repeats or time.perf_counter() - start < min_seconds:
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        best = min(best, time.perf_counter() - t0)
+        done += 1
+    return best
+
+
+def dual_split(adapt: Callable[[], Tensor]) -> dict[str, float]:
+    """Seconds per call spent in each labelled part of the dual path (torch.profiler)."""
+    adapt()
+    repeats = 5
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(repeats):
+            adapt()
+    totals = {e.key: e.cpu_time_total * 1e-6 / repeats for e in prof.key_averages()}
+    return {label: totals.get(key, 0.0) for key, label in DUAL_PARTS.items()}
+
+
+def bench_one(num_classes: int, loop_queries: int, profile_dual: bool, device: str) -> str:
+    head = nn.Linear(DIM, num_classes, device=device)
+    generic_head = nn.Sequential(head)
+    queries = torch.randn(BATCH, DIM, device=device)
+    keys = queries[:, None, :] + 0.5 * torch.randn(BATCH, NEIGHBOURS, DIM, device=device)
+    labels = torch.randint(0, num_classes, (BATCH, NEIGHBOURS), device=device)
+    distances = ((queries[:, None, :] - keys) ** 2).sum(-1)
+    weights = kernel_weights(distances, torch.ones_like(distances, dtype=torch.bool))
+    with torch.no_grad():
+        neighbour_outputs = head(keys)
+    n = loop_queries
+    subset = (queries[:n], keys[:n], labels[:n], weights[:n])
+
+    def run(module: nn.Module, **kw: Tensor) -> Tensor:
+        with torch.inference_mode():
+            return local_adapt(module, queries, keys, labels, weights, STEPS, LR, BETA, **kw)
+
+    reference = loop_reference(head, *subset)
+    t_loop = best_time(lambda: loop_reference(head, *subset), 3) / n
+    dual = run(head)
+    t_dual = best_time(lambda: run(head), 5, 0.5) / BATCH
+    t_nb = best_time(lambda: run(head, neighbour_outputs=neighbour_outputs), 5, 0.5) / BATCH
+    generic = run(generic_head)
+    t_generic = best_time(lambda: run(generic_head), 2) / BATCH
+    scale = reference.abs().max().item()
+    err_dual = (dual[:n] - reference).abs().max().item()
+    err_generic = (generic[:n] - reference).abs().max().item()
+    line = (
+        f"| {num_classes:>5} | {1 / t_loop:>8.0f} | {1 / t_dual:>8.0f} | {t_loop / t_dual:>5.0f}x "
+        f"| {1 / t_nb:>8.0f} | {t_loop / t_nb:>5.0f}x | {1 / t_generic:>8.0f} "
+        f"| {t_loop / t_generic:>5.1f}x | {err_dual:.1e} | {err_generic:.1e} | {scale:>6.1f} |"
+    )
+    if profile_dual and device == "cpu":
+        parts = dual_split(lambda: run(head))
+        total = sum(parts.values())
+        text = ", ".join(f"{k} {1e3 * v:.2f} ms ({100 * v / total:.0f}%)" for k, v in parts.items())
+        line += f"\n  dual path split, C={num_classes}, per batch of {BATCH}: {text}"
+    return line
+
+
+def device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
+    except (OSError, StopIteration):
+        return "unknown CPU"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
+    parser.add_argument("--loop-queries", type=int, default=32, help="queries timed in the loop")
+    parser.add_argument("--classes", type=int, nargs="+", default=[10, 100, 1000])
+    parser.add_argument("--profile", action="store_true", help="print the dual path's time split")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (the split is CPU-only)")
+    args = parser.parse_args()
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    print(
+        f"torch {torch.__version__}, torch.get_num_threads()={torch.get_num_threads()}, "
+        f"B={BATCH} D={DIM} K={NEIGHBOURS} steps={STEPS} lr={LR} beta={BETA}, float32 on "
+        f"{args.device} ({device_name(args.device)}), "
+        f"loop timed on {args.loop_queries} queries"
+    )
+    print(
+        "|     C | loop q/s | dual q/s | xloop | +nb q/s | xloop | gen. q/s | xloop "
+        "| dual max|Δ| | gen. max|Δ| | max|out| |"
+    )
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for num_classes in args.classes:
+        print(bench_one(num_classes, args.loop_queries, args.profile, args.device), flush=True)
+    print("+nb: neighbour_outputs given (the trained head's logits on the keys, precomputed).")
+
+
+if __name__ == "__main__":
+    main()

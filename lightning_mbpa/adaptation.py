@@ -1,0 +1,615 @@
+"""Local adaptation of an output head on a query's nearest memories.
+
+Memory-based Parameter Adaptation (MbPA; Sprechmann et al., ICLR 2018, arXiv 1802.10542)
+classifies a query ``q`` with a private copy ``θx`` of the output head ``g_θ``, fitted for a
+few gradient steps on the query's K nearest memories ``(h_k, y_k)`` with kernel weights
+``w_k``::
+
+    θx ← θx - lr · ∇_θx Σ_k w_k · CE(g_θx(h_k), y_k) - beta · (θx - θ)
+
+starting from the trained ``θ``. This is gradient descent on the MAP objective of ``θx`` under
+a Gaussian prior centred on ``θ`` (the ``beta`` term is the prior's pull), and ``θ`` itself is
+never modified.
+
+Two exact implementations are chosen automatically:
+
+* **Dual form** for an ``nn.Linear`` head. Every gradient of the neighbours' loss with respect
+  to ``W`` is a combination of the neighbour keys, so the adapted weights stay in
+  ``W0 + A·H`` (``H`` the K keys, ``A`` a ``CxK`` matrix) and the steps run on ``A`` through
+  the KxK Gram matrix ``H·Hᵀ``: ``O(B·K²·C)`` per step for a batch of ``B`` queries, no
+  per-query weight copy and no autograd.
+* **Generic form** for any other head: ``torch.func`` (``functional_call`` + ``vmap`` over the
+  queries + ``grad`` of the weighted loss), in chunks of queries sized to a memory budget.
+
+Both are pure torch functions of the module's parameters: the module is never mutated, no
+state is kept between calls, and they run unchanged under ``torch.inference_mode()`` (which
+Lightning uses for ``test`` and ``predict``), ``torch.no_grad()`` or grad mode.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import numbers
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
+from torch.profiler import record_function
+
+__all__ = ["kernel_weights", "local_adapt"]
+
+_DEFAULT_MEMORY_BUDGET = 256 * 2**20
+# Per-query working set of the generic path, in multiples of |θ|: θx, its gradient, the
+# autograd temporaries of the backward pass and the update's intermediates.
+_PARAM_COPIES_PER_QUERY = 6
+# On CPU, a chunk's copy of the parameters is kept near this size (cache-friendly).
+_CPU_CHUNK_PARAM_BYTES = 8 * 2**20
+# The dual path holds Z0 and three [B, K, C] step buffers. On CPU a chunk's buffers are kept
+# near this size: the steps then run in cache (~1.4x faster at C=1000, B=256).
+_DUAL_BUFFERS = 4
+_CPU_DUAL_CHUNK_BYTES = 16 * 2**20
+
+
+def kernel_weights(distances: Tensor, mask: Tensor, eps: float = 1e-3) -> Tensor:
+    """Normalised inverse-distance kernel over each query's neighbours.
+
+    ``w_k = 1 / (eps + d_k)``, normalised to sum to 1 over the valid neighbours of each row
+    (the kernel of Neural Episodic Control's DND, used by MbPA).
+
+    Args:
+        distances: ``[B, K]`` squared Euclidean distances of each query to its neighbours.
+            Negative values (round-off of ``||q||² - 2q·h + ||h||²``) are clamped to 0.
+        mask: ``[B, K]`` boolean, ``True`` where the neighbour is valid (e.g. ``False`` for
+            padding when the memory holds fewer than K entries).
+        eps: Strictly positive constant bounding the weight of an exact match.
+
+    Returns:
+        ``[B, K]`` weights in the floating dtype of ``distances`` (float32 if it is an integer
+        tensor). Masked neighbours weigh exactly 0; a row with no valid neighbour is all zeros.
+
+    Raises:
+        ValueError: On a non-positive ``eps``, or shapes/dtypes that do not match.
+
+    Example:
+        >>> d = torch.tensor([[0.0, 1.0, 5.0]])
+        >>> kernel_weights(d, torch.tensor([[True, True, False]]), eps=1.0)
+        tensor([[0.6667, 0.3333, 0.0000]])
+    """
+    if not isinstance(eps, numbers.Real) or not math.isfinite(eps) or eps <= 0:
+        raise ValueError(f"`eps` must be a finite float > 0, got {eps!r}.")
+    if distances.dim() != 2:
+        raise ValueError(f"`distances` must be 2-D [B, K], got shape {tuple(distances.shape)}.")
+    if mask.shape != distances.shape:
+        raise ValueError(
+            f"`mask` must have the shape of `distances` {tuple(distances.shape)}, "
+            f"got {tuple(mask.shape)}."
+        )
+    if mask.dtype != torch.bool:
+        raise ValueError(f"`mask` must be a bool tensor, got dtype {mask.dtype}.")
+    out_dtype = distances.dtype if distances.is_floating_point() else torch.float32
+    work_dtype = torch.promote_types(out_dtype, torch.float32)
+    inv = 1.0 / (eps + distances.to(work_dtype).clamp(min=0))
+    inv = torch.where(mask, inv, torch.zeros((), dtype=work_dtype, device=inv.device))
+    total = inv.sum(dim=-1, keepdim=True)
+    weights = inv / torch.where(total > 0, total, torch.ones_like(total))
+    return weights.to(out_dtype)
+
+
+def local_adapt(
+    head: nn.Module,
+    queries: Tensor,
+    keys: Tensor,
+    labels: Tensor,
+    weights: Tensor,
+    steps: int,
+    lr: float,
+    beta: float,
+    *,
+    base_outputs: Tensor | None = None,
+    neighbour_outputs: Tensor | None = None,
+    memory_budget_bytes: int = _DEFAULT_MEMORY_BUDGET,
+) -> Tensor:
+    """Outputs of ``head`` on each query after adapting a private copy to its neighbours.
+
+    For every query ``b``, a copy ``θx`` of the head's parameters ``θ`` takes ``steps`` plain
+    SGD steps of ``θx ← θx - lr·∇_θx Σ_k w_bk·loss(head_θx(keys[b, k]), labels[b, k])
+    - beta·(θx - θ)`` (gradient and pull both evaluated at the current ``θx``), then the
+    adapted head is applied to ``queries[b]``. The loss is cross-entropy on class indices, or
+    binary cross-entropy with logits on labels ``{0, 1}`` when the head has a single output.
+
+    An exact type ``nn.Linear`` head uses the closed dual form (no autograd); any other head
+    (e.g. ``nn.Sequential`` of Linear / LayerNorm / activations / Dropout / BatchNorm) goes
+    through ``torch.func`` in eval mode. All floating-point parameters are adapted (including
+    ones with ``requires_grad=False``, so ``LightningModule.freeze()`` does not switch MbPA
+    off); buffers are read, never written. Computation runs in float32 (float64 for a float64
+    head) with autocast disabled; the result has the dtype of the head's plain forward on
+    ``queries``. Forward hooks registered on ``head`` itself are not run (so the function can
+    be called from inside such a hook); hooks on its submodules are.
+
+    Args:
+        head: The trained output head ``g_θ``. Never modified (its ``training`` flags are
+            switched to eval during the generic path and restored afterwards).
+        queries: ``[B, D]`` head inputs of the queries.
+        keys: ``[B, K, D]`` head inputs of each query's neighbours (memory keys).
+        labels: ``[B, K]`` integer class indices of the neighbours, in ``[0, C)`` (``{0, 1}``
+            when ``C == 1``). Entries whose weight is 0 are ignored and may hold anything.
+        weights: ``[B, K]`` non-negative neighbour weights (e.g. from :func:`kernel_weights`).
+            A query whose weights are all 0 is returned unadapted.
+        steps: Number of adaptation steps ``T >= 0``. ``0`` returns the unadapted outputs.
+        lr: Step size ``>= 0``.
+        beta: Pull toward the trained parameters, in ``[0, 1]``. ``0`` is plain weighted
+            fine-tuning; ``1`` restarts every step from ``θ``.
+        base_outputs: Optional ``[B, C]`` plain outputs of ``head`` on ``queries`` if already
+            computed (saves one forward). Returned bit-exactly for unadapted queries.
+        neighbour_outputs: Optional ``[B, K, C]`` outputs of the trained head on ``keys``.
+            The dual path then skips the ``H·W0ᵀ`` products; the generic path ignores it.
+        memory_budget_bytes: Working-memory budget: queries are processed in chunks whose
+            estimated footprint (per-query parameter copies on the generic path, ``[K, C]``
+            step buffers on the dual path) stays under it. On CPU, chunks are further
+            capped to stay cache-sized, which is faster.
+
+    Returns:
+        ``[B, C]`` outputs of the adapted heads on the queries, without autograd history.
+
+    Raises:
+        ValueError: On shapes that do not match, labels of valid neighbours outside the
+            allowed range, negative or non-finite weights, or out-of-range ``steps``, ``lr``,
+            ``beta`` or ``memory_budget_bytes``. The message names the argument, the value
+            given and what is allowed.
+
+    Example:
+        >>> _ = torch.manual_seed(0)
+        >>> head = nn.Linear(8, 3)
+        >>> q, h = torch.randn(4, 8), torch.randn(4, 5, 8)
+        >>> y = torch.randint(0, 3, (4, 5))
+        >>> d = ((q[:, None] - h) ** 2).sum(-1)
+        >>> w = kernel_weights(d, torch.ones_like(d, dtype=torch.bool))
+        >>> local_adapt(head, q, h, y, w, steps=5, lr=0.1, beta=1e-3).shape
+        torch.Size([4, 3])
+    """
+    _check_arguments(head, queries, keys, labels, weights, steps, lr, beta, memory_budget_bytes)
+    num_queries, num_neighbours = labels.shape
+    dual = type(head) is nn.Linear
+    with contextlib.ExitStack() as stack:
+        if not dual:
+            stack.enter_context(_eval_mode(head))
+        if base_outputs is None:
+            with torch.no_grad():
+                base_outputs = head.forward(queries)  # bypasses hooks on `head` itself
+            if not isinstance(base_outputs, Tensor) or base_outputs.dim() != 2:
+                raise ValueError(
+                    "`head` must map `queries` [B, D] to a tensor [B, C], got "
+                    f"{_describe(base_outputs)}."
+                )
+        classes = head.out_features if dual else None
+        _check_shape("base_outputs", base_outputs, (num_queries, classes))
+        num_classes = base_outputs.shape[1]
+        if neighbour_outputs is not None:
+            _check_shape(
+                "neighbour_outputs", neighbour_outputs, (num_queries, num_neighbours, num_classes)
+            )
+        valid = weights > 0
+        _check_labels(labels, valid, num_classes)
+
+        params = {n: p for n, p in head.named_parameters() if p.is_floating_point()}
+        active = valid.any(dim=1)
+        if steps == 0 or not params or num_queries == 0 or not bool(active.any()):
+            return base_outputs.clone()
+
+        compute_dtype = (
+            torch.float64
+            if any(p.dtype == torch.float64 for p in params.values())
+            else torch.float32
+        )
+        device_type = queries.device.type
+        stack.enter_context(_autocast_disabled(device_type))
+        labels = torch.where(valid, labels, torch.zeros_like(labels)).long()
+        if dual:
+            with torch.no_grad():
+                adapted = _adapt_linear_dual_chunked(
+                    head,
+                    queries.to(compute_dtype),
+                    keys.to(compute_dtype),
+                    labels,
+                    weights.to(compute_dtype),
+                    valid,
+                    steps,
+                    float(lr),
+                    float(beta),
+                    base_outputs.to(compute_dtype),
+                    None if neighbour_outputs is None else neighbour_outputs.to(compute_dtype),
+                    memory_budget_bytes,
+                )
+        else:
+            adapted = _adapt_generic(
+                head,
+                queries,
+                keys,
+                labels,
+                weights,
+                valid,
+                steps,
+                float(lr),
+                float(beta),
+                num_classes,
+                compute_dtype,
+                memory_budget_bytes,
+            )
+        adapted = adapted.to(base_outputs.dtype)
+        return torch.where(active[:, None], adapted, base_outputs)
+
+
+# --------------------------------------------------------------------------- dual form
+
+
+def _adapt_linear_dual_chunked(
+    head: nn.Linear,
+    queries: Tensor,
+    keys: Tensor,
+    labels: Tensor,
+    weights: Tensor,
+    valid: Tensor,
+    steps: int,
+    lr: float,
+    beta: float,
+    base: Tensor,
+    neighbour_outputs: Tensor | None,
+    memory_budget_bytes: int,
+) -> Tensor:
+    """:func:`_adapt_linear_dual` over chunks of queries that fit the budget (and CPU caches)."""
+    num_neighbours = keys.shape[1]
+    # Z0, the step buffers and the Gram matrix (the keys are the caller's).
+    per_query = (
+        keys.element_size() * num_neighbours * (_DUAL_BUFFERS * base.shape[1] + num_neighbours)
+    )
+    chunk = max(1, memory_budget_bytes // per_query)
+    if keys.device.type == "cpu":
+        chunk = min(chunk, max(1, _CPU_DUAL_CHUNK_BYTES // per_query))
+    if chunk >= queries.shape[0]:
+        return _adapt_linear_dual(
+            head, queries, keys, labels, weights, valid, steps, lr, beta, base, neighbour_outputs
+        )
+    chunks = queries.split(chunk)
+    pieces = zip(
+        chunks,
+        keys.split(chunk),
+        labels.split(chunk),
+        weights.split(chunk),
+        valid.split(chunk),
+        base.split(chunk),
+        [None] * len(chunks) if neighbour_outputs is None else neighbour_outputs.split(chunk),
+        strict=True,
+    )
+    return torch.cat(
+        [
+            _adapt_linear_dual(head, q, k, y, w, v, steps, lr, beta, b, nb)
+            for q, k, y, w, v, b, nb in pieces
+        ]
+    )
+
+
+def _adapt_linear_dual(
+    head: nn.Linear,
+    queries: Tensor,
+    keys: Tensor,
+    labels: Tensor,
+    weights: Tensor,
+    valid: Tensor,
+    steps: int,
+    lr: float,
+    beta: float,
+    base: Tensor,
+    neighbour_outputs: Tensor | None,
+) -> Tensor:
+    """Exact adaptation of a linear head with ``W = W0 + A·H`` and ``b = b0 + δb``.
+
+    With ``G = w·(p - onehot(y))`` (the gradient of the weighted loss wrt the neighbour
+    logits) the step is ``A ← (1 - beta)·A - lr·Gᵀ`` and ``δb ← (1 - beta)·δb - lr·Σ_k G_k``:
+    the same recursion as the row sums of ``A``, so ``δb = A·1`` at every step. The bias is
+    thus the weight of a constant feature 1, and both are handled by adding 1 to the Gram
+    matrix ``M = H·Hᵀ`` and to ``H·q``: logits ``Z0 + (M + 1)·Aᵀ``, output
+    ``base + A·(H·q + 1)``. ``A`` is stored transposed (``coef``, ``[B, K, C]``).
+    """
+    with record_function("mbpa.dual.gram"):
+        gram = torch.bmm(keys, keys.transpose(1, 2))  # [B, K, K]
+        key_dot_query = torch.bmm(queries[:, None, :], keys.transpose(1, 2))  # [B, 1, K]
+        if head.bias is not None:
+            gram += 1.0
+            key_dot_query += 1.0
+    with record_function("mbpa.dual.neighbour_logits"):
+        if neighbour_outputs is None:
+            weight0 = head.weight.detach().to(keys.dtype)
+            bias0 = None if head.bias is None else head.bias.detach().to(keys.dtype)
+            logits0 = _linear(keys, weight0, bias0)  # Z0, [B, K, C]
+        else:
+            logits0 = neighbour_outputs
+    if not bool(valid.all()):
+        # Masked neighbours never move A (their rows of G are 0). Zeroing what they touch
+        # keeps padding garbage (inf/NaN keys) from leaking through 0·NaN.
+        pair = valid[:, :, None] & valid[:, None, :]
+        gram = torch.where(pair, gram, 0.0)
+        key_dot_query = torch.where(valid[:, None, :], key_dot_query, 0.0)
+        logits0 = torch.where(valid[..., None], logits0, 0.0)
+    binary = base.shape[1] == 1
+    targets = labels.to(keys.dtype)[..., None] if binary else labels[..., None]
+    minus_ones = torch.full(targets.shape, -1.0, dtype=keys.dtype, device=keys.device)
+    scaled_weights = (-lr * weights)[..., None]  # [B, K, 1]
+    keep = 1.0 - beta
+    # Three [B, K, C] buffers are recycled across steps: a fresh large CPU allocation is
+    # page-faulted in on every step, which costs as much as the arithmetic.
+    # (Fresh contiguous buffers: `*_like` would copy the strides of a transposed Z0.)
+    coef = logits0.new_zeros(logits0.shape)
+    logits = logits0.new_empty(logits0.shape)
+    fused = not binary and base.shape[1] >= _SMALL_SOFTMAX
+    spare = logits0.new_empty(logits0.shape) if fused else logits
+    with record_function("mbpa.dual.steps"):
+        for _ in range(steps):
+            torch.baddbmm(logits0, gram, coef, out=logits)
+            # -lr·G = -lr·w·(softmax(z) - onehot(y)), built in `spare` (or in `logits`).
+            if binary:
+                step = logits.sigmoid_().sub_(targets)
+            elif fused:
+                step = torch.softmax(logits, dim=-1, out=spare)
+            else:
+                step = _small_softmax_(logits)
+            if not binary:
+                step.scatter_add_(-1, targets, minus_ones)
+            step.mul_(scaled_weights).add_(coef, alpha=keep)
+            coef, spare = step, coef
+            if not fused:
+                logits = spare
+    with record_function("mbpa.dual.query_output"):
+        return torch.baddbmm(base[:, None, :], key_dot_query, coef)[:, 0, :]
+
+
+def _linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``F.linear`` on ``[B, K, D]``; with few outputs, ``W·Xᵀ`` is the faster GEMM shape."""
+    if weight.shape[0] >= _SMALL_SOFTMAX or x.device.type != "cpu":
+        return F.linear(x, weight, bias)
+    flat = x.reshape(-1, x.shape[-1])
+    out = torch.mm(weight, flat.T) if bias is None else torch.addmm(bias[:, None], weight, flat.T)
+    return out.T.contiguous().view(*x.shape[:-1], weight.shape[0])
+
+
+# Below this many classes, an unfused in-place softmax beats the fused kernel's per-row cost.
+_SMALL_SOFTMAX = 64
+
+
+def _small_softmax_(logits: Tensor) -> Tensor:
+    """Softmax over the last dim, in place."""
+    logits.sub_(logits.amax(dim=-1, keepdim=True)).exp_()
+    return logits.div_(logits.sum(dim=-1, keepdim=True))
+
+
+# ------------------------------------------------------------------------ generic form
+
+
+class _HookFreeForward(nn.Module):
+    """Calls ``head.forward`` directly, so that hooks on ``head`` itself are not re-entered."""
+
+    def __init__(self, head: nn.Module) -> None:
+        super().__init__()
+        self.head = head
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head.forward(x)
+
+
+def _adapt_generic(
+    head: nn.Module,
+    queries: Tensor,
+    keys: Tensor,
+    labels: Tensor,
+    weights: Tensor,
+    valid: Tensor,
+    steps: int,
+    lr: float,
+    beta: float,
+    num_classes: int,
+    dtype: torch.dtype,
+    memory_budget_bytes: int,
+) -> Tensor:
+    """Per-query adaptation of any head with ``torch.func``, ``vmap``-ed over query chunks."""
+    wrapper = _HookFreeForward(head)
+    with torch.inference_mode(False), torch.enable_grad():
+        # Inference tensors cannot be saved for backward: work on normal copies.
+        params = {
+            n: _as_normal(p.detach(), dtype)
+            for n, p in wrapper.named_parameters()
+            if p.is_floating_point()
+        }
+        fixed = {
+            n: _as_normal(t.detach(), dtype if t.is_floating_point() else None)
+            for n, t in [*wrapper.named_buffers(), *wrapper.named_parameters()]
+            if n not in params
+        }
+        keys = _as_normal(keys, dtype)
+        if not bool(valid.all()):
+            # 0·loss(NaN) is NaN: keep padding garbage out of the masked neighbours' losses.
+            keys = torch.where(valid[..., None], keys, 0.0)
+        queries = _as_normal(queries, dtype)
+        weights = _as_normal(weights, dtype)
+        labels = _as_normal(labels, None)
+
+        def forward(theta: dict[str, Tensor], x: Tensor) -> Tensor:
+            return functional_call(wrapper, (theta, fixed), (x,))
+
+        def neighbour_loss(
+            theta: dict[str, Tensor], keys_q: Tensor, labels_q: Tensor, weights_q: Tensor
+        ) -> Tensor:
+            logits = forward(theta, keys_q)
+            if num_classes == 1:
+                losses = F.binary_cross_entropy_with_logits(
+                    logits[:, 0], labels_q.to(logits.dtype), reduction="none"
+                )
+            else:
+                losses = F.cross_entropy(logits, labels_q, reduction="none")
+            return (weights_q * losses).sum()
+
+        loss_grad: Callable[..., dict[str, Tensor]] = grad(neighbour_loss)
+        keep = 1.0 - beta
+
+        def adapt_one(query: Tensor, keys_q: Tensor, labels_q: Tensor, weights_q: Tensor) -> Tensor:
+            theta = dict(params)
+            for _ in range(steps):
+                grads = loss_grad(theta, keys_q, labels_q, weights_q)
+                theta = {
+                    n: _sgd_pull(p, grads[n], params[n], lr, beta, keep) for n, p in theta.items()
+                }
+            return forward(theta, query[None])[0]
+
+        batched = vmap(adapt_one)
+        chunk = _chunk_size(params, keys, num_classes, dtype, memory_budget_bytes)
+        outputs = [
+            batched(*args)
+            for args in zip(
+                queries.split(chunk),
+                keys.split(chunk),
+                labels.split(chunk),
+                weights.split(chunk),
+                strict=True,
+            )
+        ]
+        return torch.cat(outputs).detach()
+
+
+def _sgd_pull(
+    current: Tensor, gradient: Tensor, start: Tensor, lr: float, beta: float, keep: float
+) -> Tensor:
+    """``θx - lr·g - beta·(θx - θ)``, as ``keep·θx - lr·g + beta·θ`` in few memory passes."""
+    if beta == 0:
+        return torch.add(current, gradient, alpha=-lr)
+    # `gradient` is always per-query; `current` is the shared θ at the first step.
+    return gradient.mul(-lr).add_(current, alpha=keep).add_(start, alpha=beta)
+
+
+def _chunk_size(
+    params: dict[str, Tensor],
+    keys: Tensor,
+    num_classes: int,
+    dtype: torch.dtype,
+    memory_budget_bytes: int,
+) -> int:
+    item = torch.empty((), dtype=dtype).element_size()
+    num_params = sum(p.numel() for p in params.values())
+    _, num_neighbours, dim = keys.shape
+    per_query = item * (
+        _PARAM_COPIES_PER_QUERY * num_params + 4 * num_neighbours * (dim + num_classes)
+    )
+    chunk = max(1, memory_budget_bytes // per_query)
+    if keys.device.type == "cpu":
+        # Each step streams the chunk's parameter copies several times: keeping one copy
+        # cache-sized is 2-4x faster on CPU than filling the budget (GPUs want big chunks).
+        chunk = min(chunk, max(1, _CPU_CHUNK_PARAM_BYTES // (item * num_params)))
+    return chunk
+
+
+def _as_normal(t: Tensor, dtype: torch.dtype | None) -> Tensor:
+    out = t if dtype is None else t.to(dtype)
+    return out.clone() if out.is_inference() else out
+
+
+@contextlib.contextmanager
+def _eval_mode(module: nn.Module) -> Iterator[None]:
+    modes = [(m, m.training) for m in module.modules()]
+    try:
+        module.eval()
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+def _autocast_disabled(device_type: str) -> contextlib.AbstractContextManager[Any]:
+    is_available = getattr(torch.amp, "is_autocast_available", None)
+    if is_available is not None and not is_available(device_type):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device_type, enabled=False)
+
+
+# -------------------------------------------------------------------------- validation
+
+
+def _check_arguments(
+    head: nn.Module,
+    queries: Tensor,
+    keys: Tensor,
+    labels: Tensor,
+    weights: Tensor,
+    steps: int,
+    lr: float,
+    beta: float,
+    memory_budget_bytes: int,
+) -> None:
+    if not isinstance(head, nn.Module):
+        raise ValueError(f"`head` must be a torch.nn.Module, got {type(head).__name__}.")
+    if not isinstance(steps, numbers.Integral) or isinstance(steps, bool) or steps < 0:
+        raise ValueError(f"`steps` must be an int >= 0, got {steps!r}.")
+    if not _is_real(lr) or not math.isfinite(lr) or lr < 0:
+        raise ValueError(f"`lr` must be a finite float >= 0, got {lr!r}.")
+    if not _is_real(beta) or not 0 <= beta <= 1:
+        raise ValueError(f"`beta` must be a float in [0, 1], got {beta!r}.")
+    if (
+        not isinstance(memory_budget_bytes, numbers.Integral)
+        or isinstance(memory_budget_bytes, bool)
+        or memory_budget_bytes < 1
+    ):
+        raise ValueError(f"`memory_budget_bytes` must be an int >= 1, got {memory_budget_bytes!r}.")
+    for name, t in (("queries", queries), ("keys", keys), ("labels", labels), ("weights", weights)):
+        if not isinstance(t, Tensor):
+            raise ValueError(f"`{name}` must be a torch.Tensor, got {type(t).__name__}.")
+    if queries.dim() != 2 or not queries.is_floating_point():
+        raise ValueError(
+            f"`queries` must be a floating-point tensor [B, D], got {_describe(queries)}."
+        )
+    num_queries, dim = queries.shape
+    _check_shape("keys", keys, (num_queries, None, dim))
+    if not keys.is_floating_point():
+        raise ValueError(f"`keys` must be floating-point, got dtype {keys.dtype}.")
+    _check_shape("labels", labels, (num_queries, keys.shape[1]))
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise ValueError(f"`labels` must be an integer (int64) tensor, got dtype {labels.dtype}.")
+    _check_shape("weights", weights, (num_queries, keys.shape[1]))
+    if not weights.is_floating_point():
+        raise ValueError(f"`weights` must be floating-point, got dtype {weights.dtype}.")
+    bad = ~(torch.isfinite(weights) & (weights >= 0))
+    if bool(bad.any()):
+        value = weights[bad][0].item()
+        raise ValueError(f"`weights` must be finite and >= 0, got {value!r}.")
+
+
+def _check_labels(labels: Tensor, valid: Tensor, num_classes: int) -> None:
+    high = 2 if num_classes == 1 else num_classes
+    bad = valid & ((labels < 0) | (labels >= high))
+    if bool(bad.any()):
+        allowed = (
+            "{0, 1} (single-output head, binary cross-entropy)"
+            if num_classes == 1
+            else (f"[0, {num_classes}) for a head with {num_classes} outputs")
+        )
+        raise ValueError(
+            f"`labels` of weighted neighbours must lie in {allowed}, got {labels[bad][0].item()}."
+        )
+
+
+def _check_shape(name: str, t: Tensor, expected: tuple[int | None, ...]) -> None:
+    ok = t.dim() == len(expected) and all(
+        e is None or s == e for s, e in zip(t.shape, expected, strict=True)
+    )
+    if not ok:
+        want = ", ".join("*" if e is None else str(e) for e in expected)
+        raise ValueError(f"`{name}` must have shape [{want}], got {tuple(t.shape)}.")
+
+
+def _describe(x: object) -> str:
+    if isinstance(x, Tensor):
+        return f"shape {tuple(x.shape)} dtype {x.dtype}"
+    return type(x).__name__
+
+
+def _is_real(x: object) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
