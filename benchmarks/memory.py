@@ -1,0 +1,434 @@
+"""Benchmark of :class:`lightning_mbpa.memory.EpisodicMemory`.
+
+For each memory size N (keys of width D, clustered like real embeddings), prints write throughput,
+search latency per query (B queries, k neighbours), recall@k against exact search, and the ratio of
+our search time to a bare faiss index over the same data in the same run (``IndexFlatL2`` for the
+exact memory; the memory's own faiss index searched without the liveness selector for HNSW/IVF),
+plus resident memory of the exact memory against the raw key bytes. A second table measures how
+faiss' and torch's OpenMP thread counts interact (each cell in a fresh process, since the import
+order decides whether the two libraries share one OpenMP runtime).
+
+Usage:
+    python benchmarks/memory.py                       # N in {10k, 100k, 1M}, D=512: a few minutes
+    python benchmarks/memory.py --sizes 10000 50000   # smaller
+    python benchmarks/memory.py --skip-threads
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from functools import partial
+
+import numpy as np
+import torch
+
+# isort: split
+import faiss  # after torch, as in lightning_mbpa.memory: one shared OpenMP runtime
+
+from lightning_mbpa.memory import EpisodicMemory
+
+LATENT_DIM = 16
+LATENT_CLUSTERS = 64
+NOISE = 0.05
+
+
+def rss_bytes() -> int:
+    """Resident set size of this process (Linux)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("VmRSS not found")
+
+
+def _embedding_map(d: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.randn(LATENT_CLUSTERS, LATENT_DIM, generator=g) * 2.0
+    lift = torch.randn(LATENT_DIM, d, generator=g) / math.sqrt(LATENT_DIM)
+    return centers, lift
+
+
+def _embed(m: int, d: int, g: torch.Generator, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    centers, lift = _embedding_map(d, seed)
+    labels = torch.randint(0, LATENT_CLUSTERS, (m,), generator=g)
+    latent = centers[labels] + torch.randn(m, LATENT_DIM, generator=g)
+    return latent @ lift + NOISE * torch.randn(m, d, generator=g), labels
+
+
+def chunks(
+    n: int, d: int, batch: int, seed: int = 0
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The same N embedding-like keys every time, generated batch by batch (never all in memory).
+
+    Keys are a mixture of Gaussians in a 16-dim latent space lifted linearly to D dims plus a little
+    isotropic noise: a low intrinsic dimension like real embeddings (isotropic 512-dim Gaussians
+    would make every neighbour nearly equidistant and recall meaningless).
+    """
+    for start in range(0, n, batch):
+        g = torch.Generator().manual_seed(seed + 1 + start)
+        yield _embed(min(batch, n - start), d, g, seed)
+
+
+def queries(b: int, d: int, seed: int = 0) -> torch.Tensor:
+    return _embed(b, d, torch.Generator().manual_seed(10**9), seed)[0]
+
+
+def fill(memory: EpisodicMemory, n: int, d: int, batch: int) -> float:
+    """Writes N keys; returns keys/s counting only the time inside ``add``."""
+    spent = 0.0
+    for keys, labels in chunks(n, d, batch):
+        start = time.perf_counter()
+        memory.add(keys, labels)
+        spent += time.perf_counter() - start
+    return n / spent
+
+
+def interleaved(
+    ours: Callable[[], object], bare: Callable[[], object], repeats: int
+) -> tuple[float, float]:
+    """Best-of-``repeats`` seconds of two calls, alternated so load changes hit both alike."""
+    ours()
+    bare()
+    best_ours = best_bare = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        ours()
+        best_ours = min(best_ours, time.perf_counter() - start)
+        start = time.perf_counter()
+        bare()
+        best_bare = min(best_bare, time.perf_counter() - start)
+    return best_ours, best_bare
+
+
+def recall(found: np.ndarray, exact: np.ndarray) -> float:
+    return float(
+        np.mean([len(set(a) & set(b)) / len(b) for a, b in zip(found, exact, strict=True)])
+    )
+
+
+def row(cells: list[str], widths: list[int]) -> str:
+    return "| " + " | ".join(c.rjust(w) for c, w in zip(cells, widths, strict=True)) + " |"
+
+
+def warm_up(d: int, k: int) -> None:
+    """Loads every code path once so one-time costs (libraries, thread pools) are not measured."""
+    for index in ("Flat", "HNSW32", "IVF4,Flat"):
+        for backend in ("faiss", "torch") if index == "Flat" else ("faiss",):
+            memory = EpisodicMemory(1000, d, index=index, backend=backend)
+            for keys, labels in chunks(1000, d, 500, seed=7):
+                memory.add(keys, labels)
+            memory.search(queries(8, d), k)
+    faiss.IndexFlatL2(d).search(np.zeros((1, d), dtype=np.float32), 1)
+    gc.collect()
+
+
+RSS_WORKER = r"""
+import sys
+sys.path[:0] = [sys.argv[4]]
+from memory import chunks, fill, rss_bytes
+from lightning_mbpa.memory import EpisodicMemory
+n, d, batch = (int(a) for a in sys.argv[1:4])
+next(chunks(batch, d, batch))  # load torch's kernels before the baseline
+before = rss_bytes()
+memory = EpisodicMemory(n, d)
+fill(memory, n, d, batch)
+print(rss_bytes() - before)
+"""
+
+
+def resident_growth(n: int, d: int, batch: int) -> int:
+    """RSS growth of filling an N x D exact memory, in a fresh process (no recycled heap)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    out = subprocess.run(
+        [sys.executable, "-c", RSS_WORKER, str(n), str(d), str(batch), here],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return int(out.stdout.strip().splitlines()[-1])
+
+
+def measure(
+    label: str,
+    name: str,
+    memory: EpisodicMemory,
+    write: float,
+    bare: Callable[[], object],
+    exact: np.ndarray | None,
+    args: argparse.Namespace,
+    q: torch.Tensor,
+    widths: list[int],
+) -> np.ndarray:
+    """Prints one table row; returns the memory's neighbour slots for the benchmark queries."""
+    b, k = q.shape[0], args.k
+    ours_s, bare_s = interleaved(partial(memory.search, q, k), bare, args.repeats)
+    found = memory.search(q, k).indices.numpy()
+    quality = recall(found, exact) if exact is not None else 1.0
+    cells = [
+        label,
+        name,
+        f"{write:,.0f}",
+        f"{ours_s / b * 1e3:.3f}",
+        f"{bare_s / b * 1e3:.3f}",
+        f"{ours_s / bare_s:.2f}",
+        f"{quality:.3f}",
+    ]
+    print(row(cells, widths), flush=True)
+    return found
+
+
+def run_size(n: int, args: argparse.Namespace, q: torch.Tensor, widths: list[int]) -> list[str]:
+    d, k = args.dim, args.k
+    q_np = q.numpy()
+    label = f"{n:,}"
+    notes: list[str] = []
+
+    # Exact memory on the faiss backend (faiss.knn over the buffer) vs a bare IndexFlatL2.
+    flat = EpisodicMemory(n, d, index="Flat", backend="faiss")
+    write = fill(flat, n, d, args.write_batch)
+    bare_flat = faiss.IndexFlatL2(d)
+    bare_flat.add(flat.keys.numpy())
+    exact = measure(
+        label,
+        "Flat (faiss.knn)",
+        flat,
+        write,
+        partial(bare_flat.search, q_np, k),
+        None,
+        args,
+        q,
+        widths,
+    )
+    _, bare_ids = bare_flat.search(q_np, k)
+    notes.append(
+        f"N={label}: exact memory vs IndexFlatL2 neighbour agreement {recall(bare_ids, exact):.4f}"
+    )
+    del flat
+    gc.collect()
+
+    # Exact memory on the torch backend (matmul + topk on the buffer's device, here the CPU).
+    tflat = EpisodicMemory(n, d, backend="torch")
+    write = fill(tflat, n, d, args.write_batch)
+    measure(
+        label,
+        "Flat (torch backend)",
+        tflat,
+        write,
+        partial(bare_flat.search, q_np, k),
+        exact,
+        args,
+        q,
+        widths,
+    )
+    del tflat, bare_flat
+    gc.collect()
+
+    # Approximate indexes vs their own faiss index searched bare (no liveness selector).
+    approximate = []
+    if n <= args.hnsw_max:
+        approximate.append(("HNSW32", f"efSearch={args.ef_search}"))
+    else:
+        notes.append(
+            f"N={label}: HNSW32 skipped (graph build too slow on 2 cores; raise --hnsw-max to run it)"
+        )
+    nlist = max(1, round(4 * math.sqrt(n)))
+    approximate.append((f"IVF{nlist},Flat", f"nprobe={args.nprobe}"))
+    for index, params in approximate:
+        memory = EpisodicMemory(n, d, index=index, index_params=params)
+        write = fill(memory, n, d, args.write_batch)
+        bare = partial(memory.faiss_index.search, q_np, k)
+        measure(label, f"{index} {params}", memory, write, bare, exact, args, q, widths)
+        del memory, bare
+        gc.collect()
+
+    if os.path.exists("/proc/self/status"):
+        grown, raw = resident_growth(n, d, args.write_batch), n * d * 4
+        notes.append(
+            f"N={label}: filling an exact memory grew RSS by {grown / 2**20:,.1f} MiB for"
+            f" {raw / 2**20:,.1f} MiB of raw keys = {grown / raw:.3f}x (target <= 1.1x)"
+        )
+    return notes
+
+
+def run_sizes(args: argparse.Namespace) -> None:
+    d, b, k = args.dim, args.batch, args.k
+    warm_up(d, k)
+    q = queries(b, d)
+    widths = [9, 22, 12, 9, 13, 9, 9]
+    print(
+        f"\nD={d}, B={b} queries per search, k={k}, writes in batches of {args.write_batch};"
+        f" torch threads={torch.get_num_threads()}, faiss threads={faiss.omp_get_max_threads()}"
+    )
+    print(
+        "write keys/s: time inside add() only (IVF includes its automatic training at 39*nlist keys);"
+    )
+    print(
+        "ms/query: best of --repeats searches of B queries, divided by B; bare: IndexFlatL2 over the same"
+    )
+    print(
+        "keys for exact rows, the memory's own faiss index searched without the liveness selector otherwise;"
+    )
+    print(f"recall@{k}: against the exact memory's neighbours.")
+    header = ["N", "index", "write keys/s", "ms/query", "bare ms/query", "ours/bare", f"recall@{k}"]
+    print(row(header, widths))
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    notes: list[str] = []
+    for n in args.sizes:
+        notes += run_size(n, args, q, widths)
+    print()
+    for line in notes:
+        print(line)
+
+
+# ---------------------------------------------------------------------- threads
+
+WORKER = r"""
+import json, sys, time
+first = sys.argv[1]
+if first == "faiss":
+    import faiss, torch
+else:
+    import torch, faiss
+import numpy as np
+from lightning_mbpa.memory import EpisodicMemory
+torch_threads, faiss_threads, n, d, b, k = (int(a) for a in sys.argv[2:8])
+torch.set_num_threads(torch_threads)
+faiss.omp_set_num_threads(faiss_threads)
+g = torch.Generator().manual_seed(0)
+x = torch.randn(n, d, generator=g)
+q = torch.randn(b, d, generator=g)
+w = torch.randn(d, d, generator=g) / d**0.5
+memory = EpisodicMemory(n, d)
+memory.add(x, torch.zeros(n, dtype=torch.long))
+xb, xq = memory.keys.numpy(), q.numpy()
+
+def best(f, r=5):
+    f()
+    times = []
+    for _ in range(r):
+        t = time.perf_counter(); f(); times.append(time.perf_counter() - t)
+    return min(times) * 1e3
+
+def forward_then_knn():
+    torch.relu(q @ w)  # a model's forward pass right before the search
+    faiss.knn(xq, xb, k)
+
+def forward_then_search():
+    memory.search(torch.relu(q @ w), k)
+
+print(json.dumps({
+    "torch": torch.get_num_threads(), "faiss": faiss.omp_get_max_threads(),
+    "knn": best(lambda: faiss.knn(xq, xb, k)),
+    "forward+knn": best(forward_then_knn),
+    "forward+search": best(forward_then_search),
+}))
+"""
+
+
+def run_threads(args: argparse.Namespace) -> None:
+    n, d, b, k = args.thread_n, args.dim, args.batch, args.k
+    print(
+        f"\nOpenMP threads: faiss.knn over N={n:,}, D={d}, B={b}, k={k}; best of 5, ms per batch of {b} queries"
+    )
+    widths = [13, 13, 13, 16, 16, 10, 13, 15]
+    print(
+        row(
+            [
+                "imported 1st",
+                "torch set to",
+                "faiss set to",
+                "effective torch",
+                "effective faiss",
+                "knn",
+                "forward+knn",
+                "forward+search",
+            ],
+            widths,
+        )
+    )
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    env = dict(os.environ)
+    for first in ("torch", "faiss"):
+        for tt in (1, 2):
+            for ft in (1, 2):
+                out = subprocess.run(
+                    [
+                        sys.executable,
+                        "-c",
+                        WORKER,
+                        first,
+                        str(tt),
+                        str(ft),
+                        str(n),
+                        str(d),
+                        str(b),
+                        str(k),
+                    ],
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                    env=env,
+                )
+                r = json.loads(out.stdout.strip().splitlines()[-1])
+                print(
+                    row(
+                        [
+                            first,
+                            str(tt),
+                            str(ft),
+                            str(r["torch"]),
+                            str(r["faiss"]),
+                            f"{r['knn']:.1f}",
+                            f"{r['forward+knn']:.1f}",
+                            f"{r['forward+search']:.1f}",
+                        ],
+                        widths,
+                    )
+                )
+    print(
+        "'effective' is what torch.get_num_threads() / faiss.omp_get_max_threads() report after both calls."
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--batch", type=int, default=256, help="queries per search")
+    parser.add_argument("--k", type=int, default=32)
+    parser.add_argument("--write-batch", type=int, default=1024)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--nprobe", type=int, default=16)
+    parser.add_argument("--ef-search", type=int, default=64)
+    parser.add_argument("--hnsw-max", type=int, default=100_000, help="skip HNSW above this N")
+    parser.add_argument(
+        "--thread-n", type=int, default=50_000, help="memory size of the thread table"
+    )
+    parser.add_argument("--skip-threads", action="store_true")
+    parser.add_argument("--skip-sizes", action="store_true")
+    args = parser.parse_args()
+    print(
+        f"torch {torch.__version__}, faiss {faiss.__version__}, {os.cpu_count()} CPUs,"
+        f" load average {os.getloadavg()[0]:.2f} at start"
+    )
+    if not args.skip_sizes:
+        run_sizes(args)
+    if not args.skip_threads:
+        run_threads(args)
+    print(
+        f"load average {os.getloadavg()[0]:.2f} at the end (other processes on this machine skew timings)"
+    )
+
+
+if __name__ == "__main__":
+    main()

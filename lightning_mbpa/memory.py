@@ -1,0 +1,1058 @@
+"""A fixed-capacity episodic memory of ``(embedding, label)`` pairs with K-nearest-neighbour lookup.
+
+Memory-based Parameter Adaptation (MbPA; Sprechmann et al., 2018, "Memory-based Parameter
+Adaptation", arXiv:1802.10542) writes the embedding ``h = f(x)`` of every training example and its
+label into an episodic memory, and at test time adapts the output head on the K stored
+embeddings nearest to each query by squared Euclidean distance. This module is that memory and
+nothing else: a preallocated float32 key buffer with a FIFO ring (the paper's choice) or reservoir
+eviction, searched exactly (faiss ``knn`` over the buffer itself on CPU, a matmul + ``topk`` on
+the buffer's device with the ``torch`` backend) or through an approximate faiss index (HNSW, IVF,
+PQ, ...) that never returns an overwritten entry. It has no Lightning dependency.
+
+Example:
+    >>> import torch
+    >>> from lightning_mbpa.memory import EpisodicMemory
+    >>> memory = EpisodicMemory(capacity=1000)
+    >>> memory.add(torch.randn(8, 16), torch.arange(8))
+    tensor([0, 1, 2, 3, 4, 5, 6, 7])
+    >>> found = memory.search(torch.randn(2, 16), k=4)
+    >>> found.keys.shape, found.values.shape, bool(found.mask.all())
+    (torch.Size([2, 4, 16]), torch.Size([2, 4]), True)
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Mapping
+from typing import Any, Literal, NamedTuple, get_args
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from torch import Tensor
+
+# isort: split
+# torch first: faiss' OpenMP calls then bind to the OpenMP runtime torch already loaded, so both
+# libraries share one thread pool and one thread count instead of two pools competing for the
+# cores (see the thread table of benchmarks/memory.py). No thread setting is changed here.
+import faiss
+
+__all__ = ["EpisodicMemory", "Neighbours"]
+
+Eviction = Literal["fifo", "reservoir"]
+Backend = Literal["auto", "faiss", "torch"]
+_EVICTIONS: tuple[str, ...] = get_args(Eviction)
+_BACKENDS: tuple[str, ...] = get_args(Backend)
+
+#: The index string meaning exact search over the key buffer itself (no faiss index object).
+EXACT_INDEX = "Flat"
+#: faiss' k-means asks for at least this many training points per centroid.
+TRAIN_POINTS_PER_CENTROID = 39
+#: The keys :meth:`EpisodicMemory.state_dict` returns.
+STATE_KEYS = ("keys", "values", "capacity", "dim", "cursor", "num_seen", "generator_state")
+# A dimension divisible by many sub-quantizer counts, used to parse an index string before the
+# memory's dimension is known (only parse errors are reported that early).
+_PROBE_DIM = 2520
+# Elements of one [B, chunk] distance block in the torch backend.
+_TORCH_BLOCK_ELEMENTS = {"cpu": 1 << 24, "other": 1 << 27}
+
+Int64Array = npt.NDArray[np.int64]
+
+
+class Neighbours(NamedTuple):
+    """The K nearest memories of each query, as returned by :meth:`EpisodicMemory.search`.
+
+    Every field has ``k`` columns; where the memory holds fewer than ``k`` usable entries the
+    missing columns are masked (``mask`` False) and hold the fill values given below. Rows are
+    sorted by ascending distance, masked columns last. All fields live on the queries' device.
+
+    Attributes:
+        keys: ``[B, k, D]`` stored keys in the queries' dtype (zeros where masked).
+        values: ``[B, k]`` int64 labels (0 where masked).
+        distances: ``[B, k]`` float32 squared Euclidean distances ``||q - h||²``, exact even for
+            approximate indexes (``+inf`` where masked).
+        mask: ``[B, k]`` bool, True for a real neighbour.
+        indices: ``[B, k]`` int64 slot numbers in the memory (``-1`` where masked).
+    """
+
+    keys: Tensor
+    values: Tensor
+    distances: Tensor
+    mask: Tensor
+    indices: Tensor
+
+
+class EpisodicMemory:
+    """A fixed-capacity memory of float32 keys and int64 labels with exact or approximate K-NN.
+
+    Keys live in a preallocated ``[capacity, D]`` float32 buffer made with ``torch.empty``, so the
+    operating system only backs the pages that have been written: resident memory grows with the
+    fill, not with the capacity.
+
+    Eviction once the memory is full:
+
+    * ``"fifo"``: a ring; the oldest entry is overwritten (the paper's choice). A batch larger than
+      the capacity keeps its last ``capacity`` rows.
+    * ``"reservoir"``: Algorithm R over everything ever offered: item ``t`` (0-based, counted over
+      all calls) takes slot ``t`` while ``t < capacity``, else draws ``j`` uniform in ``[0, t]``
+      and replaces slot ``j`` if ``j < capacity``. The memory is then a uniform sample of the whole
+      stream. Draws come from a ``torch.Generator`` seeded with ``seed``; within one batch the later
+      of two rows drawing the same slot wins, exactly as one-at-a-time insertion would.
+
+    Search (:meth:`search`) returns the ``k`` nearest keys by squared Euclidean distance:
+
+    * ``index="Flat"`` (exact): on the ``faiss`` backend, ``faiss.knn`` directly over the filled
+      part of the key buffer (zero copy, nothing to rebuild); on the ``torch`` backend, a chunked
+      ``|h|² - 2 q·h`` matmul and ``topk`` on the buffer's device, with ``|h|²`` cached per slot.
+    * any other ``faiss.index_factory`` string (``"HNSW32"``, ``"IVF256,Flat"``, ``"IVF256,PQ16"``,
+      optionally behind ``"PCA64,"``/``"OPQ16,"``), faiss backend only. The index is built at the
+      first write. One that needs training (IVF, PQ) is trained on the stored keys once
+      ``39 * (largest number of centroids it learns)`` keys exist (``nlist`` for IVF, ``2**nbits``
+      for PQ; capped at ``capacity``; never if ``capacity`` is below the number of centroids);
+      until then search is exact. Each write only adds the new rows to the index; overwritten rows
+      are hidden by a liveness bitmap passed to faiss as an ``IDSelectorBitmap``. When the dead
+      rows outnumber the live ones the index is compacted (reset, keeping its training, and the
+      live keys re-added in slot order): the one place a rebuild happens, amortised O(1) per write.
+      Distances of the returned neighbours are always recomputed exactly from the stored keys.
+
+    Args:
+        capacity: Maximum number of entries (>= 1).
+        dim: Key width; fixed by the first :meth:`add` when None.
+        eviction: ``"fifo"`` or ``"reservoir"`` (see above).
+        index: ``"Flat"`` for exact search, or a ``faiss.index_factory`` string for an approximate
+            index (faiss backend only).
+        backend: ``"faiss"``, ``"torch"``, or ``"auto"``: faiss while the storage is on the CPU,
+            torch when it is on a GPU.
+        seed: Seed of the reservoir's random generator.
+        device: Where the key buffer lives (default CPU). A GPU needs ``backend`` ``"auto"`` or
+            ``"torch"`` and ``index="Flat"``.
+        index_params: faiss ``ParameterSpace`` settings applied to an approximate index whenever it
+            is (re)built, e.g. ``"nprobe=16"`` for IVF or ``"efSearch=64"`` for HNSW. Empty for
+            faiss' defaults.
+
+    Raises:
+        ValueError: An argument is out of range; the message names it, the value given and what
+            is allowed.
+
+    Example:
+        >>> import torch
+        >>> memory = EpisodicMemory(capacity=4, dim=2)
+        >>> memory.add(torch.tensor([[0.0, 0.0], [1.0, 0.0], [5.0, 5.0]]), torch.tensor([0, 1, 2]))
+        tensor([0, 1, 2])
+        >>> found = memory.search(torch.tensor([[0.9, 0.0]]), k=2)
+        >>> found.values.tolist(), [round(d, 4) for d in found.distances[0].tolist()]
+        ([[1, 0]], [0.01, 0.81])
+        >>> memory.add(torch.ones(2, 2), torch.tensor([3, 4]))  # fills slot 3, then wraps to slot 0
+        tensor([3, 0])
+    """
+
+    def __init__(
+        self,
+        capacity: int,
+        dim: int | None = None,
+        eviction: Eviction = "fifo",
+        index: str = EXACT_INDEX,
+        backend: Backend = "auto",
+        seed: int = 0,
+        device: torch.device | str | None = None,
+        index_params: str = "",
+    ) -> None:
+        if not _is_int(capacity) or capacity < 1:
+            raise ValueError(f"`capacity` must be an integer >= 1; got {capacity!r}.")
+        if dim is not None and (not _is_int(dim) or dim < 1):
+            raise ValueError(
+                f"`dim` must be None (fixed by the first write) or an integer >= 1; got {dim!r}."
+            )
+        if eviction not in _EVICTIONS:
+            raise ValueError(f"`eviction` must be one of {_EVICTIONS}; got {eviction!r}.")
+        if not isinstance(index, str) or not index.strip():
+            raise ValueError(
+                f"`index` must be {EXACT_INDEX!r} (exact) or a faiss index_factory string such as"
+                f" 'HNSW32' or 'IVF256,Flat'; got {index!r}."
+            )
+        if backend not in _BACKENDS:
+            raise ValueError(f"`backend` must be one of {_BACKENDS}; got {backend!r}.")
+        if not _is_int(seed):
+            raise ValueError(f"`seed` must be an integer; got {seed!r}.")
+        if not isinstance(index_params, str):
+            raise ValueError(
+                f"`index_params` must be a faiss ParameterSpace string such as 'nprobe=16'; got {index_params!r}."
+            )
+        try:
+            target = _resolve_device(device)
+        except (RuntimeError, TypeError) as exc:
+            raise ValueError(
+                f"`device` must be None or a torch device such as 'cpu' or 'cuda:0'; got {device!r} ({exc})."
+            ) from exc
+        exact = index == EXACT_INDEX
+        if not exact and backend == "torch":
+            raise ValueError(
+                f"`index`={index!r} is an approximate faiss index, which needs `backend`='faiss' or"
+                f" 'auto'; `backend`='torch' only supports `index`={EXACT_INDEX!r} (exact search)."
+            )
+        if index_params and exact:
+            raise ValueError(
+                f"`index_params`={index_params!r} only applies to an approximate index; `index` is"
+                f" {EXACT_INDEX!r} (exact search has no parameters)."
+            )
+        if target.type != "cpu" and (backend == "faiss" or not exact):
+            raise ValueError(
+                f"`device`={str(target)!r} needs the torch backend with `index`={EXACT_INDEX!r}; got"
+                f" `backend`={backend!r}, `index`={index!r}, which keep the storage on the CPU."
+            )
+        if not exact:
+            if dim is None:
+                _check_index_syntax(index, index_params)
+            else:
+                _LiveRowIndex(index, int(dim), index_params, int(capacity))  # validates eagerly
+
+        self._capacity = int(capacity)
+        self._eviction: Eviction = eviction
+        self._index_string = index
+        self._index_params = index_params
+        self._backend_arg: Backend = backend
+        self._seed = int(seed)
+        self._device = target
+        self._generator = torch.Generator().manual_seed(self._seed)
+        self._dim: int | None = None
+        self._keys: Tensor | None = None
+        self._values: Tensor | None = None
+        self._norms: Tensor | None = None
+        self._ann: _LiveRowIndex | None = None
+        self._size = 0
+        self._num_seen = 0
+        if dim is not None:
+            self._allocate(int(dim))
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def capacity(self) -> int:
+        """Maximum number of entries."""
+        return self._capacity
+
+    @property
+    def dim(self) -> int | None:
+        """Key width, or None until the first write fixes it."""
+        return self._dim
+
+    @property
+    def eviction(self) -> Eviction:
+        """``"fifo"`` or ``"reservoir"``."""
+        return self._eviction
+
+    @property
+    def index_string(self) -> str:
+        """The index string given at construction (``"Flat"`` for exact search)."""
+        return self._index_string
+
+    @property
+    def index_params(self) -> str:
+        """faiss ``ParameterSpace`` settings applied to an approximate index."""
+        return self._index_params
+
+    @property
+    def backend(self) -> Literal["faiss", "torch"]:
+        """The backend searches use now: ``"auto"`` resolves by the storage's device."""
+        if self._backend_arg == "torch" or (
+            self._backend_arg == "auto" and self._device.type != "cpu"
+        ):
+            return "torch"
+        return "faiss"
+
+    @property
+    def device(self) -> torch.device:
+        """Where the key buffer lives."""
+        return self._device
+
+    @property
+    def seed(self) -> int:
+        """Seed of the reservoir generator (used again by :meth:`clear`)."""
+        return self._seed
+
+    @property
+    def keys(self) -> Tensor:
+        """A view of the filled part of the key buffer, ``[len, D]`` float32, in slot order."""
+        if self._keys is None:
+            return torch.empty(0, 0, dtype=torch.float32, device=self._device)
+        return self._keys[: self._size]
+
+    @property
+    def values(self) -> Tensor:
+        """A view of the filled part of the label buffer, ``[len]`` int64, in slot order."""
+        if self._values is None:
+            return torch.empty(0, dtype=torch.int64, device=self._device)
+        return self._values[: self._size]
+
+    @property
+    def num_seen(self) -> int:
+        """How many rows were ever offered to :meth:`add` (kept or not) since the last clear."""
+        return self._num_seen
+
+    @property
+    def faiss_index(self) -> Any | None:
+        """The approximate faiss index, or None (exact search, or before the first write).
+
+        It holds rows in add order, not slots, and may hold overwritten rows; use it to read or
+        tune search settings, not to add or search directly.
+        """
+        return None if self._ann is None else self._ann.index
+
+    @property
+    def is_trained(self) -> bool:
+        """False while an approximate index waits for enough keys to train (search is exact)."""
+        return self._ann is None or self._ann.active
+
+    def __len__(self) -> int:
+        return self._size
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(capacity={self._capacity}, dim={self._dim}, len={self._size},"
+            f" eviction={self._eviction!r}, index={self._index_string!r}, backend={self.backend!r},"
+            f" device={str(self._device)!r})"
+        )
+
+    # ------------------------------------------------------------------ writing
+
+    def add(self, keys: Tensor, values: Tensor) -> Tensor:
+        """Writes ``N`` ``(key, label)`` pairs, evicting as configured.
+
+        Keys are detached and stored as float32; labels as int64 (integral float labels such as
+        ``3.0`` are accepted). Nothing changes when a check fails.
+
+        Args:
+            keys: ``[N, D]`` real-valued, finite.
+            values: ``[N]`` non-negative integer labels.
+
+        Returns:
+            ``[N]`` int64 (CPU): the slot each row now occupies, in row order, or ``-1`` for a row
+            that is not in the memory after the call (reservoir rows not drawn in, rows of a batch
+            larger than the capacity that were overwritten within the batch).
+
+        Raises:
+            ValueError: Bad shapes, non-finite keys, negative/non-integer/bool labels.
+        """
+        keys32, labels = self._check_add(keys, values)
+        n = keys32.shape[0]
+        if n == 0:
+            return torch.empty(0, dtype=torch.int64)
+        if self._dim is None:
+            self._allocate(keys32.shape[1])
+        assert self._keys is not None and self._values is not None and self._norms is not None
+
+        slot_of_row = self._assign_slots(n)
+        rows = np.flatnonzero(slot_of_row >= 0)
+        slots = slot_of_row[rows]
+        if rows.size and self._device.type == "cpu":
+            # numpy on the CPU: single-threaded memory copies, immune to OpenMP contention.
+            new_keys = keys32.cpu().numpy()
+            new_labels = labels.cpu().numpy()
+            if rows.size != n:
+                new_keys, new_labels = new_keys[rows], new_labels[rows]
+            _scatter_rows(self._keys.numpy(), slots, new_keys)
+            _scatter_rows(self._values.numpy(), slots, new_labels)
+            _scatter_rows(self._norms.numpy(), slots, _squared_norms_np(new_keys))
+        elif rows.size:
+            rows_t = torch.from_numpy(rows).to(keys32.device)
+            slots_t = torch.from_numpy(slots).to(self._device)
+            with torch.no_grad():
+                new = keys32.index_select(0, rows_t).to(self._device)
+                self._keys.index_copy_(0, slots_t, new)
+                kept_labels = labels.index_select(0, rows_t.to(labels.device))
+                self._values.index_copy_(0, slots_t, kept_labels.to(self._device))
+                self._norms.index_copy_(0, slots_t, new.square().sum(1))
+        self._num_seen += n
+        self._size = min(self._num_seen, self._capacity)
+        if self._ann is not None:
+            self._ann.update(self._keys_numpy(), slots)
+        return torch.from_numpy(slot_of_row)
+
+    def _assign_slots(self, n: int) -> Int64Array:
+        """Slot of each of ``n`` new rows (``-1``: not kept), with sequential semantics."""
+        cap, seen = self._capacity, self._num_seen
+        slot = np.full(n, -1, dtype=np.int64)
+        if self._eviction == "fifo":
+            first = max(0, n - cap)  # earlier rows of an oversized batch are overwritten within it
+            rows = np.arange(first, n, dtype=np.int64)
+            slot[first:] = (seen + rows) % cap
+            return slot
+        t = np.arange(seen, seen + n, dtype=np.int64)
+        filling = t < cap
+        slot[filling] = t[filling]
+        late = ~filling
+        m = int(late.sum())
+        if m:
+            u = torch.rand(m, dtype=torch.float64, generator=self._generator).numpy()
+            j = np.floor(u * (t[late] + 1).astype(np.float64)).astype(np.int64)
+            slot[late] = np.where(j < cap, j, -1)
+            # Two rows drawing the same slot: the later one wins (keep-last dedupe).
+            kept = np.flatnonzero(slot >= 0)
+            _, last_rev = np.unique(slot[kept][::-1], return_index=True)
+            winners = kept[::-1][last_rev]
+            deduped = np.full(n, -1, dtype=np.int64)
+            deduped[winners] = slot[winners]
+            slot = deduped
+        return slot
+
+    def clear(self) -> None:
+        """Empties the memory: ``len``, ``num_seen`` and the FIFO cursor go to 0, the reservoir
+        generator is re-seeded with ``seed`` and an approximate index goes back to untrained. A
+        fixed ``dim`` stays fixed; the buffers are reallocated, so their pages are released."""
+        self._generator = torch.Generator().manual_seed(self._seed)
+        self._size = 0
+        self._num_seen = 0
+        if self._dim is not None:
+            self._allocate(self._dim)
+
+    # ------------------------------------------------------------------ searching
+
+    def search(self, queries: Tensor, k: int) -> Neighbours:
+        """Finds the ``k`` nearest stored keys of each query by squared Euclidean distance.
+
+        Queries of any floating dtype are searched in float32; results come back on the queries'
+        device, keys in the queries' dtype. With fewer than ``k`` entries the extra columns are
+        masked; an empty memory returns all-masked results.
+
+        Args:
+            queries: ``[B, D]`` floating point, finite.
+            k: Number of neighbours (>= 1).
+
+        Returns:
+            A :class:`Neighbours`, sorted by ascending distance.
+
+        Raises:
+            ValueError: ``k < 1``, queries not ``[B, D]``, not floating point or not finite.
+        """
+        if not _is_int(k) or k < 1:
+            raise ValueError(f"`k` must be an integer >= 1; got {k!r}.")
+        k = int(k)
+        if not isinstance(queries, Tensor):
+            raise ValueError(f"`queries` must be a torch.Tensor; got {type(queries).__name__}.")
+        width = "D" if self._dim is None else str(self._dim)
+        if queries.ndim != 2 or (self._dim is not None and queries.shape[1] != self._dim):
+            raise ValueError(
+                f"`queries` must have shape [B, {width}] (the memory's key width); got shape"
+                f" {tuple(queries.shape)}."
+            )
+        if not queries.is_floating_point():
+            raise ValueError(f"`queries` must be floating point; got dtype {queries.dtype}.")
+        q32 = queries.detach().to(torch.float32).contiguous()
+        if not _all_finite(q32):
+            raise ValueError("`queries` must be finite; got NaN or infinite values.")
+
+        b = queries.shape[0]
+        if self._size == 0 or b == 0:
+            return _empty_neighbours(b, k, queries.shape[1], queries.dtype, queries.device)
+        kk = min(k, self._size)
+        if self.backend == "torch":
+            slots = self._torch_candidates(q32.to(self._device), kk)
+            if self._device.type != "cpu":
+                return self._gather(q32, slots, k, queries)
+            slots_np = slots.numpy()
+        elif self._ann is not None and self._ann.active:
+            slots_np = self._ann.search(q32.cpu().numpy(), kk)
+        else:
+            _, slots_np = faiss.knn(
+                q32.cpu().numpy(), self._keys_numpy(), kk, metric=faiss.METRIC_L2
+            )
+        return self._gather_cpu(q32.cpu().numpy(), slots_np, k, queries)
+
+    def _torch_candidates(self, q: Tensor, kk: int) -> Tensor:
+        """Exact top-``kk`` slots by ``|h|² - 2 q·h`` (the ``|q|²`` term ranks nothing), chunked."""
+        assert self._keys is not None and self._norms is not None
+        n, b = self._size, q.shape[0]
+        budget = _TORCH_BLOCK_ELEMENTS["cpu" if q.device.type == "cpu" else "other"]
+        chunk = max(kk, budget // max(b, 1))
+        best_d: Tensor | None = None
+        best_i: Tensor | None = None
+        for start in range(0, n, chunk):
+            stop = min(n, start + chunk)
+            d = torch.addmm(
+                self._norms[start:stop].unsqueeze(0), q, self._keys[start:stop].T, alpha=-2.0
+            )
+            d, i = d.topk(min(kk, stop - start), dim=1, largest=False, sorted=False)
+            i += start
+            if best_d is None or best_i is None:
+                best_d, best_i = d, i
+            else:
+                best_d, pick = torch.cat([best_d, d], 1).topk(
+                    kk, dim=1, largest=False, sorted=False
+                )
+                best_i = torch.cat([best_i, i], 1).gather(1, pick)
+        assert best_i is not None
+        return best_i
+
+    def _gather_cpu(
+        self, q: npt.NDArray[np.float32], slots: Int64Array, k: int, queries: Tensor
+    ) -> Neighbours:
+        """:meth:`_gather` for CPU storage, in numpy (single-threaded memory-bound work that
+        would otherwise start an OpenMP parallel region per step)."""
+        assert self._keys is not None and self._values is not None
+        b = slots.shape[0]
+        if slots.shape[1] < k:
+            slots = np.concatenate([slots, np.full((b, k - slots.shape[1]), -1, np.int64)], 1)
+        valid = slots >= 0
+        all_valid = bool(valid.all())
+        safe = slots if all_valid else np.where(valid, slots, 0)
+        nb_keys = np.take(self._keys.numpy(), safe.reshape(-1), axis=0).reshape(b, k, -1)
+        dist = _exact_squared_distances_np(q, nb_keys)
+        if not all_valid:
+            dist[~valid] = np.inf
+        order = np.argsort(dist, axis=1, kind="stable")
+        moved = np.flatnonzero((order != np.arange(k)).any(1))
+        if moved.size:
+            # Near-ties computed differently by the index can swap places: reorder those rows.
+            o = order[moved]
+            dist[moved] = np.take_along_axis(dist[moved], o, 1)
+            slots = slots.copy()
+            slots[moved] = np.take_along_axis(slots[moved], o, 1)
+            nb_keys[moved] = np.take_along_axis(nb_keys[moved], o[..., None], 1)
+            valid = slots >= 0
+            safe = np.where(valid, slots, 0)
+        values = np.take(self._values.numpy(), safe.reshape(-1)).reshape(b, k)
+        if not all_valid:
+            values[~valid] = 0
+            nb_keys[~valid] = 0.0
+        out = queries.device
+        return Neighbours(
+            keys=torch.from_numpy(nb_keys).to(device=out, dtype=queries.dtype),
+            values=torch.from_numpy(values).to(out),
+            distances=torch.from_numpy(dist).to(out),
+            mask=torch.from_numpy(valid).to(out),
+            indices=torch.from_numpy(slots).to(out),
+        )
+
+    def _gather(self, q32: Tensor, slots: Tensor, k: int, queries: Tensor) -> Neighbours:
+        """Neighbours from candidate slots (``-1`` = none): exact distances, sorted, padded to k."""
+        assert self._keys is not None and self._values is not None
+        dev = self._device
+        slots = slots.to(dev)
+        b = slots.shape[0]
+        if slots.shape[1] < k:
+            slots = torch.cat([slots, slots.new_full((b, k - slots.shape[1]), -1)], 1)
+        valid = slots >= 0
+        all_valid = bool(valid.all())
+        safe = slots if all_valid else slots.clamp_min(0)
+        nb_keys = self._keys.index_select(0, safe.reshape(-1)).view(b, k, -1)  # the returned keys
+        dist = _exact_squared_distances(q32.to(dev), nb_keys)
+        if not all_valid:
+            dist.masked_fill_(~valid, float("inf"))
+        dist, order = dist.sort(dim=1, stable=True)
+        moved = (order != torch.arange(k, device=dev)).any(1)
+        if bool(moved.any()):
+            # Near-ties computed differently by the index can swap places: reorder only those rows.
+            rows = moved.nonzero().squeeze(1)
+            slots[rows] = slots[rows].gather(1, order[rows])
+            valid = slots >= 0
+            safe = slots.clamp_min(0)
+            base = (rows * k).unsqueeze(1)
+            flat = nb_keys.view(b * k, -1)
+            flat[(base + torch.arange(k, device=dev)).reshape(-1)] = flat.index_select(
+                0, (base + order[rows]).reshape(-1)
+            )
+        values = self._values.index_select(0, safe.reshape(-1)).view(b, k)
+        if not all_valid:
+            values.masked_fill_(~valid, 0)
+            nb_keys.masked_fill_(~valid.unsqueeze(-1), 0.0)
+        out = queries.device
+        return Neighbours(
+            keys=nb_keys.to(device=out, dtype=queries.dtype),
+            values=values.to(out),
+            distances=dist.to(out),
+            mask=valid.to(out),
+            indices=slots.to(out),
+        )
+
+    # ------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """The memory as plain tensors, loadable with ``torch.load(..., weights_only=True)``.
+
+        Only the filled part is stored, as compact copies: ``keys`` ``[len, D]`` float32,
+        ``values`` ``[len]`` int64, int64 scalars ``capacity``, ``dim`` (``-1`` when not fixed),
+        ``cursor`` (the next FIFO slot) and ``num_seen``, and ``generator_state`` (uint8), so a
+        restored memory continues exactly as this one would. Approximate indexes are not stored;
+        :meth:`load_state_dict` rebuilds them from the keys.
+        """
+        d = -1 if self._dim is None else self._dim
+        return {
+            "keys": self.keys.clone() if self._keys is not None else torch.empty(0, 0),
+            "values": self.values.clone(),
+            "capacity": torch.tensor(self._capacity, dtype=torch.int64),
+            "dim": torch.tensor(d, dtype=torch.int64),
+            "cursor": torch.tensor(self._num_seen % self._capacity, dtype=torch.int64),
+            "num_seen": torch.tensor(self._num_seen, dtype=torch.int64),
+            "generator_state": self._generator.get_state(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Tensor]) -> None:
+        """Restores :meth:`state_dict` output; everything is checked before anything changes.
+
+        Raises:
+            ValueError: A missing/unexpected entry, a capacity or dim that differs from this
+                memory's, inconsistent shapes or counters, non-finite keys, negative labels or a
+                bad generator state. The memory is left as it was.
+        """
+        if not isinstance(state, Mapping):
+            raise ValueError(
+                f"`state` must be a mapping from {STATE_KEYS}; got {type(state).__name__}."
+            )
+        missing = [key for key in STATE_KEYS if key not in state]
+        unexpected = [key for key in state if key not in STATE_KEYS]
+        if missing or unexpected:
+            raise ValueError(
+                f"`state` must hold exactly {STATE_KEYS}; missing {missing}, unexpected {unexpected}."
+            )
+        for key in STATE_KEYS:
+            if not isinstance(state[key], Tensor):
+                raise ValueError(
+                    f"`state[{key!r}]` must be a tensor; got {type(state[key]).__name__}."
+                )
+        scalars = {}
+        for key in ("capacity", "dim", "cursor", "num_seen"):
+            t = state[key]
+            if t.numel() != 1 or t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+                raise ValueError(
+                    f"`state[{key!r}]` must be an integer scalar tensor; got dtype {t.dtype}, shape {tuple(t.shape)}."
+                )
+            scalars[key] = int(t.item())
+        capacity, dim, cursor, num_seen = (
+            scalars[k] for k in ("capacity", "dim", "cursor", "num_seen")
+        )
+        if capacity != self._capacity:
+            raise ValueError(
+                f"`state['capacity']`={capacity} differs from this memory's capacity={self._capacity};"
+                f" construct the memory with capacity={capacity} to load it."
+            )
+        if dim != -1 and dim < 1:
+            raise ValueError(f"`state['dim']` must be -1 (not fixed) or >= 1; got {dim}.")
+        if self._dim is not None and dim not in (-1, self._dim):
+            raise ValueError(
+                f"`state['dim']`={dim} differs from this memory's fixed dim={self._dim}."
+            )
+        if num_seen < 0:
+            raise ValueError(f"`state['num_seen']` must be >= 0; got {num_seen}.")
+        size = min(num_seen, capacity)
+        if cursor != num_seen % capacity:
+            raise ValueError(
+                f"`state['cursor']`={cursor} is inconsistent with num_seen={num_seen} and capacity={capacity}"
+                f" (expected {num_seen % capacity})."
+            )
+        keys, values = state["keys"], state["values"]
+        width = dim if dim != -1 else (self._dim if self._dim is not None else "D")
+        if (
+            keys.dtype != torch.float32
+            or keys.ndim != 2
+            or keys.shape[0] != size
+            or (dim != -1 and keys.shape[1] != dim)
+        ):
+            raise ValueError(
+                f"`state['keys']` must be float32 of shape [{size}, {width}] (len = min(num_seen, capacity));"
+                f" got {keys.dtype} of shape {tuple(keys.shape)}."
+            )
+        if dim == -1 and size > 0:
+            raise ValueError(f"`state['dim']` is -1 (not fixed) but the state holds {size} keys.")
+        if values.dtype != torch.int64 or values.shape != (size,):
+            raise ValueError(
+                f"`state['values']` must be int64 of shape [{size}]; got {values.dtype} of shape {tuple(values.shape)}."
+            )
+        if size and not _all_finite(keys):
+            raise ValueError("`state['keys']` must be finite; got NaN or infinite values.")
+        if size and bool((values < 0).any()):
+            raise ValueError("`state['values']` must be non-negative labels; got negative values.")
+        gen_state = state["generator_state"]
+        probe = torch.Generator()
+        try:
+            probe.set_state(gen_state.detach().cpu())
+        except (RuntimeError, TypeError) as exc:
+            raise ValueError(
+                f"`state['generator_state']` is not a CPU torch.Generator state: {exc}"
+            ) from exc
+        ann = None
+        if self._index_string != EXACT_INDEX and dim != -1:
+            ann = _LiveRowIndex(self._index_string, dim, self._index_params, self._capacity)
+
+        # Everything checked: commit. Fresh buffers release the pages of the old contents.
+        new_dim = dim if dim != -1 else self._dim
+        if new_dim is not None:
+            self._allocate(new_dim)
+        self._generator = probe
+        self._num_seen = num_seen
+        self._size = size
+        if size:
+            assert self._keys is not None and self._values is not None and self._norms is not None
+            with torch.no_grad():
+                self._keys[:size].copy_(keys)
+                self._values[:size].copy_(values)
+                if self._device.type == "cpu":
+                    self._norms.numpy()[:size] = _squared_norms_np(self._keys[:size].numpy())
+                else:
+                    self._norms[:size].copy_(self._keys[:size].square().sum(1))
+        if ann is not None:
+            self._ann = ann
+            ann.update(self._keys_numpy(), np.arange(size, dtype=np.int64))
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = {key: value.cpu() for key, value in self.state_dict().items()}
+        return {"config": self._config(), "state": state}
+
+    def __setstate__(self, payload: dict[str, Any]) -> None:
+        self.__init__(**payload["config"])  # type: ignore[misc]
+        self.load_state_dict(payload["state"])
+
+    def _config(self) -> dict[str, Any]:
+        return {
+            "capacity": self._capacity,
+            "dim": self._dim,
+            "eviction": self._eviction,
+            "index": self._index_string,
+            "backend": self._backend_arg,
+            "seed": self._seed,
+            "device": str(self._device),
+            "index_params": self._index_params,
+        }
+
+    def to(self, device: torch.device | str) -> EpisodicMemory:
+        """Moves the storage to ``device`` and returns ``self``.
+
+        Only the filled part is copied. With ``backend="faiss"`` or an approximate index the
+        storage stays on the CPU (this is then a no-op; searches still return results on the
+        queries' device). With ``backend="auto"`` a GPU switches searching to the torch backend.
+        """
+        target = _resolve_device(device)
+        if (
+            self._backend_arg == "faiss"
+            or self._index_string != EXACT_INDEX
+            or target == self._device
+        ):
+            return self
+        if self._keys is not None and self._values is not None and self._norms is not None:
+            n = self._size
+            keys = torch.empty_like(self._keys, device=target)
+            values = torch.empty_like(self._values, device=target)
+            norms = torch.empty_like(self._norms, device=target)
+            keys[:n].copy_(self._keys[:n])
+            values[:n].copy_(self._values[:n])
+            norms[:n].copy_(self._norms[:n])
+            self._keys, self._values, self._norms = keys, values, norms
+        self._device = target
+        return self
+
+    # ------------------------------------------------------------------ internals
+
+    def _allocate(self, dim: int) -> None:
+        """Fresh (untouched) buffers for ``dim`` and, for an approximate index, a fresh index.
+
+        The index is built first: an invalid index string raises before anything changes.
+        """
+        ann = None
+        if self._index_string != EXACT_INDEX:
+            ann = _LiveRowIndex(self._index_string, dim, self._index_params, self._capacity)
+        # Buffers are never inference tensors, even when the first write happens in inference mode.
+        with torch.inference_mode(False):
+            self._keys = torch.empty(self._capacity, dim, dtype=torch.float32, device=self._device)
+            self._values = torch.empty(self._capacity, dtype=torch.int64, device=self._device)
+            self._norms = torch.empty(self._capacity, dtype=torch.float32, device=self._device)
+        self._dim = dim
+        self._ann = ann
+
+    def _keys_numpy(self) -> npt.NDArray[np.float32]:
+        """Zero-copy numpy view of the filled keys (CPU storage only)."""
+        assert self._keys is not None
+        return self._keys[: self._size].numpy()
+
+    def _check_add(self, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
+        """Validated ``(keys as float32, labels as int64)``; raises before any mutation."""
+        if not isinstance(keys, Tensor):
+            raise ValueError(f"`keys` must be a torch.Tensor; got {type(keys).__name__}.")
+        if not isinstance(values, Tensor):
+            raise ValueError(f"`values` must be a torch.Tensor; got {type(values).__name__}.")
+        width = "D" if self._dim is None else str(self._dim)
+        if keys.ndim != 2 or (self._dim is not None and keys.shape[1] != self._dim):
+            raise ValueError(
+                f"`keys` must have shape [N, {width}] (the memory's key width); got shape {tuple(keys.shape)}."
+            )
+        if keys.shape[1] == 0:
+            raise ValueError(
+                f"`keys` must have at least one column; got shape {tuple(keys.shape)}."
+            )
+        if keys.dtype == torch.bool or keys.is_complex():
+            raise ValueError(f"`keys` must be real-valued; got dtype {keys.dtype}.")
+        if values.ndim != 1 or values.shape[0] != keys.shape[0]:
+            raise ValueError(
+                f"`values` must have shape [N] with N = {keys.shape[0]} (the number of keys); got shape"
+                f" {tuple(values.shape)}."
+            )
+        if values.dtype == torch.bool or values.is_complex():
+            raise ValueError(f"`values` must be integer labels; got dtype {values.dtype}.")
+        keys32 = keys.detach().to(torch.float32)
+        if not _all_finite(keys32):
+            raise ValueError("`keys` must be finite (as float32); got NaN or infinite values.")
+        labels = values.detach()
+        if labels.is_floating_point():
+            ok = torch.isfinite(labels) & (labels == labels.floor()) & (labels < 2.0**63)
+            if not bool(ok.all()):
+                bad = labels[~ok][:3].tolist()
+                raise ValueError(
+                    f"`values` must be integer labels; got non-integral values such as {bad}."
+                )
+        if bool((labels < 0).any()):
+            bad = labels[labels < 0][:3].tolist()
+            raise ValueError(f"`values` must be non-negative labels; got {bad}.")
+        return keys32, labels.to(torch.int64)
+
+
+class _LiveRowIndex:
+    """An approximate faiss index over *rows* (add order) with a liveness bitmap for overwrites.
+
+    faiss indexes like HNSW cannot delete, so an overwritten slot's old row stays in the index and
+    is hidden at search time by an ``IDSelectorBitmap`` over live rows. ``row_to_slot`` and
+    ``slot_to_row`` translate between the index's row ids and memory slots. Compaction (reset,
+    keeping the training, and re-add live keys in slot order) runs when dead rows outnumber live
+    ones.
+    """
+
+    def __init__(self, factory: str, dim: int, params: str, capacity: int) -> None:
+        try:
+            index = faiss.index_factory(dim, factory)
+        except RuntimeError as exc:
+            raise ValueError(
+                f"`index`={factory!r} is not a valid faiss index_factory string for dim={dim}: {exc}"
+            ) from exc
+        _search_params(index, None, factory)  # raises ValueError for index kinds that cannot filter
+        if params:
+            try:
+                faiss.ParameterSpace().set_index_parameters(index, params)
+            except RuntimeError as exc:
+                raise ValueError(
+                    f"`index_params`={params!r} cannot be applied to `index`={factory!r}: {exc}"
+                ) from exc
+        self.index = index
+        self.capacity = capacity
+        self.train_at = _train_threshold(index, capacity)
+        self.active = bool(index.is_trained)
+        self.slot_to_row = np.full(capacity, -1, dtype=np.int64)
+        self.row_to_slot = np.empty(0, dtype=np.int64)
+        self.live = np.zeros(0, dtype=bool)
+        self.rows = 0
+        self.dead = 0
+        self._bitmap: npt.NDArray[np.uint8] | None = None
+
+    def update(self, keys: npt.NDArray[np.float32], slots: Int64Array) -> None:
+        """Reflects a write of ``slots`` (unique) given all filled keys ``keys`` (slot order)."""
+        size = keys.shape[0]
+        if not self.active:
+            if self.train_at is not None and size >= self.train_at:
+                self.index.train(keys)
+                self.active = True
+                self.compact(keys)
+            return
+        if slots.size == 0:
+            return
+        old = self.slot_to_row[slots]
+        old = old[old >= 0]
+        self.live[old] = False
+        self.dead += old.size
+        new_rows = np.arange(self.rows, self.rows + slots.size, dtype=np.int64)
+        self._reserve(self.rows + slots.size)
+        self.index.add(np.ascontiguousarray(keys[slots]))
+        self.row_to_slot[new_rows] = slots
+        self.slot_to_row[slots] = new_rows
+        self.live[new_rows] = True
+        self.rows += slots.size
+        self._bitmap = None
+        if self.dead > self.rows - self.dead:
+            self.compact(keys)
+
+    def compact(self, keys: npt.NDArray[np.float32]) -> None:
+        """The one rebuild: reset the index (training kept) and add the live keys in slot order."""
+        size = keys.shape[0]
+        self.index.reset()
+        if size:
+            self.index.add(keys)
+        self._reserve(size)
+        self.row_to_slot[:size] = np.arange(size)
+        self.slot_to_row[:] = -1
+        self.slot_to_row[:size] = np.arange(size)
+        self.live[:] = False
+        self.live[:size] = True
+        self.rows = size
+        self.dead = 0
+        self._bitmap = None
+
+    def search(self, queries: npt.NDArray[np.float32], k: int) -> Int64Array:
+        """Slots ``[B, k]`` of the approximate nearest live rows (``-1`` where fewer were found)."""
+        if self._bitmap is None:
+            self._bitmap = np.packbits(self.live[: self.rows], bitorder="little")
+        bitmap = self._bitmap
+        selector = faiss.IDSelectorBitmap(bitmap.size, faiss.swig_ptr(bitmap))
+        params, keep_alive = _search_params(self.index, selector, "")
+        _, rows = self.index.search(queries, k, params=params)
+        del keep_alive
+        found = rows >= 0
+        slots = np.full(rows.shape, -1, dtype=np.int64)
+        slots[found] = self.row_to_slot[rows[found]]
+        return slots
+
+    def _reserve(self, n: int) -> None:
+        if n <= self.row_to_slot.size:
+            return
+        grown = max(n, 2 * self.row_to_slot.size, 1024)
+        row_to_slot = np.full(grown, -1, dtype=np.int64)
+        row_to_slot[: self.rows] = self.row_to_slot[: self.rows]
+        live = np.zeros(grown, dtype=bool)
+        live[: self.rows] = self.live[: self.rows]
+        self.row_to_slot, self.live = row_to_slot, live
+
+
+def _search_params(index: Any, selector: Any, factory: str) -> tuple[Any, Any]:
+    """faiss search parameters carrying ``selector`` and the index's own search settings.
+
+    A params object overrides the index's settings, so ``nprobe``/``efSearch``/... are copied from
+    it. Returns ``(params, objects to keep alive during the search)``.
+    """
+    index = faiss.downcast_index(index)
+    if isinstance(index, faiss.IndexPreTransform):
+        inner, keep = _search_params(index.index, selector, factory)
+        params = faiss.SearchParametersPreTransform()
+        params.index_params = inner
+        return params, (inner, keep, selector)
+    if isinstance(index, faiss.IndexIVF):
+        params = faiss.SearchParametersIVF(nprobe=index.nprobe, max_codes=index.max_codes)
+    elif isinstance(index, faiss.IndexHNSW):
+        params = faiss.SearchParametersHNSW(
+            efSearch=index.hnsw.efSearch,
+            check_relative_distance=index.hnsw.check_relative_distance,
+            bounded_queue=index.hnsw.search_bounded_queue,
+        )
+    elif isinstance(index, faiss.IndexPQ):
+        params = faiss.SearchParametersPQ(
+            search_type=index.search_type, polysemous_ht=index.polysemous_ht
+        )
+    elif isinstance(index, (faiss.IndexScalarQuantizer, faiss.IndexFlat)):
+        params = faiss.SearchParameters()
+    else:
+        raise ValueError(
+            f"`index`={factory!r} builds a faiss {type(index).__name__}, which cannot skip overwritten"
+            " entries; use 'Flat' (exact) or an HNSW, IVF, PQ or SQ index string (optionally behind a"
+            " PCA/OPQ transform)."
+        )
+    if selector is not None:
+        params.sel = selector
+    return params, selector
+
+
+def _train_threshold(index: Any, capacity: int) -> int | None:
+    """Keys needed before training (0: no training needed; None: never, search stays exact)."""
+    if index.is_trained:
+        return 0
+    centroids = max(_centroids(index), 1)
+    if capacity < centroids:
+        return None
+    return min(TRAIN_POINTS_PER_CENTROID * centroids, capacity)
+
+
+def _centroids(index: Any) -> int:
+    """Largest number of centroids any component of ``index`` learns (0 if none)."""
+    index = faiss.downcast_index(index)
+    best = 0
+    if isinstance(index, faiss.IndexPreTransform):
+        for i in range(index.chain.size()):
+            transform = faiss.downcast_VectorTransform(index.chain.at(i))
+            if isinstance(transform, faiss.OPQMatrix):
+                best = max(best, 1 << 8)
+        best = max(best, _centroids(index.index))
+    if isinstance(index, faiss.IndexIVF):
+        best = max(best, int(index.nlist))
+    if isinstance(index, faiss.IndexHNSW):
+        best = max(best, _centroids(index.storage))
+    pq = getattr(index, "pq", None)
+    if pq is not None:
+        best = max(best, int(pq.ksub))
+    return best
+
+
+def _check_index_syntax(factory: str, params: str) -> None:
+    """Rejects an index string faiss cannot parse, before the key width is known."""
+    try:
+        index = faiss.index_factory(_PROBE_DIM, factory)
+    except RuntimeError as exc:
+        if "could not parse" in str(exc):
+            raise ValueError(
+                f"`index`={factory!r} is not a valid faiss index_factory string: {exc}"
+            ) from exc
+        return  # may depend on the dimension: checked again at the first write
+    _search_params(index, None, factory)
+    if params:
+        try:
+            faiss.ParameterSpace().set_index_parameters(index, params)
+        except RuntimeError as exc:
+            raise ValueError(
+                f"`index_params`={params!r} cannot be applied to `index`={factory!r}: {exc}"
+            ) from exc
+
+
+def _empty_neighbours(
+    b: int, k: int, d: int, dtype: torch.dtype, device: torch.device
+) -> Neighbours:
+    return Neighbours(
+        keys=torch.zeros(b, k, d, dtype=dtype, device=device),
+        values=torch.zeros(b, k, dtype=torch.int64, device=device),
+        distances=torch.full((b, k), float("inf"), dtype=torch.float32, device=device),
+        mask=torch.zeros(b, k, dtype=torch.bool, device=device),
+        indices=torch.full((b, k), -1, dtype=torch.int64, device=device),
+    )
+
+
+def _exact_squared_distances(queries: Tensor, keys: Tensor) -> Tensor:
+    """``||q_b - h_bj||²`` for ``queries`` [B, D] and ``keys`` [B, K, D] (GPU path), as a difference:
+    exact for duplicates, unlike ``|q|² + |h|² - 2 q·h``."""
+    return (keys - queries.unsqueeze(1)).square_().sum(-1)
+
+
+def _exact_squared_distances_np(
+    queries: npt.NDArray[np.float32], keys: npt.NDArray[np.float32]
+) -> npt.NDArray[np.float32]:
+    """:func:`_exact_squared_distances` in numpy, in blocks of about 1 MiB so the temporary stays
+    in cache and is reused from the heap instead of page-faulted in on every search."""
+    b, k, d = keys.shape
+    out = np.empty((b, k), dtype=np.float32)
+    step = max(1, (1 << 18) // max(k * d, 1))
+    for start in range(0, b, step):
+        stop = min(b, start + step)
+        diff = keys[start:stop] - queries[start:stop, None, :]
+        np.einsum("bkd,bkd->bk", diff, diff, out=out[start:stop])
+    return out
+
+
+def _squared_norms_np(keys: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    return np.einsum("nd,nd->n", keys, keys)
+
+
+def _scatter_rows(buffer: np.ndarray, slots: Int64Array, rows: np.ndarray) -> None:
+    """``buffer[slots] = rows``, as slice copies when ``slots`` form a few contiguous runs (FIFO)."""
+    breaks = np.flatnonzero(np.diff(slots) != 1) + 1
+    if breaks.size > 8:
+        buffer[slots] = rows
+        return
+    for lo, hi in zip(np.r_[0, breaks], np.r_[breaks, slots.size], strict=True):
+        buffer[slots[lo] : slots[lo] + (hi - lo)] = rows[lo:hi]
+
+
+def _all_finite(x: Tensor) -> bool:
+    """Whether a float tensor holds no NaN/inf (numpy on the CPU: no OpenMP region)."""
+    if x.device.type == "cpu":
+        return bool(np.isfinite(x.numpy()).all())
+    return bool(torch.isfinite(x).all())
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _resolve_device(device: torch.device | str | None) -> torch.device:
+    target = torch.device("cpu") if device is None else torch.device(device)
+    if target.type == "cuda" and target.index is None and torch.cuda.is_available():
+        target = torch.device("cuda", torch.cuda.current_device())
+    return target
