@@ -115,6 +115,13 @@ class EpisodicMemory:
       live keys re-added in slot order): the one place a rebuild happens, amortised O(1) per write.
       Distances of the returned neighbours are always recomputed exactly from the stored keys.
 
+    Threads: nothing here changes a thread setting. On the CPU the memory-bound steps (writes,
+    gathering the neighbours' keys) run single-threaded in numpy; only the distance computation
+    (faiss or the torch matmul) is parallel. Importing this module loads torch before faiss, so
+    faiss shares torch's OpenMP runtime and follows ``torch.set_num_threads``. On a machine whose
+    cores are busy with other work, OpenMP's spin-waiting can make a 2-thread search several times
+    slower than a 1-thread one; ``OMP_WAIT_POLICY=passive`` or fewer threads avoid that.
+
     Args:
         capacity: Maximum number of entries (>= 1).
         dim: Key width; fixed by the first :meth:`add` when None.
