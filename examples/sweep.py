@@ -1,0 +1,389 @@
+"""Sweep MbPA's hyper-parameters on the VALIDATION split of each stream (never the test split).
+
+For each stream the model is trained once, task after task, exactly as
+``examples/continual.py`` does with the stream's YAML. Then, from those final weights, the
+validation images of every task are classified with many MbPA settings (the callback's
+``k``, ``adaptation_steps``, ``adaptation_lr``, ``beta`` are plain attributes, changed between
+``trainer.predict`` runs). The score is the final average accuracy over all tasks (every
+task's validation split has the same size, so this is the pooled accuracy).
+
+    python examples/sweep.py                       # all three streams, ~10 minutes on 2 cores
+    python examples/sweep.py --streams permuted
+
+Tables printed:
+
+1. neighbour diagnostics: for the validation images of each task, the fraction of their K
+   nearest memories that were written while training that task, that carry the image's label,
+   and the accuracy of a weighted K-NN vote; also after re-encoding the memory with the final
+   weights (an oracle: it needs the old training images, which a continual learner no longer
+   has), which shows what key drift costs;
+2. ``adaptation_steps`` x ``adaptation_lr`` x ``beta`` at k=32;
+3. ``k`` at each stream's best setting;
+4. memory levers at the best setting: FIFO capacity, reservoir capacity and ``write_fraction``
+   (the memory's content is rebuilt from what the full run wrote: a FIFO of capacity C holds
+   the last C writes; a reservoir or a write fraction holds a uniform random subset), and the
+   oracle re-encoded memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the `examples` package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import ConcatDataset, DataLoader
+
+from examples.continual import build, find_mbpa, fit_task
+from examples.datamodules import MNISTTaskStream
+from lightning_mbpa import MbPA
+
+STREAMS = ("permuted", "class_incremental", "imbalanced")
+PIXEL_KEYS = ["--trainer.callbacks.init_args.head", "net"]
+
+
+@dataclass(frozen=True)
+class Grid:
+    """The values tried; ``smoke`` is a seconds-long run that keeps the script working."""
+
+    steps: tuple[int, ...] = (1, 5, 20)
+    lrs: tuple[float, ...] = (0.0003, 0.001, 0.003, 0.01, 0.1, 1.0)
+    betas: tuple[float, ...] = (0.0, 0.01, 0.1)
+    ks: tuple[int, ...] = (4, 8, 16, 32, 64, 128)
+    fractions: tuple[float, ...] = (0.5, 0.1, 0.02)
+    pixel_steps: tuple[int, ...] = (1, 5, 20)
+    pixel_lrs: tuple[float, ...] = (0.01, 0.1, 0.5)
+    pixel_betas: tuple[float, ...] = (0.0, 0.1)
+    pixel_ks: tuple[int, ...] = (8, 16, 64)
+
+
+GRIDS = {
+    "full": Grid(),
+    "smoke": Grid((5,), (0.01,), (0.0,), (8,), (0.5,), (5,), (0.1,), (0.0,), (8,)),
+}
+
+
+@dataclass
+class Stream:
+    """A stream trained to its last task, with what the sweep needs to evaluate it."""
+
+    name: str
+    trainer: pl.Trainer
+    model: pl.LightningModule
+    data: MNISTTaskStream
+    mbpa: MbPA
+    keys: Tensor  # everything the run wrote, in write order
+    values: Tensor
+    write_task: np.ndarray  # the task during which each entry was written
+    val_x: Tensor
+    val_y: Tensor
+    val_task: np.ndarray
+
+
+def train(stream: str, extra: list[str]) -> Stream:
+    cli = build(
+        [
+            "--config",
+            f"examples/configs/{stream}.yaml",
+            "--trainer.enable_progress_bar",
+            "false",
+            *extra,
+        ]
+    )
+    trainer, model, data = cli.trainer, cli.model, cli.datamodule
+    mbpa = find_mbpa(trainer)
+    epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else 1
+    boundaries = []
+    for t in range(data.num_tasks):
+        fit_task(trainer, model, data, t, epochs)
+        boundaries.append(mbpa.memory.num_seen)
+    if mbpa.memory.num_seen > len(mbpa.memory):
+        raise SystemExit(
+            f"{stream}: raise memory_size for the sweep; the full run must fit in memory."
+        )
+    write_task = np.searchsorted(np.asarray(boundaries), np.arange(len(mbpa.memory)), side="right")
+    val = [data.tasks[t].val for t in range(data.num_tasks)]
+    val_x = torch.cat([v.tensors[0] for v in val])
+    val_y = torch.cat([v.tensors[1] for v in val])
+    val_task = np.concatenate([np.full(len(v), t) for t, v in enumerate(val)])
+    return Stream(
+        stream,
+        trainer,
+        model,
+        data,
+        mbpa,
+        mbpa.memory.keys.clone(),
+        mbpa.memory.values.clone(),
+        write_task,
+        val_x,
+        val_y,
+        val_task,
+    )
+
+
+def set_memory(s: Stream, keys: Tensor, values: Tensor) -> None:
+    s.mbpa.memory.clear()
+    s.mbpa.memory.add(keys, values)
+
+
+def predict(s: Stream, **settings: float) -> np.ndarray:
+    """Predicted classes of every validation image under ``settings`` (0 steps: the base model)."""
+    for name, value in settings.items():
+        setattr(s.mbpa, name, value)
+    loader = DataLoader(
+        ConcatDataset([task.val for task in s.data.tasks]), batch_size=s.data.eval_batch_size
+    )
+    batches = s.trainer.predict(s.model, dataloaders=loader)
+    return torch.cat(batches).numpy()
+
+
+def per_task(s: Stream, predictions: np.ndarray) -> np.ndarray:
+    correct = predictions == s.val_y.numpy()
+    return np.array([correct[s.val_task == t].mean() for t in range(s.data.num_tasks)])
+
+
+@torch.no_grad()
+def embed(s: Stream, x: Tensor) -> Tensor:
+    """Head inputs (the memory keys) of ``x`` with the model's current weights."""
+    captured: list[Tensor] = []
+    head = s.model.get_submodule(s.mbpa.head_name or "")
+    handle = head.register_forward_pre_hook(lambda module, args: captured.append(args[0]))
+    s.model.eval()
+    try:
+        s.model(x)
+    finally:
+        handle.remove()
+    return captured[0].reshape(len(x), -1)
+
+
+def repeat_per_epoch(s: Stream, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor, np.ndarray]:
+    """One entry per training image per epoch, task after task, like the run's own writes."""
+    epochs = s.trainer.fit_loop.max_epochs // s.data.num_tasks
+    sizes = [len(task.train) for task in s.data.tasks]
+    parts_k, parts_v, parts_t = [], [], []
+    for t, (k, v) in enumerate(zip(keys.split(sizes), values.split(sizes), strict=True)):
+        parts_k += [k] * epochs
+        parts_v += [v] * epochs
+        parts_t.append(np.full(len(v) * epochs, t))
+    return torch.cat(parts_k), torch.cat(parts_v), np.concatenate(parts_t)
+
+
+def training_images(s: Stream) -> tuple[Tensor, Tensor]:
+    train = [task.train.tensors for task in s.data.tasks]
+    return torch.cat([x for x, _ in train]), torch.cat([y for _, y in train])
+
+
+def reencoded(s: Stream) -> tuple[Tensor, Tensor, np.ndarray]:
+    """Every training image encoded with the FINAL weights (an oracle: it needs the old images)."""
+    x, y = training_images(s)
+    return repeat_per_epoch(s, embed(s, x), y)
+
+
+def neighbour_table(
+    s: Stream, memories: dict[str, tuple[Tensor, Tensor, np.ndarray, Tensor]], k: int
+) -> list[str]:
+    """Where the K nearest memories of each task's validation images come from."""
+    lines = [f"{'memory':<26} {'task':>8} {'from task':>10} {'same label':>11} {'K-NN acc':>9}"]
+    for label, (keys, values, write_task, queries) in memories.items():
+        set_memory(s, keys, values)
+        found = s.mbpa.memory.search(queries, k)
+        same_task = write_task[found.indices.numpy()] == s.val_task[:, None]
+        same_label = (found.values == s.val_y[:, None]).numpy()
+        weights = 1.0 / (s.mbpa.kernel_eps + found.distances)
+        votes = torch.zeros(len(queries), 10).scatter_add_(1, found.values, weights)
+        knn_correct = (votes.argmax(1) == s.val_y).numpy()
+        for t, task in enumerate(s.data.tasks):
+            rows = s.val_task == t
+            lines.append(
+                f"{label:<26} {task.name:>8} {same_task[rows].mean():>10.2f} "
+                f"{same_label[rows].mean():>11.2f} {knn_correct[rows].mean():>9.3f}"
+            )
+    set_memory(s, s.keys, s.values)
+    return lines
+
+
+def fmt_acc(acc: np.ndarray) -> str:
+    return " ".join(f"{100 * a:5.1f}" for a in acc)
+
+
+def row(label: str, acc: np.ndarray, base: np.ndarray) -> str:
+    return f"{label:<28} {100 * acc.mean():>7.1f} {100 * (acc.mean() - base.mean()):>+6.1f} | {fmt_acc(acc)}"
+
+
+Setting = tuple[int, float, float]
+
+
+def grid_search(
+    s: Stream,
+    base: np.ndarray,
+    steps: tuple[int, ...],
+    lrs: tuple[float, ...],
+    betas: tuple[float, ...],
+    log: list[str],
+) -> dict[Setting, float]:
+    """Average validation accuracy of every (steps, lr, beta) at k=32."""
+    log.append(f"{'steps  lr      beta':<28} {'average':>7} {'gain':>6} | per task")
+    scores = {}
+    for setting in itertools.product(steps, lrs, betas):
+        n, lr, beta = setting
+        acc = per_task(s, predict(s, k=32, adaptation_steps=n, adaptation_lr=lr, beta=beta))
+        scores[setting] = acc.mean()
+        log.append(row(f"{n:<6} {lr:<7g} {beta:<5g}", acc, base))
+    best = max(scores, key=scores.__getitem__)
+    log.append(
+        f"best: steps={best[0]}, lr={best[1]:g}, beta={best[2]:g}: {100 * scores[best]:.1f} ({100 * (scores[best] - base.mean()):+.1f})"
+    )
+    return scores
+
+
+def k_search(
+    s: Stream, setting: Setting, ks: tuple[int, ...], base: np.ndarray, log: list[str]
+) -> int:
+    n, lr, beta = setting
+    log.append(f"k at steps={n}, lr={lr:g}, beta={beta:g}:")
+    scores = {}
+    for k in sorted({*ks, 32}):
+        acc = per_task(s, predict(s, k=k, adaptation_steps=n, adaptation_lr=lr, beta=beta))
+        scores[k] = acc.mean()
+        log.append(row(f"k={k}", acc, base))
+    s.mbpa.k = best = max(scores, key=scores.__getitem__)
+    return best
+
+
+def sweep_stream(s: Stream, pixels: Stream, grid: Grid, log: list[str]) -> dict[str, object]:
+    names = " ".join(task.name for task in s.data.tasks)
+    base = per_task(s, predict(s, adaptation_steps=0))
+    log.append(f"\n##### {s.name}: validation accuracy (%) after the last task; tasks {names}")
+    log.append(
+        f"memory: {len(s.keys)} entries (each training image once per epoch); hidden keys: width "
+        f"{s.keys.shape[1]}, mean norm {s.keys.norm(dim=1).mean():.1f}"
+    )
+    log.append(row("base model (no MbPA)", base, base))
+
+    x_val = s.val_x
+    oracle = reencoded(s)
+    memories = {
+        "hidden keys, as written": (s.keys, s.values, s.write_task, embed(s, x_val)),
+        "hidden keys, re-encoded*": (*oracle, embed(s, x_val)),
+        "pixel keys (head=net)": (
+            pixels.keys,
+            pixels.values,
+            pixels.write_task,
+            embed(pixels, x_val),
+        ),
+    }
+    log.append(
+        "\nneighbour diagnostics, k=32 (* oracle: re-encodes old training images with the final weights)"
+    )
+    log.extend(neighbour_table(s, memories, 32))
+
+    log.append("\n[hidden keys, as written] steps x lr x beta, k=32")
+    hidden = grid_search(s, base, grid.steps, grid.lrs, grid.betas, log)
+    best = max(hidden, key=hidden.__getitem__)
+    best_k = k_search(s, best, grid.ks, base, log)
+
+    log.append(f"memory levers at k={best_k}, steps={best[0]}, lr={best[1]:g}, beta={best[2]:g}:")
+    n = len(s.keys)
+    generator = torch.Generator().manual_seed(0)
+    for fraction in grid.fractions:
+        size = max(1, int(fraction * n))
+        keep_res = torch.randperm(n, generator=generator)[:size].sort().values
+        keep_wf = (torch.rand(n, generator=generator) < fraction).nonzero().squeeze(1)
+        for label, keep in (
+            (f"fifo memory_size={size}", torch.arange(n - size, n)),
+            (f"reservoir memory_size={size}", keep_res),
+            (f"write_fraction={fraction}", keep_wf),
+        ):
+            set_memory(s, s.keys[keep], s.values[keep])
+            log.append(row(label, per_task(s, predict(s)), base))
+    set_memory(s, s.keys, s.values)
+
+    log.append("\n[hidden keys, re-encoded* oracle] steps x lr x beta, k=32")
+    set_memory(s, oracle[0], oracle[1])
+    fresh = grid_search(s, base, grid.steps, grid.lrs, grid.betas, log)
+    set_memory(s, s.keys, s.values)
+
+    log.append("\n[pixel keys: head=net, the whole MLP adapts] steps x lr x beta, k=32")
+    pixel = grid_search(pixels, base, grid.pixel_steps, grid.pixel_lrs, grid.pixel_betas, log)
+    best_pixel = max(pixel, key=pixel.__getitem__)
+    pixel_k = k_search(pixels, best_pixel, grid.pixel_ks, base, log)
+    return {
+        "base": base.mean(),
+        "hidden": hidden,
+        "k": best_k,
+        "fresh": fresh,
+        "pixel": pixel,
+        "pixel_k": pixel_k,
+    }
+
+
+def summarise(results: dict[str, dict[str, object]]) -> list[str]:
+    lines = ["\n##### summary: best on validation per stream (average accuracy %, gain over base)"]
+    lines.append(
+        f"{'stream':<18} {'base':>5}  {'hidden keys':<30} {'hidden re-encoded*':<30} {'pixel keys':<30}"
+    )
+    for stream, r in results.items():
+        cells = []
+        for name in ("hidden", "fresh", "pixel"):
+            scores = r[name]
+            (n, lr, beta) = best = max(scores, key=scores.__getitem__)
+            cells.append(
+                f"{100 * scores[best]:5.1f} ({100 * (scores[best] - r['base']):+5.1f}) T={n} lr={lr:g} b={beta:g}"
+            )
+        lines.append(
+            f"{stream:<18} {100 * r['base']:5.1f}  " + "  ".join(f"{c:<30}" for c in cells)
+        )
+    for name, title in (
+        ("hidden", "hidden keys, as written"),
+        ("fresh", "hidden keys, re-encoded*"),
+    ):
+        common = set.intersection(*(set(r[name]) for r in results.values()))
+        mean_gain = {
+            setting: float(np.mean([r[name][setting] - r["base"] for r in results.values()]))
+            for setting in common
+        }
+        top = sorted(mean_gain, key=mean_gain.__getitem__, reverse=True)[:3]
+        lines.append(
+            f"mean gain over streams, {title}: "
+            + "; ".join(
+                f"T={n} lr={lr:g} beta={b:g}: {100 * mean_gain[(n, lr, b)]:+.1f}"
+                for n, lr, b in top
+            )
+        )
+    return lines
+
+
+def main(argv: list[str] | None = None) -> dict[str, dict[str, object]]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--streams", nargs="+", default=list(STREAMS), choices=STREAMS)
+    parser.add_argument("--grid", default="full", choices=sorted(GRIDS))
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "overrides", nargs="*", help="LightningCLI arguments for every stream, after --"
+    )
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    results = {}
+    for stream in args.streams:
+        log: list[str] = []
+        hidden = train(stream, args.overrides)
+        pixels = train(stream, [*args.overrides, *PIXEL_KEYS])
+        results[stream] = sweep_stream(hidden, pixels, GRIDS[args.grid], log)
+        print("\n".join(log), flush=True)
+    print("\n".join(summarise(results)))
+    print(f"sweep wall time {time.perf_counter() - start:.0f} s")
+    return results
+
+
+if __name__ == "__main__":
+    main()

