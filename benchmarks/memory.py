@@ -139,6 +139,7 @@ def warm_up(d: int, k: int) -> None:
 
 
 RSS_WORKER = r"""
+import ctypes
 import sys
 sys.path[:0] = [sys.argv[4]]
 from memory import chunks, fill, rss_bytes
@@ -148,9 +149,12 @@ warm = EpisodicMemory(batch, d)  # load every code path before the baseline
 fill(warm, batch, d, batch)
 warm.search(next(chunks(8, d, 8))[0], 4)
 del warm
+trim = ctypes.CDLL("libc.so.6").malloc_trim  # hand freed batch temporaries back before reading RSS
+trim(0)
 before = rss_bytes()
 memory = EpisodicMemory(n, d)
 fill(memory, n, d, batch)
+trim(0)
 print(rss_bytes() - before)
 """
 
