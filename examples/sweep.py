@@ -1,28 +1,37 @@
 """Sweep MbPA's hyper-parameters on the VALIDATION split of each stream (never the test split).
 
-For each stream the model is trained once, task after task, exactly as
-``examples/continual.py`` does with the stream's YAML. Then, from those final weights, the
-validation images of every task are classified with many MbPA settings (the callback's
-``k``, ``adaptation_steps``, ``adaptation_lr``, ``beta`` are plain attributes, changed between
-``trainer.predict`` runs). The score is the final average accuracy over all tasks (every
-task's validation split has the same size, so this is the pooled accuracy).
+For each stream the model is trained once per key choice, task after task, exactly as
+``examples/continual.py`` does with the stream's YAML (the two trainings give the same weights:
+the callback does not touch training). Then, from the final weights, the validation images of
+every task are classified under many MbPA settings (``k``, ``adaptation_steps``,
+``adaptation_lr`` and ``beta`` are plain attributes of the callback, changed between
+``trainer.predict`` runs). The score is the final average accuracy over all tasks (the tasks'
+validation splits have equal sizes, so this is the pooled accuracy).
+
+Two key choices (the memory key is the input of the module named by ``head``):
+
+* hidden keys, ``head: net.classifier``: the last hidden layer, the input of the linear head;
+* pixel keys, ``head: net``: the whole MLP is the "head", so the key is the image itself and
+  the whole MLP is adapted per query (``torch.func`` path, slower).
 
     python examples/sweep.py                       # all three streams, ~10 minutes on 2 cores
     python examples/sweep.py --streams permuted
 
-Tables printed:
+Tables printed per stream:
 
-1. neighbour diagnostics: for the validation images of each task, the fraction of their K
-   nearest memories that were written while training that task, that carry the image's label,
-   and the accuracy of a weighted K-NN vote; also after re-encoding the memory with the final
-   weights (an oracle: it needs the old training images, which a continual learner no longer
-   has), which shows what key drift costs;
-2. ``adaptation_steps`` x ``adaptation_lr`` x ``beta`` at k=32;
-3. ``k`` at each stream's best setting;
-4. memory levers at the best setting: FIFO capacity, reservoir capacity and ``write_fraction``
-   (the memory's content is rebuilt from what the full run wrote: a FIFO of capacity C holds
-   the last C writes; a reservoir or a write fraction holds a uniform random subset), and the
-   oracle re-encoded memory.
+1. neighbour diagnostics: for each task's validation images, the fraction of their K nearest
+   memories written while training that task, the fraction carrying the image's label, and
+   the accuracy of the weighted K-NN vote alone; for hidden keys as written, hidden keys
+   re-encoded with the final weights (an oracle: it needs the old training images, which a
+   continual learner no longer has; it shows what key drift costs) and pixel keys;
+2. hidden keys: ``adaptation_steps`` x ``adaptation_lr`` x ``beta`` at k=32, then ``k``, then
+   memory levers at the best setting: FIFO capacity, reservoir capacity and ``write_fraction``
+   (the memory is rebuilt from what the full run wrote: a FIFO of capacity C holds the last C
+   writes; a reservoir or a write fraction a uniform random subset);
+3. the same grid on the re-encoded (oracle) memory;
+4. pixel keys: a smaller grid (each query adapts the whole MLP), then ``k``;
+
+and a summary: each stream's best, and the settings with the best mean gain over streams.
 """
 
 from __future__ import annotations
@@ -48,6 +57,7 @@ from examples.datamodules import MNISTTaskStream
 from lightning_mbpa import MbPA
 
 STREAMS = ("permuted", "class_incremental", "imbalanced")
+HIDDEN_KEYS = ["--trainer.callbacks.init_args.head", "net.classifier"]
 PIXEL_KEYS = ["--trainer.callbacks.init_args.head", "net"]
 
 
@@ -60,8 +70,8 @@ class Grid:
     betas: tuple[float, ...] = (0.0, 0.01, 0.1)
     ks: tuple[int, ...] = (4, 8, 16, 32, 64, 128)
     fractions: tuple[float, ...] = (0.5, 0.1, 0.02)
-    pixel_steps: tuple[int, ...] = (1, 5, 20)
-    pixel_lrs: tuple[float, ...] = (0.01, 0.1, 0.5)
+    pixel_steps: tuple[int, ...] = (1, 5, 10)
+    pixel_lrs: tuple[float, ...] = (0.01, 0.03, 0.1)
     pixel_betas: tuple[float, ...] = (0.0, 0.1)
     pixel_ks: tuple[int, ...] = (8, 16, 64)
 
@@ -189,11 +199,17 @@ def reencoded(s: Stream) -> tuple[Tensor, Tensor, np.ndarray]:
 
 
 def neighbour_table(
-    s: Stream, memories: dict[str, tuple[Tensor, Tensor, np.ndarray, Tensor]], k: int
+    memories: dict[str, tuple[Stream, Tensor, Tensor, np.ndarray]], k: int
 ) -> list[str]:
-    """Where the K nearest memories of each task's validation images come from."""
+    """Where the K nearest memories of each task's validation images come from.
+
+    ``memories`` maps a label to ``(stream, keys, values, write_task)``: the keys are searched
+    in that stream's own callback memory (its head fixes the key width), with the stream's own
+    head inputs of the validation images as queries.
+    """
     lines = [f"{'memory':<26} {'task':>8} {'from task':>10} {'same label':>11} {'K-NN acc':>9}"]
-    for label, (keys, values, write_task, queries) in memories.items():
+    for label, (s, keys, values, write_task) in memories.items():
+        queries = embed(s, s.val_x)
         set_memory(s, keys, values)
         found = s.mbpa.memory.search(queries, k)
         same_task = write_task[found.indices.numpy()] == s.val_task[:, None]
@@ -207,7 +223,7 @@ def neighbour_table(
                 f"{label:<26} {task.name:>8} {same_task[rows].mean():>10.2f} "
                 f"{same_label[rows].mean():>11.2f} {knn_correct[rows].mean():>9.3f}"
             )
-    set_memory(s, s.keys, s.values)
+        set_memory(s, s.keys, s.values)
     return lines
 
 
@@ -269,22 +285,16 @@ def sweep_stream(s: Stream, pixels: Stream, grid: Grid, log: list[str]) -> dict[
     )
     log.append(row("base model (no MbPA)", base, base))
 
-    x_val = s.val_x
     oracle = reencoded(s)
     memories = {
-        "hidden keys, as written": (s.keys, s.values, s.write_task, embed(s, x_val)),
-        "hidden keys, re-encoded*": (*oracle, embed(s, x_val)),
-        "pixel keys (head=net)": (
-            pixels.keys,
-            pixels.values,
-            pixels.write_task,
-            embed(pixels, x_val),
-        ),
+        "hidden keys, as written": (s, s.keys, s.values, s.write_task),
+        "hidden keys, re-encoded*": (s, *oracle),
+        "pixel keys (head=net)": (pixels, pixels.keys, pixels.values, pixels.write_task),
     }
     log.append(
         "\nneighbour diagnostics, k=32 (* oracle: re-encodes old training images with the final weights)"
     )
-    log.extend(neighbour_table(s, memories, 32))
+    log.extend(neighbour_table(memories, 32))
 
     log.append("\n[hidden keys, as written] steps x lr x beta, k=32")
     hidden = grid_search(s, base, grid.steps, grid.lrs, grid.betas, log)
@@ -376,7 +386,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, object]]:
     results = {}
     for stream in args.streams:
         log: list[str] = []
-        hidden = train(stream, args.overrides)
+        hidden = train(stream, [*args.overrides, *HIDDEN_KEYS])
         pixels = train(stream, [*args.overrides, *PIXEL_KEYS])
         results[stream] = sweep_stream(hidden, pixels, GRIDS[args.grid], log)
         print("\n".join(log), flush=True)

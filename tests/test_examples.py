@@ -57,11 +57,11 @@ def test_stream_runs_and_reports_base_and_mbpa_accuracy(
     assert "Without MbPA" in report and "With MbPA" in report
 
 
-@pytest.mark.xfail(reason="known bug, open in issue 5: two identical seeded runs give different accuracy matrices; not yet diagnosed", strict=False)
 def test_runs_are_reproducible(tmp_path: Path) -> None:
     args = ["--config", str(CONFIGS / "class_incremental.yaml"), *TINY, "--out_dir", str(tmp_path)]
     first, second = continual.run(args), continual.run(args)
-    assert first["base"] == second["base"] and first["adapted"] == second["adapted"]
+    for key in ("base", "adapted"):  # NaN (untested cells) compares equal here, unlike list ==
+        np.testing.assert_array_equal(first[key], second[key])
 
 
 def test_quickstart_fit_then_test_through_lightning_cli(tmp_path: Path) -> None:
@@ -101,8 +101,7 @@ def test_classifier_knows_nothing_of_mbpa() -> None:
     assert "MbPA" not in names
 
 
-@pytest.mark.xfail(reason="known bug, open in issue 5: the sweep reuses a memory written from another head (key width 256 vs 784)", strict=False)
 def test_sweep_smoke(capsys: pytest.CaptureFixture[str]) -> None:
     sweep.main(["--streams", "class_incremental", "--grid", "smoke", "--", *TINY])
     out = capsys.readouterr().out
-    assert "best settings on validation" in out and "class_incremental" in out
+    assert "summary: best on validation" in out and "class_incremental" in out
