@@ -50,8 +50,13 @@ class MLP(pl.LightningModule):
 
 def _trainer(device: str, callbacks: list) -> pl.Trainer:
     return pl.Trainer(
-        accelerator="gpu" if device == "cuda" else "cpu", devices=1, max_epochs=1, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        accelerator="gpu" if device == "cuda" else "cpu",
+        devices=1,
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
         callbacks=callbacks,
     )
 
@@ -80,10 +85,20 @@ def test_time(n: int, args: argparse.Namespace) -> None:
     labels = torch.randint(0, classes, (args.queries,), generator=g)
     keys = torch.relu(torch.randn(n, dim, generator=g))
     values = torch.randint(0, classes, (n,), generator=g)
-    cb = MbPA(head="head", memory_size=n, k=k, adaptation_steps=5, adaptation_lr=0.1, beta=0.01, index=args.index)
+    cb = MbPA(
+        head="head",
+        memory_size=n,
+        k=k,
+        adaptation_steps=5,
+        adaptation_lr=0.1,
+        beta=0.01,
+        index=args.index,
+    )
     cb.memory.to(device)
     for start in range(0, n, 65536):
-        cb.memory.add(keys[start : start + 65536].to(device), values[start : start + 65536].to(device))
+        cb.memory.add(
+            keys[start : start + 65536].to(device), values[start : start + 65536].to(device)
+        )
     loader = DataLoader(TensorDataset(queries_x, labels), batch_size=args.batch)
     model = model.to(device)
     with torch.no_grad():
@@ -180,7 +195,9 @@ def training(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--sizes", type=int, nargs="+", default=[100_000])
     parser.add_argument("--index", default="Flat")
@@ -190,12 +207,16 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--train", type=int, default=20_000)
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=None, help="torch and faiss threads (default: all cores)")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch and faiss threads (default: all cores)"
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
         faiss.omp_set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, faiss {faiss.__version__}, device {args.device}, torch threads {torch.get_num_threads()}")
+    print(
+        f"torch {torch.__version__}, faiss {faiss.__version__}, device {args.device}, torch threads {torch.get_num_threads()}"
+    )
     pl.seed_everything(0, verbose=False)
     training(args)  # first: faiss' OpenMP threads, once started, slow torch's down on few cores
     for n in args.sizes:

@@ -78,7 +78,9 @@ def describe(batch: Any, depth: int = 0) -> str:
         return type(batch).__name__
     named = _named(batch)
     if named is not None:
-        inner = ", ".join(f"{name!r}: {describe(value, depth + 1)}" for name, value in named.items())
+        inner = ", ".join(
+            f"{name!r}: {describe(value, depth + 1)}" for name, value in named.items()
+        )
         return f"{type(batch).__name__}({inner})"
     if isinstance(batch, (tuple, list)):
         inner = ", ".join(describe(value, depth + 1) for value in batch[:8])

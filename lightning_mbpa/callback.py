@@ -112,22 +112,57 @@ class MbPA(Callback):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        _check(head is None or (isinstance(head, str) and head != ""), "head", head, "a non-empty dotted module name or None")
+        _check(
+            head is None or (isinstance(head, str) and head != ""),
+            "head",
+            head,
+            "a non-empty dotted module name or None",
+        )
         _check(_is_int(memory_size) and memory_size >= 1, "memory_size", memory_size, "an int >= 1")
         _check(_is_int(k) and k >= 1, "k", k, "an int >= 1")
-        _check(_is_int(adaptation_steps) and adaptation_steps >= 0, "adaptation_steps", adaptation_steps, "an int >= 0")
-        _check(_is_real(adaptation_lr) and adaptation_lr >= 0, "adaptation_lr", adaptation_lr, "a finite float >= 0")
+        _check(
+            _is_int(adaptation_steps) and adaptation_steps >= 0,
+            "adaptation_steps",
+            adaptation_steps,
+            "an int >= 0",
+        )
+        _check(
+            _is_real(adaptation_lr) and adaptation_lr >= 0,
+            "adaptation_lr",
+            adaptation_lr,
+            "a finite float >= 0",
+        )
         _check(_is_real(beta) and 0 <= beta <= 1, "beta", beta, "a float in [0, 1]")
-        _check(_is_real(kernel_eps) and kernel_eps > 0, "kernel_eps", kernel_eps, "a finite float > 0")
-        _check(label_key is None or isinstance(label_key, (str, int)) and not isinstance(label_key, bool), "label_key", label_key, "a str, an int or None")
+        _check(
+            _is_real(kernel_eps) and kernel_eps > 0, "kernel_eps", kernel_eps, "a finite float > 0"
+        )
+        _check(
+            label_key is None
+            or (isinstance(label_key, (str, int)) and not isinstance(label_key, bool)),
+            "label_key",
+            label_key,
+            "a str, an int or None",
+        )
         _check(eviction in ("fifo", "reservoir"), "eviction", eviction, "'fifo' or 'reservoir'")
-        _check(isinstance(index, str) and index.strip() != "", "index", index, "a faiss index_factory string such as 'Flat' or 'HNSW32'")
-        _check(_is_real(write_fraction) and 0 < write_fraction <= 1, "write_fraction", write_fraction, "a float in (0, 1]")
+        _check(
+            isinstance(index, str) and index.strip() != "",
+            "index",
+            index,
+            "a faiss index_factory string such as 'Flat' or 'HNSW32'",
+        )
+        _check(
+            _is_real(write_fraction) and 0 < write_fraction <= 1,
+            "write_fraction",
+            write_fraction,
+            "a float in (0, 1]",
+        )
         if isinstance(adapt_on, str):
             adapt_on = (adapt_on,)
         _check(
             isinstance(adapt_on, Iterable) and all(stage in _STAGES for stage in adapt_on),
-            "adapt_on", adapt_on, f"a list of stages from {list(_STAGES)}",
+            "adapt_on",
+            adapt_on,
+            f"a list of stages from {list(_STAGES)}",
         )
         _check(isinstance(online_writes, bool), "online_writes", online_writes, "a bool")
         _check(isinstance(save_memory, bool), "save_memory", save_memory, "a bool")
@@ -181,14 +216,29 @@ class MbPA(Callback):
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         for transient in (
-            "_module_ref", "_strategy", "_head_module", "_capture_handles", "_adapt_handle", "_captured",
-            "_adapted_calls", "_slot_outputs", "_base_acc", "_adapted_acc", "_warnings",
+            "_module_ref",
+            "_strategy",
+            "_head_module",
+            "_capture_handles",
+            "_adapt_handle",
+            "_captured",
+            "_adapted_calls",
+            "_slot_outputs",
+            "_base_acc",
+            "_adapted_acc",
+            "_warnings",
         ):
             state.pop(transient, None)
         # bytes, not tensors: torch's multiprocessing pickler (ddp_spawn) would share tensors
         # through file descriptors, which fails for empty ones
         buffer = io.BytesIO()
-        torch.save({"memory": self.memory.state_dict(), "write_generator": self._write_generator.get_state()}, buffer)
+        torch.save(
+            {
+                "memory": self.memory.state_dict(),
+                "write_generator": self._write_generator.get_state(),
+            },
+            buffer,
+        )
         state["memory"] = buffer.getvalue()
         state["_write_generator"] = None
         return state
@@ -196,7 +246,9 @@ class MbPA(Callback):
     def __setstate__(self, state: dict[str, Any]) -> None:
         saved = torch.load(io.BytesIO(state["memory"]), weights_only=True)
         self.__dict__.update(state)
-        self.memory = EpisodicMemory(capacity=self.memory_size, eviction=self.eviction, index=self.index, seed=self.seed)
+        self.memory = EpisodicMemory(
+            capacity=self.memory_size, eviction=self.eviction, index=self.index, seed=self.seed
+        )
         self.memory.load_state_dict(saved["memory"])
         self._write_generator = torch.Generator()
         self._write_generator.set_state(saved["write_generator"])
@@ -237,7 +289,9 @@ class MbPA(Callback):
         try:
             return as_label_tensor(labels)
         except ValueError as err:
-            raise ValueError(f"MbPA: the batch's labels under {name!r} are unusable: {err}") from err
+            raise ValueError(
+                f"MbPA: the batch's labels under {name!r} are unusable: {err}"
+            ) from err
 
     def extract_inputs(self, batch: Any) -> Any:
         """What the module's ``forward`` takes from a batch (used by :meth:`populate`).
@@ -310,7 +364,9 @@ class MbPA(Callback):
         self._remove_capture_hooks()
         self._remove_adapt_hook()
 
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
         self._remove_capture_hooks()
         self._remove_adapt_hook()
 
@@ -322,11 +378,20 @@ class MbPA(Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._remove_capture_hooks()
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         self._captured.clear()
         self._capturing = True
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
         self._capturing = False
         try:
             self._finish_discovery(pl_module)
@@ -359,7 +424,14 @@ class MbPA(Callback):
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._stop_adapting()
 
-    def on_validation_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+    def on_validation_batch_start(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
         self._adapted_calls.clear()
         self._captured.clear()
         if self._adapting_stage is not None and self._head_module is None and len(self.memory) > 0:
@@ -369,7 +441,15 @@ class MbPA(Callback):
     on_test_batch_start = on_validation_batch_start
     on_predict_batch_start = on_validation_batch_start
 
-    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+    def on_validation_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
         if self._adapting_stage == "validate":
             self._update_metrics(batch)
 
@@ -381,7 +461,15 @@ class MbPA(Callback):
         if self._adapting_stage == "test":
             self._log_epoch(pl_module)
 
-    def on_test_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+    def on_test_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
         self._capturing = False
         try:
             labels = self._update_metrics(batch) if self._adapting_stage == "test" else None
@@ -391,7 +479,15 @@ class MbPA(Callback):
             self._adapted_calls.clear()
             self._captured.clear()
 
-    def on_predict_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+    def on_predict_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
         self._adapted_calls.clear()
 
     # ------------------------------------------------------------------ checkpointing
@@ -428,7 +524,9 @@ class MbPA(Callback):
         try:
             self.memory.load_state_dict(memory_state)
         except ValueError as err:
-            raise MisconfigurationException(f"MbPA: cannot restore the memory from the checkpoint: {err}") from err
+            raise MisconfigurationException(
+                f"MbPA: cannot restore the memory from the checkpoint: {err}"
+            ) from err
         if saved_head is not None:
             self._head_name = saved_head
         generator_state = state_dict.get("write_generator")
@@ -480,7 +578,9 @@ class MbPA(Callback):
             candidates = [self._head_module]
             self._discovering = False
         else:
-            candidates = [sub for name, sub in module.named_modules() if isinstance(sub, nn.Linear) and name]
+            candidates = [
+                sub for name, sub in module.named_modules() if isinstance(sub, nn.Linear) and name
+            ]
             self._discovering = True
         for candidate in candidates:
             self._capture_handles.append(candidate.register_forward_pre_hook(self._capture_hook))
@@ -506,7 +606,9 @@ class MbPA(Callback):
         self._remove_capture_hooks()
         self._install_capture_hooks(pl_module)
         self._check_memory_width(self.memory.dim)
-        rank_zero_info(f"MbPA: using `{name}` (the last nn.Linear in the forward pass) as the head.")
+        rank_zero_info(
+            f"MbPA: using `{name}` (the last nn.Linear in the forward pass) as the head."
+        )
 
     def _discover_head_with_forward(self, pl_module: nn.Module, batch: Any) -> None:
         """A memory exists (e.g. loaded by hand) but the head was never seen: one dry forward."""
@@ -575,7 +677,9 @@ class MbPA(Callback):
             keys, values = self._gather(keys, values)
         if self.write_fraction < 1.0 and keys.shape[0] > 0:
             # after the gather, so every rank makes the same choice from the same generator
-            chosen = torch.rand(keys.shape[0], generator=self._write_generator) < self.write_fraction
+            chosen = (
+                torch.rand(keys.shape[0], generator=self._write_generator) < self.write_fraction
+            )
             chosen = chosen.to(keys.device)
             keys, values = keys[chosen], values[chosen]
         if keys.shape[0] == 0:
@@ -625,7 +729,9 @@ class MbPA(Callback):
             self.memory.to(device)
 
     # ------------------------------------------------------------------ internals: adapt
-    def _start_adapting(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+    def _start_adapting(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str
+    ) -> None:
         self._move_memory(pl_module)
         if len(self.memory) == 0:
             self._auto_populate(trainer, pl_module)
@@ -686,7 +792,11 @@ class MbPA(Callback):
                 return None
             with torch.autocast(keys.device.type, enabled=False):
                 weight = head.weight.detach().to(device=keys.device, dtype=torch.float32)
-                bias = None if head.bias is None else head.bias.detach().to(device=keys.device, dtype=torch.float32)
+                bias = (
+                    None
+                    if head.bias is None
+                    else head.bias.detach().to(device=keys.device, dtype=torch.float32)
+                )
                 self._slot_outputs = torch.nn.functional.linear(keys, weight, bias)
         safe = indices.clamp_min(0).to(self._slot_outputs.device)
         return self._slot_outputs[safe].to(indices.device)
@@ -760,18 +870,26 @@ class MbPA(Callback):
         if self._adapt_seconds > 0:
             pl_module.log("mbpa/queries_per_s", self._queries / self._adapt_seconds, sync_dist=True)
         if self._base_acc is not None and self._adapted_acc is not None:
-            pl_module.log("mbpa/base_acc", self._base_acc.compute(), sync_dist=True)  # equal on all ranks
+            pl_module.log(
+                "mbpa/base_acc", self._base_acc.compute(), sync_dist=True
+            )  # equal on all ranks
             pl_module.log("mbpa/adapted_acc", self._adapted_acc.compute(), sync_dist=True)
             self._base_acc.reset()
             self._adapted_acc.reset()
 
     @staticmethod
-    def _make_metrics(num_classes: int, device: torch.device) -> tuple[torchmetrics.Metric, torchmetrics.Metric]:
+    def _make_metrics(
+        num_classes: int, device: torch.device
+    ) -> tuple[torchmetrics.Metric, torchmetrics.Metric]:
         if num_classes == 1:
-            make = lambda: torchmetrics.classification.BinaryAccuracy()  # noqa: E731
-        else:
-            make = lambda: torchmetrics.classification.MulticlassAccuracy(num_classes=num_classes, average="micro")  # noqa: E731
-        return make().to(device), make().to(device)
+            return (
+                torchmetrics.classification.BinaryAccuracy().to(device),
+                torchmetrics.classification.BinaryAccuracy().to(device),
+            )
+        return (
+            torchmetrics.classification.MulticlassAccuracy(num_classes, average="micro").to(device),
+            torchmetrics.classification.MulticlassAccuracy(num_classes, average="micro").to(device),
+        )
 
     @staticmethod
     def _predictions(logits: Tensor) -> Tensor:
@@ -785,7 +903,12 @@ def _is_int(value: Any) -> bool:
 
 
 def _is_real(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value and abs(value) != float("inf")
+    return (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and value == value
+        and abs(value) != float("inf")
+    )
 
 
 def _check(ok: bool, name: str, value: Any, allowed: str) -> None:

@@ -16,7 +16,9 @@ from torch import Tensor, nn
 
 def brute_force(keys: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Indices and squared L2 distances of the ``k`` nearest keys, ascending."""
-    d = ((queries[:, None, :].astype(np.float64) - keys[None, :, :].astype(np.float64)) ** 2).sum(-1)
+    d = ((queries[:, None, :].astype(np.float64) - keys[None, :, :].astype(np.float64)) ** 2).sum(
+        -1
+    )
     order = np.argsort(d, axis=1, kind="stable")[:, :k]
     return order, np.take_along_axis(d, order, axis=1)
 
@@ -41,7 +43,9 @@ def adapt_one(
             opt.zero_grad()
             logits = local(keys)
             if logits.shape[-1] == 1:
-                losses = F.binary_cross_entropy_with_logits(logits[:, 0], labels.to(logits.dtype), reduction="none")
+                losses = F.binary_cross_entropy_with_logits(
+                    logits[:, 0], labels.to(logits.dtype), reduction="none"
+                )
             else:
                 losses = F.cross_entropy(logits, labels, reduction="none")
             (weights * losses).sum().backward()

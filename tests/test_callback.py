@@ -60,8 +60,14 @@ def reference_logits(model: TinyClassifier, cb: MbPA, xt: torch.Tensor) -> torch
         nb = torch.from_numpy(idx[i])
         out.append(
             adapt_one(
-                model.head, queries[i], torch.from_numpy(keys)[nb], values[nb], weights[i],
-                cb.adaptation_steps, cb.adaptation_lr, cb.beta,
+                model.head,
+                queries[i],
+                torch.from_numpy(keys)[nb],
+                values[nb],
+                weights[i],
+                cb.adaptation_steps,
+                cb.adaptation_lr,
+                cb.beta,
             )
         )
     return torch.stack(out)
@@ -229,7 +235,9 @@ def test_labels_found_in_dict_namedtuple_and_dataclass_batches(kind):
         from tests.helpers import Record
 
         def collate(items):
-            return Record(torch.stack([i.inputs for i in items]), torch.stack([i.Target for i in items]))
+            return Record(
+                torch.stack([i.inputs for i in items]), torch.stack([i.Target for i in items])
+            )
 
     dl = DataLoader(RecordDataset(x, y, kind), batch_size=16, collate_fn=collate)
     model = Model()
@@ -267,7 +275,9 @@ def test_missing_labels_fail_on_the_first_batch_showing_the_batch():
             return self(batch["pixels"]).pow(2).mean()
 
     dl = DataLoader([{"pixels": row} for row in x], batch_size=8)
-    with pytest.raises(MisconfigurationException, match=r"cannot find labels.*'pixels': Tensor\(shape=\(8, 8\)"):
+    with pytest.raises(
+        MisconfigurationException, match=r"cannot find labels.*'pixels': Tensor\(shape=\(8, 8\)"
+    ):
         trainer(callbacks=[MbPA(k=4, **ADAPT)]).fit(Unsupervised(), dl)
 
 
@@ -277,7 +287,9 @@ class SequenceTagger(TinyClassifier):
     def training_step(self, batch, batch_idx):
         x, y = batch
         logits = self(x)
-        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-100)
+        return torch.nn.functional.cross_entropy(
+            logits.flatten(0, 1), y.flatten(), ignore_index=-100
+        )
 
     def predict_step(self, batch, batch_idx):
         return self(batch[0])
@@ -317,7 +329,9 @@ def test_checkpoint_round_trip_restores_the_memory(tmp_path, data):
 
     fresh_model, fresh_cb = TinyClassifier(), MbPA(k=8, **ADAPT)
     expected = trainer(callbacks=[cb]).test(model, loader(xt, yt), verbose=False)[0]
-    got = trainer(callbacks=[fresh_cb]).test(fresh_model, loader(xt, yt), ckpt_path=path, verbose=False)[0]
+    got = trainer(callbacks=[fresh_cb]).test(
+        fresh_model, loader(xt, yt), ckpt_path=path, verbose=False
+    )[0]
     got.pop("mbpa/queries_per_s"), expected.pop("mbpa/queries_per_s")  # timing
     assert got == pytest.approx(expected)
     assert fresh_cb.head_name == "head"
@@ -345,13 +359,19 @@ def test_fit_crash_resume_continues_the_memory(tmp_path, data):
     crashing = MbPA(k=8, memory_size=150, **ADAPT)
     ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)  # end of every epoch
     with pytest.raises(_Boom):
-        trainer(callbacks=[crashing, ckpt, CrashOnce(at_step=8)], max_epochs=3, enable_checkpointing=True).fit(TinyClassifier(), dl)
+        trainer(
+            callbacks=[crashing, ckpt, CrashOnce(at_step=8)],
+            max_epochs=3,
+            enable_checkpointing=True,
+        ).fit(TinyClassifier(), dl)
     assert crashing.memory.num_seen == 8 * 16  # wrote until the crash
 
     resumed = MbPA(k=8, memory_size=150, **ADAPT)
-    trainer(callbacks=[resumed, ModelCheckpoint(dirpath=tmp_path)], max_epochs=3, enable_checkpointing=True).fit(
-        TinyClassifier(), dl, ckpt_path=tmp_path / "last.ckpt"
-    )
+    trainer(
+        callbacks=[resumed, ModelCheckpoint(dirpath=tmp_path)],
+        max_epochs=3,
+        enable_checkpointing=True,
+    ).fit(TinyClassifier(), dl, ckpt_path=tmp_path / "last.ckpt")
     assert resumed.memory.num_seen == straight.memory.num_seen == 3 * 96
     for key, value in straight.memory.state_dict().items():
         assert torch.equal(value, resumed.memory.state_dict()[key]), key
@@ -411,7 +431,9 @@ def test_empty_memory_falls_back_to_base_predictions_with_a_warning(data):
     _, _, xt, yt = data
     model = TinyClassifier()
     with pytest.warns(UserWarning, match="memory is empty"):
-        preds = torch.cat(trainer(callbacks=[MbPA(head="head", **ADAPT)]).predict(model, loader(xt, yt)))
+        preds = torch.cat(
+            trainer(callbacks=[MbPA(head="head", **ADAPT)]).predict(model, loader(xt, yt))
+        )
     with torch.no_grad():
         assert torch.equal(preds, model(xt))
 
@@ -439,14 +461,18 @@ def test_head_by_name_and_wrong_name_lists_linear_modules(data):
     cb = MbPA(head="encoder.0", k=4, **ADAPT)
     trainer(callbacks=[cb]).fit(TinyClassifier(), loader(x, y))
     assert cb.memory.dim == 8  # the input of encoder.0
-    with pytest.raises(MisconfigurationException, match=r"no submodule 'decoder'.*\['head', 'encoder.0'\]"):
+    with pytest.raises(
+        MisconfigurationException, match=r"no submodule 'decoder'.*\['head', 'encoder.0'\]"
+    ):
         trainer(callbacks=[MbPA(head="decoder", **ADAPT)]).fit(TinyClassifier(), loader(x, y))
 
 
 def test_two_mbpa_callbacks_are_refused(data):
     x, y, _, _ = data
     with pytest.raises(MisconfigurationException, match="only one MbPA callback"):
-        trainer(callbacks=[MbPA(head="head", **ADAPT), MbPA(**ADAPT)]).fit(TinyClassifier(), loader(x, y))
+        trainer(callbacks=[MbPA(head="head", **ADAPT), MbPA(**ADAPT)]).fit(
+            TinyClassifier(), loader(x, y)
+        )
     # identical configurations share a checkpoint key: Lightning refuses them at Trainer()
     with pytest.raises(RuntimeError, match="more than one stateful callback of type `MbPA`"):
         trainer(callbacks=[MbPA(**ADAPT), MbPA(**ADAPT)])
@@ -456,17 +482,18 @@ def test_weights_only_checkpoint_warns_that_memory_is_dropped(tmp_path, data):
     x, y, _, _ = data
     ckpt = ModelCheckpoint(dirpath=tmp_path, save_weights_only=True)
     with pytest.warns(UserWarning, match="save_weights_only=True"):
-        trainer(callbacks=[MbPA(k=4, **ADAPT), ckpt], enable_checkpointing=True).fit(TinyClassifier(), loader(x, y))
+        trainer(callbacks=[MbPA(k=4, **ADAPT), ckpt], enable_checkpointing=True).fit(
+            TinyClassifier(), loader(x, y)
+        )
 
 
 def test_checkpoint_with_a_different_head_width_is_refused_and_nothing_loaded(tmp_path, data):
-    x, y, xt, yt = data
-    model, cb = fitted(data)
+    _, cb = fitted(data)
     state = {"memory": cb.memory.state_dict(), "head": "head"}
     other = TinyClassifier(hidden=32)
     fresh = MbPA(k=8, **ADAPT)
     fresh.setup(trainer(callbacks=[fresh]), other, "test")
-    with pytest.raises(MisconfigurationException, match="width 16 .* width 32"):
+    with pytest.raises(MisconfigurationException, match=r"width 16 .* width 32"):
         fresh.load_state_dict(state)
     assert len(fresh.memory) == 0
 

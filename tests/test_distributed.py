@@ -29,11 +29,21 @@ class DumpMemory(Callback):
 
     def on_fit_end(self, trainer, pl_module):
         mbpa = next(cb for cb in trainer.callbacks if isinstance(cb, MbPA))
-        torch.save(mbpa.memory.state_dict(), os.path.join(self.directory, f"{self.tag}-rank{trainer.global_rank}.pt"))
+        torch.save(
+            mbpa.memory.state_dict(),
+            os.path.join(self.directory, f"{self.tag}-rank{trainer.global_rank}.pt"),
+        )
 
 
 def _worker(rank: int, world: int, port: int, directory: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), NODE_RANK="0", LOCAL_RANK=str(rank), RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        WORLD_SIZE=str(world),
+        NODE_RANK="0",
+        LOCAL_RANK=str(rank),
+        RANK=str(rank),
+    )
     torch.set_num_threads(1)
     x, y = blobs(90)  # 45 per rank: batches of 16, 16, 13 (an uneven last batch)
     xt, yt = blobs(40, seed=1)
@@ -42,17 +52,23 @@ def _worker(rank: int, world: int, port: int, directory: str) -> None:
 
     torch.manual_seed(0)
     ckpt = ModelCheckpoint(dirpath=directory, save_last=True)
-    trainer(callbacks=[MbPA(**ADAPT), DumpMemory(directory, "fit"), ckpt], enable_checkpointing=True, **ddp).fit(
-        TinyClassifier(), loader(x, y)
-    )
-    result = trainer(callbacks=[MbPA(**ADAPT)], **ddp).test(TinyClassifier(), loader(xt, yt), ckpt_path=last, verbose=False)[0]
+    trainer(
+        callbacks=[MbPA(**ADAPT), DumpMemory(directory, "fit"), ckpt],
+        enable_checkpointing=True,
+        **ddp,
+    ).fit(TinyClassifier(), loader(x, y))
+    result = trainer(callbacks=[MbPA(**ADAPT)], **ddp).test(
+        TinyClassifier(), loader(xt, yt), ckpt_path=last, verbose=False
+    )[0]
     if rank == 0:
         with open(os.path.join(directory, "ddp-test.json"), "w") as f:
             json.dump(result, f)
     # resume from rank 0's checkpoint, now storing a random half: same choice on every rank
-    trainer(callbacks=[MbPA(write_fraction=0.5, **ADAPT), DumpMemory(directory, "resume")], max_epochs=2, **ddp).fit(
-        TinyClassifier(), loader(x, y), ckpt_path=last
-    )
+    trainer(
+        callbacks=[MbPA(write_fraction=0.5, **ADAPT), DumpMemory(directory, "resume")],
+        max_epochs=2,
+        **ddp,
+    ).fit(TinyClassifier(), loader(x, y), ckpt_path=last)
 
 
 def _free_port() -> int:
@@ -73,8 +89,10 @@ def _assert_same(a, b):
 
 @pytest.mark.slow
 def test_ddp_ranks_write_identical_complete_memories_test_and_resume(tmp_path):
-    mp.start_processes(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
-    x, y = blobs(90)
+    mp.start_processes(
+        _worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, start_method="spawn"
+    )
+    _, y = blobs(90)
     xt, yt = blobs(40, seed=1)
 
     rank0, rank1 = _load(tmp_path / "fit-rank0.pt"), _load(tmp_path / "fit-rank1.pt")
@@ -85,7 +103,9 @@ def test_ddp_ranks_write_identical_complete_memories_test_and_resume(tmp_path):
 
     # each rank adapted its own queries on its full memory; the synced metrics equal one
     # process testing everything from the same checkpoint
-    single = trainer(callbacks=[MbPA(**ADAPT)]).test(TinyClassifier(), loader(xt, yt), ckpt_path=tmp_path / "last.ckpt", verbose=False)[0]
+    single = trainer(callbacks=[MbPA(**ADAPT)]).test(
+        TinyClassifier(), loader(xt, yt), ckpt_path=tmp_path / "last.ckpt", verbose=False
+    )[0]
     both = json.loads((tmp_path / "ddp-test.json").read_text())
     for key in ("test_acc", "mbpa/base_acc", "mbpa/adapted_acc", "mbpa/memory_size"):
         assert both[key] == pytest.approx(single[key]), key

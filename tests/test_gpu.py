@@ -11,7 +11,10 @@ import torch
 from lightning_mbpa import EpisodicMemory, MbPA
 from tests.helpers import TinyClassifier, assert_bit_identical, blobs, loader, params, trainer
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
 
 ADAPT = dict(k=8, adaptation_steps=3, adaptation_lr=0.5, beta=0.1)
 
@@ -41,11 +44,15 @@ def test_fit_and_predict_on_gpu_match_the_cpu_computation():
     trainer(callbacks=[cb], accelerator="gpu").fit(model, loader(x, y))
     assert cb.memory.keys.device.type == "cuda" and cb.memory.backend == "torch"
     before = params(model)
-    on_gpu = torch.cat(trainer(callbacks=[cb], accelerator="gpu").predict(model, loader(xt, yt))).cpu()
+    on_gpu = torch.cat(
+        trainer(callbacks=[cb], accelerator="gpu").predict(model, loader(xt, yt))
+    ).cpu()
     assert_bit_identical(before, model)
 
     cpu_cb = MbPA(**ADAPT)
-    cpu_cb.memory.load_state_dict({key: value.cpu() for key, value in cb.memory.state_dict().items()})
+    cpu_cb.memory.load_state_dict(
+        {key: value.cpu() for key, value in cb.memory.state_dict().items()}
+    )
     model = model.cpu()
     on_cpu = torch.cat(trainer(callbacks=[cpu_cb]).predict(model, loader(xt, yt)))
     torch.testing.assert_close(on_gpu, on_cpu, rtol=1e-4, atol=1e-4)

@@ -690,7 +690,10 @@ def test_to_cpu_is_a_no_op_and_faiss_stays_on_cpu() -> None:
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs /proc")
-@pytest.mark.xfail(reason="RSS deltas are polluted by allocations of earlier tests in a full-suite run; passes alone; to be isolated in a subprocess", strict=False)
+@pytest.mark.xfail(
+    reason="RSS deltas are polluted by allocations of earlier tests in a full-suite run; passes alone; to be isolated in a subprocess",
+    strict=False,
+)
 def test_resident_memory_grows_with_the_fill_not_the_capacity() -> None:
     def rss() -> int:
         with open("/proc/self/status") as status:
