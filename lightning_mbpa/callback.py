@@ -714,6 +714,8 @@ class MbPA(Callback):
         What ``refresh_keys`` runs: batches of ``refresh_batch_size`` stored inputs through
         :meth:`embed`, under ``torch.no_grad`` with every module in eval mode (each module's
         mode is restored afterwards); labels and inputs stay. Needs ``store_inputs=True``.
+        Under DDP every rank recomputes the keys and keeps rank 0's, so the ranks' memories
+        stay identical.
 
         Returns:
             The number of keys recomputed.
@@ -742,6 +744,11 @@ class MbPA(Callback):
                 keys = self._checked_keys(
                     self.embed(model, move_data_to_device(inputs, device)), last - first
                 )
+                if self._strategy is not None:
+                    # ranks may differ in buffers (DDP syncs BatchNorm statistics only at the
+                    # next forward): keep rank 0's keys, those of the weights it checkpoints
+                    rank_zero = float(self._strategy.global_rank == 0)
+                    keys = self._strategy.reduce(keys.float() * rank_zero, reduce_op="sum")
                 try:
                     self.memory.update_keys(torch.arange(first, last), keys)
                 except ValueError as err:

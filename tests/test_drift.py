@@ -7,10 +7,13 @@ replayed batch's cross-entropy and a hand-written SGD step.
 
 from __future__ import annotations
 
+import os
 import pickle
+import socket
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -391,3 +394,144 @@ def test_bad_configs_name_the_argument_the_value_and_what_is_allowed(kwargs, nee
         MbPA(**kwargs)
     for needle in needles:
         assert needle in str(info.value)
+
+
+# ---------------------------------------------------------------------- the memory's payload
+
+
+def _memory_with_payload(index: str = "Flat") -> EpisodicMemory:
+    memory = EpisodicMemory(6, eviction="fifo", index=index)
+    x = torch.arange(8, dtype=torch.float32)[:, None].repeat(1, 3)
+    memory.add(x, torch.arange(8), {"x": x.clone(), "id": torch.arange(8, dtype=torch.uint8)})
+    return memory
+
+
+@pytest.mark.parametrize("index", ["Flat", "HNSW32"])
+def test_memory_payload_follows_eviction_and_update_keys_is_searched(index):
+    memory = _memory_with_payload(index)  # 8 rows into 6 slots: rows 6, 7 overwrote slots 0, 1
+    assert memory.payload["id"].tolist() == [6, 7, 2, 3, 4, 5]
+    assert memory.payload["id"].dtype == torch.uint8 and memory.payload["x"].device.type == "cpu"
+    assert torch.equal(memory.payload["x"], memory.keys)
+
+    memory.update_keys(torch.tensor([3, 0]), torch.tensor([[100.0] * 3, [-50.0] * 3]))
+    found = memory.search(torch.tensor([[99.0] * 3, [-49.0] * 3]), k=1)
+    assert found.indices[:, 0].tolist() == [3, 0]
+    assert torch.equal(found.keys[:, 0], torch.tensor([[100.0] * 3, [-50.0] * 3]))
+    assert memory.values.tolist() == [6, 7, 2, 3, 4, 5]  # labels and payload stay
+    assert memory.payload["id"].tolist() == [6, 7, 2, 3, 4, 5]
+
+    state = memory.state_dict()
+    restored = EpisodicMemory(6, index=index)
+    restored.load_state_dict(pickle.loads(pickle.dumps(state)))
+    assert torch.equal(restored.payload["x"], memory.payload["x"])
+    assert restored.search(torch.tensor([[99.0] * 3]), k=1).indices.item() == 3
+    restored.clear()
+    assert restored.payload == {}
+
+
+@pytest.mark.parametrize(
+    ("call", "needle"),
+    [
+        (lambda m: m.add(torch.zeros(1, 3), torch.zeros(1)), "`payload` is required"),
+        (lambda m: m.add(torch.zeros(1, 3), torch.zeros(1), {"x": torch.zeros(1, 3)}), "names"),
+        (
+            lambda m: m.add(torch.zeros(2, 3), torch.zeros(2), {"x": torch.zeros(1, 3), "id": torch.zeros(2)}),
+            "N = 2 rows",
+        ),
+        (
+            lambda m: m.add(torch.zeros(1, 3), torch.zeros(1), {"x": torch.zeros(1, 4), "id": torch.zeros(1, dtype=torch.uint8)}),
+            "shape (3,)",
+        ),
+        (lambda m: m.update_keys(torch.tensor([6]), torch.zeros(1, 3)), "[0, 6)"),
+        (lambda m: m.update_keys(torch.tensor([1, 1]), torch.zeros(2, 3)), "distinct"),
+        (lambda m: m.update_keys(torch.tensor([1]), torch.zeros(1, 2)), "`keys`"),
+        (lambda m: m.update_keys(torch.tensor([1]), torch.full((1, 3), float("nan"))), "finite"),
+        (lambda m: m.load_state_dict({**m.state_dict(), "payload": {"x": torch.zeros(2, 3)}}), "6 rows"),
+    ],
+)  # fmt: skip
+def test_memory_payload_misuse_is_refused_and_changes_nothing(call, needle):
+    memory = _memory_with_payload()
+    before = {**memory.state_dict(), **memory.payload}
+    with pytest.raises(ValueError, match=None) as info:
+        call(memory)
+    assert needle in str(info.value)
+    after = {**memory.state_dict(), **memory.payload}
+    for key, value in before.items():
+        if isinstance(value, Tensor):
+            assert torch.equal(value, after[key]), key
+
+
+def test_memory_without_payload_refuses_one_until_cleared():
+    memory = EpisodicMemory(4)
+    memory.add(torch.zeros(2, 3), torch.zeros(2))
+    with pytest.raises(ValueError, match="holds 2 entries without one"):
+        memory.add(torch.zeros(1, 3), torch.zeros(1), {"x": torch.zeros(1)})
+    memory.clear()
+    memory.add(torch.zeros(1, 3), torch.zeros(1), {"x": torch.ones(1)})
+    assert memory.payload["x"].tolist() == [1.0]
+
+
+# ---------------------------------------------------------------------- DDP
+
+
+def _ddp_worker(rank: int, world: int, port: int, directory: str) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        WORLD_SIZE=str(world),
+        NODE_RANK="0",
+        LOCAL_RANK=str(rank),
+        RANK=str(rank),
+    )
+    torch.set_num_threads(1)
+    x, y = blobs(90)  # 45 per rank: batches of 16, 16, 13
+    torch.manual_seed(0)
+    model = NormDropClassifier()  # dropout draws differ per rank: replay gradients are averaged
+    torch.manual_seed(rank)
+    cb = MbPA(
+        store_inputs=True,
+        refresh_keys="epoch_end",
+        replay_every_n_steps=1,
+        replay_batch_size=8,
+        write_fraction=0.5,
+        **ADAPT,
+    )
+    trainer(callbacks=[cb], strategy="ddp", devices=world, max_epochs=2).fit(model, loader(x, y))
+    torch.save(
+        {
+            "memory": cb.memory.state_dict(),
+            "model": model.state_dict(),
+            "params": dict(model.named_parameters()),
+        },
+        os.path.join(directory, f"rank{rank}.pt"),
+    )
+
+
+@pytest.mark.slow
+def test_ddp_ranks_store_the_same_inputs_and_replay_to_the_same_weights(tmp_path):
+    port = _free_port()
+    mp.start_processes(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, start_method="spawn")
+    rank0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    rank1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    for name, value in rank0["params"].items():  # BatchNorm buffers differ by DDP's design
+        assert torch.equal(value, rank1["params"][name]), name
+    memory0, memory1 = rank0["memory"], rank1["memory"]
+    for name in ("keys", "values", "num_seen"):
+        assert torch.equal(memory0[name], memory1[name]), name
+    assert torch.equal(memory0["payload"]["0"], memory1["payload"]["0"])
+    x, y = blobs(90)
+    stored = memory0["payload"]["0"]
+    assert 0 < len(stored) < 2 * 90  # write_fraction chose the same half on both ranks
+    match = (stored[:, None, :] == x[None]).all(-1)
+    assert (match.sum(1) == 1).all()  # every stored input is a training image of some rank
+    assert torch.equal(memory0["values"], y[match.int().argmax(1)])  # with its own label
+    model = NormDropClassifier()
+    model.load_state_dict(rank0["model"])
+    # refreshed at the last epoch end, with rank 0's weights and buffers on both ranks
+    assert torch.equal(memory0["keys"], encode(model, stored))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
