@@ -16,6 +16,7 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
@@ -299,6 +300,25 @@ def test_replay_adds_exactly_the_gradient_of_the_replayed_batch(data):
         assert torch.equal(p.detach(), expected)
     # replay wrote nothing: four batches of 16 training images, inputs in order
     assert len(cb.memory) == 64 and torch.equal(cb.memory.payload["0"], x[:64])
+
+
+def test_replay_gradients_are_unscaled_under_16_mixed(data):
+    """Under 16-mixed the gradients are unscaled before ``on_before_optimizer_step``: the replay
+    gradient must be added unscaled too (a missed unscale would be 65536 times too large)."""
+    x, y, _, _ = data
+    torch.manual_seed(0)
+    model = TinyClassifier()
+    cb = MbPA(store_inputs=True, replay_every_n_steps=2, replay_batch_size=16, **ADAPT)
+    before, after = GradientProbe(), GradientProbe()
+    precision = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", 2.0**16))
+    run = trainer(callbacks=[before, cb, after], max_steps=2, plugins=[precision])
+    run.fit(model, loader(x, y))
+    inputs, labels = cb.memory.payload["0"][cb._replay_slots], cb.memory.values[cb._replay_slots]
+    w2, b2, w1, b1 = (p.requires_grad_() for p in after.params[1])
+    loss = F.cross_entropy(F.linear(F.relu(F.linear(inputs, w1, b1)), w2, b2), labels)
+    expected = torch.autograd.grad(loss, [w2, b2, w1, b1])  # float32, by hand
+    for b, a, e in zip(before.grads[1], after.grads[1], expected, strict=True):
+        torch.testing.assert_close(a - b, e, rtol=2e-2, atol=2e-3)
 
 
 def test_replay_leaves_normalisation_statistics_alone(data):
