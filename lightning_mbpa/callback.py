@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _NormBase
 from torch.utils.hooks import RemovableHandle
 
-from lightning_mbpa.adaptation import kernel_weights, local_adapt
+from lightning_mbpa.adaptation import _eval_mode, kernel_weights, local_adapt
 from lightning_mbpa.batches import (
     as_label_tensor,
     describe,
@@ -273,6 +273,8 @@ class MbPA(Callback):
             raise MisconfigurationException(f"MbPA: {err}") from err
         self._write_generator = torch.Generator().manual_seed(self.seed)
         self._replay_generator = torch.Generator().manual_seed(self.seed + 1)
+        #: Seconds spent recomputing stored keys so far (every refresh of this callback).
+        self.refresh_seconds = 0.0
         self._init_runtime_state()
 
     # ------------------------------------------------------------------ runtime state
@@ -686,7 +688,7 @@ class MbPA(Callback):
         model.eval()
         before = self.memory.num_seen
         self._install_capture_hooks(model)
-        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        device = _module_device(model)
         try:
             for batch in dataloader:
                 if isinstance(model, pl.LightningModule):
@@ -758,6 +760,7 @@ class MbPA(Callback):
                     ) from err
         self._slot_outputs = None
         self._last_refresh_seconds = time.perf_counter() - start
+        self.refresh_seconds += self._last_refresh_seconds
         if n >= _ANNOUNCE_REFRESH:
             rank_zero_info(f"MbPA: refreshed {n:,} keys in {self._last_refresh_seconds:.1f} s.")
         return n
@@ -1295,18 +1298,6 @@ def _forward_context(trainer: pl.Trainer | None) -> contextlib.AbstractContextMa
     if trainer is None:
         return contextlib.nullcontext()
     return trainer.precision_plugin.forward_context()
-
-
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Every module in eval mode; each module's own mode is restored afterwards."""
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in modes:
-            module.training = training
 
 
 @contextlib.contextmanager
