@@ -228,6 +228,52 @@ def test_on_test_refresh_makes_test_equal_to_a_memory_populated_with_final_weigh
     assert torch.equal(refreshed, expected)
 
 
+def test_online_writes_store_the_test_inputs_too(data):
+    x, y, xt, yt = data
+    model = TinyClassifier()
+    cb = MbPA(store_inputs=True, online_writes=True, refresh_keys="on_test", **ADAPT)
+    trainer(callbacks=[cb]).fit(model, loader(x, y))
+    trainer(callbacks=[cb]).test(model, loader(xt, yt), verbose=False)
+    assert torch.equal(cb.memory.payload["0"], torch.cat([x, xt]))
+    assert torch.equal(cb.memory.values, torch.cat([y, yt]))
+    assert torch.equal(cb.memory.keys[96:], encode(model, xt))  # written in eval mode
+
+
+class Killed(Exception):
+    pass
+
+
+class CrashAt(Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            raise Killed
+
+
+def test_crash_then_resume_replays_the_same_examples(tmp_path, data):
+    x, y, _, _ = data
+    kwargs = dict(store_inputs=True, memory_size=150, replay_every_n_steps=3, replay_batch_size=8)
+
+    def run(*callbacks, ckpt_path=None):
+        torch.manual_seed(0)
+        model = TinyClassifier()
+        cb = MbPA(**kwargs, **ADAPT)
+        trainer(callbacks=[cb, *callbacks], max_epochs=3, enable_checkpointing=bool(callbacks)).fit(
+            model, loader(x, y), ckpt_path=ckpt_path
+        )
+        return model, cb
+
+    straight, straight_cb = run()
+    with pytest.raises(Killed):  # at step 8; last.ckpt is from the end of epoch 0 (step 6)
+        run(ModelCheckpoint(dirpath=tmp_path, save_last=True), CrashAt(8))
+    resumed, resumed_cb = run(ModelCheckpoint(dirpath=tmp_path), ckpt_path=tmp_path / "last.ckpt")
+    assert_bit_identical(params(straight), resumed)
+    assert torch.equal(resumed_cb.memory.payload["0"], straight_cb.memory.payload["0"])
+    assert torch.equal(resumed_cb._replay_slots, straight_cb._replay_slots)
+
+
 def test_refresh_of_a_memory_without_inputs_says_why(data):
     x, y, _, _ = data
     model = TinyClassifier()
