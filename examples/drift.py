@@ -29,7 +29,7 @@ task's ``trainer.fit`` (with writes, stored inputs, refreshes, replay), ``refres
 the final memory (what ``refresh_keys: on_test`` costs per test/predict call; ``epoch_end`` pays
 it after every epoch, inside ``fit``), ``test`` one ``trainer.predict`` over the whole test split.
 
-    python examples/drift.py                        # the three streams, ~40 minutes on 2 cores
+    python examples/drift.py                        # the three streams, ~20 minutes on 2 cores
     python examples/drift.py --streams permuted --grid smoke -- --data.max_train 150
 
 Prints one table per stream (plus the neighbour diagnostics of ``examples/sweep.py`` for stale

@@ -22,13 +22,13 @@ Tables printed per stream:
 1. neighbour diagnostics: for each task's validation images, the fraction of their K nearest
    memories written while training that task, the fraction carrying the image's label, and
    the accuracy of the weighted K-NN vote alone; for hidden keys as written, hidden keys
-   re-encoded with the final weights (an oracle: it needs the old training images, which a
-   continual learner no longer has; it shows what key drift costs) and pixel keys;
+   re-encoded with the final weights (what ``MbPA(store_inputs=True, refresh_keys=...)`` gives;
+   it needs the old training images; ``examples/drift.py`` measures it end to end) and pixel keys;
 2. hidden keys: ``adaptation_steps`` x ``adaptation_lr`` x ``beta`` at k=32, then ``k``, then
    memory levers at the best setting: FIFO capacity, reservoir capacity and ``write_fraction``
    (the memory is rebuilt from what the full run wrote: a FIFO of capacity C holds the last C
    writes; a reservoir or a write fraction a uniform random subset);
-3. the same grid on the re-encoded (oracle) memory;
+3. the same grid on the re-encoded memory;
 4. pixel keys: a smaller grid (each query adapts the whole MLP), then ``k``;
 
 and a summary: each stream's best, and the settings with the best mean gain over streams.

@@ -769,7 +769,12 @@ class EpisodicMemory:
             ) from exc
         payload = state.get(PAYLOAD_KEY)
         if payload is not None:
-            _check_payload_state(payload, size)
+            _check_payload_rows(
+                payload,
+                size,
+                f"`state[{PAYLOAD_KEY!r}]",
+                f"{size} rows (len = min(num_seen, capacity))",
+            )
         ann = None
         if self._index_string != EXACT_INDEX and dim != -1:
             ann = _LiveRowIndex(self._index_string, dim, self._index_params, self._capacity)
@@ -920,22 +925,7 @@ class EpisodicMemory:
                     f" {sorted(self._payload)}); clear() it to store entries without one."
                 )
             return
-        if not isinstance(payload, Mapping) or not payload:
-            raise ValueError(
-                f"`payload` must be a non-empty mapping from names to [N, ...] tensors; got"
-                f" {type(payload).__name__}."
-            )
-        for name, tensor in payload.items():
-            if not isinstance(name, str) or not isinstance(tensor, Tensor) or tensor.ndim < 1:
-                raise ValueError(
-                    f"`payload[{name!r}]` must be a tensor of shape [N, ...] under a str name; got"
-                    f" {_describe_tensor(tensor)}."
-                )
-            if tensor.shape[0] != n:
-                raise ValueError(
-                    f"`payload[{name!r}]` must have N = {n} rows (one per key); got shape"
-                    f" {tuple(tensor.shape)}."
-                )
+        _check_payload_rows(payload, n, "`payload", f"N = {n} rows (one per key)")
         if self._payload is None:
             if self._size > 0:
                 raise ValueError(
@@ -1174,22 +1164,22 @@ def _write_payload(
             buffers[name].index_copy_(0, slots_t, source.cpu())
 
 
-def _check_payload_state(payload: Any, size: int) -> None:
+def _check_payload_rows(payload: Any, n: int, label: str, rows: str) -> None:
+    """``payload`` is a non-empty mapping of str names to tensors of ``n`` rows each."""
     if not isinstance(payload, Mapping) or not payload:
         raise ValueError(
-            f"`state[{PAYLOAD_KEY!r}]` must be a non-empty mapping from names to tensors; got"
+            f"{label}` must be a non-empty mapping from names to tensors; got"
             f" {type(payload).__name__}."
         )
     for name, tensor in payload.items():
         if not isinstance(name, str) or not isinstance(tensor, Tensor) or tensor.ndim < 1:
             raise ValueError(
-                f"`state[{PAYLOAD_KEY!r}][{name!r}]` must be a tensor of shape [len, ...]; got"
-                f" {_describe_tensor(tensor)}."
+                f"{label}[{name!r}]` must be a tensor of one row per entry under a str name;"
+                f" got {_describe_tensor(tensor)}."
             )
-        if tensor.shape[0] != size:
+        if tensor.shape[0] != n:
             raise ValueError(
-                f"`state[{PAYLOAD_KEY!r}][{name!r}]` must have {size} rows (len = min(num_seen,"
-                f" capacity)); got shape {tuple(tensor.shape)}."
+                f"{label}[{name!r}]` must have {rows}; got shape {tuple(tensor.shape)}."
             )
 
 

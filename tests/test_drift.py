@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import socket
 
 import pytest
 import torch
@@ -22,7 +21,16 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from lightning_mbpa import EpisodicMemory, MbPA
-from tests.helpers import TinyClassifier, assert_bit_identical, blobs, loader, params, trainer
+from tests.helpers import (
+    TinyClassifier,
+    assert_bit_identical,
+    blobs,
+    ddp_environment,
+    free_port,
+    loader,
+    params,
+    trainer,
+)
 
 ADAPT = dict(k=8, adaptation_steps=3, adaptation_lr=0.5, beta=0.1)
 
@@ -541,14 +549,7 @@ def test_memory_without_payload_refuses_one_until_cleared():
 
 
 def _ddp_worker(rank: int, world: int, port: int, directory: str) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        WORLD_SIZE=str(world),
-        NODE_RANK="0",
-        LOCAL_RANK=str(rank),
-        RANK=str(rank),
-    )
+    ddp_environment(rank, world, port)
     torch.set_num_threads(1)
     x, y = blobs(90)  # 45 per rank: batches of 16, 16, 13
     torch.manual_seed(0)
@@ -575,7 +576,7 @@ def _ddp_worker(rank: int, world: int, port: int, directory: str) -> None:
 
 @pytest.mark.slow
 def test_ddp_ranks_store_the_same_inputs_and_replay_to_the_same_weights(tmp_path):
-    port = _free_port()
+    port = free_port()
     mp.start_processes(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, start_method="spawn")
     rank0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     rank1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
@@ -595,9 +596,3 @@ def test_ddp_ranks_store_the_same_inputs_and_replay_to_the_same_weights(tmp_path
     model.load_state_dict(rank0["model"])
     # refreshed at the last epoch end, with rank 0's weights and buffers on both ranks
     assert torch.equal(memory0["keys"], encode(model, stored))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
