@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import pickle
 import subprocess
 import sys
@@ -9,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
@@ -551,3 +553,65 @@ def test_generic_head_module_is_adapted(data):
     assert cb.memory.dim == 16
     preds = torch.cat(trainer(callbacks=[cb]).predict(model, loader(xt, yt)))
     torch.testing.assert_close(preds, reference_logits(model, cb, xt), rtol=1e-4, atol=1e-5)
+
+
+def test_gradient_accumulation_writes_every_micro_batch_once(data):
+    x, y, _, _ = data
+    torch.manual_seed(0)
+    model, cb = TinyClassifier(), MbPA(k=8, **ADAPT)
+    trainer(callbacks=[cb], accumulate_grad_batches=3).fit(model, loader(x, y))
+    # every example once, in order: 6 micro-batches of 16, 2 optimizer steps
+    assert len(cb.memory) == len(x)
+    assert torch.equal(cb.memory.values, y)
+
+
+class TwoViews(TinyClassifier):
+    """A head called twice per training step (two noisy views of each input)."""
+
+    def training_step(self, batch, batch_idx):
+        x, y = self._xy(batch)
+        return F.cross_entropy(self(x), y) + F.cross_entropy(self(x + 0.1), y)
+
+
+def test_a_head_called_twice_per_step_writes_both_calls_with_their_labels(data):
+    x, y, _, _ = data
+    torch.manual_seed(0)
+    model, cb = TwoViews(), MbPA(k=8, **ADAPT)
+    seen: list[torch.Tensor] = []
+    trainer(callbacks=[cb, RecordHeadInputs(seen)]).fit(model, loader(x, y))
+    assert len(cb.memory) == 2 * len(x)
+    # batch by batch: the first call's rows, then the second call's, each with the batch's labels
+    expected = torch.cat([torch.cat([y_b, y_b]) for y_b in y.split(16)])
+    assert torch.equal(cb.memory.values, expected)
+    assert torch.equal(cb.memory.keys, torch.cat(seen))
+
+
+class RecordHeadInputs(Callback):
+    """Records every input the head sees while training, independently of MbPA's own hook."""
+
+    def __init__(self, seen: list[torch.Tensor]) -> None:
+        self.seen = seen
+
+    def on_fit_start(self, trainer, pl_module):
+        self.handle = pl_module.head.register_forward_pre_hook(
+            lambda module, args: self.seen.append(args[0].detach().clone())
+        )
+
+    def on_fit_end(self, trainer, pl_module):
+        self.handle.remove()
+
+
+def test_lightning_cli_help_documents_every_argument():
+    """LightningCLI builds ``--help`` from the signature and the docstring's Args section."""
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser()
+    parser.add_class_arguments(MbPA, "mbpa")
+    text = " ".join(parser.format_help().split())  # undo the help formatter's line wrapping
+    names = [n for n in inspect.signature(MbPA.__init__).parameters if n != "self"]
+    args_doc = MbPA.__doc__.split("Args:")[1].split("Example")[0]
+    for name in names:
+        assert f"--mbpa.{name} " in text, f"{name} is not a CLI option"
+        doc = args_doc.split(f"\n        {name}: ")[1].split("\n        ")[0]
+        first_words = " ".join(doc.split()[:4])
+        assert first_words in text, f"the --help text of {name} lacks its doc: {first_words!r}"
