@@ -706,6 +706,11 @@ class MbPA(Callback):
         self._adapt_handle = self._head_module.register_forward_hook(self._adapt_hook)
 
     def _write_batch(self, batch: Any, where: str, gather: bool = True) -> None:
+        if not self._captured and self._head_name is None:
+            raise MisconfigurationException(
+                f"MbPA(head=None): no nn.Linear ran while processing the {where}, so the head "
+                "cannot be found. Name the module your forward pass ends with via `head=...`."
+            )
         if not self._captured:
             raise MisconfigurationException(
                 f"MbPA: the head {self._head_name!r} was not called while processing the {where}, so "
