@@ -25,11 +25,12 @@ import time
 
 import lightning.pytorch as pl
 import torch
-import torch.nn.functional as F
-from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
 from lightning_mbpa import MbPA
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from end_to_end import MLP, _trainer
 
 _TRIM = ctypes.CDLL("libc.so.6").malloc_trim if sys.platform.startswith("linux") else None
 
@@ -61,27 +62,6 @@ class Stream(IterableDataset):
         for _ in range(self.batches):
             y = torch.randint(0, self.classes, (self.batch,), generator=g)
             yield self.centres[y] + torch.randn(self.batch, self.d_in, generator=g), y
-
-
-class MLP(pl.LightningModule):
-    def __init__(self, d_in: int, dim: int, classes: int) -> None:
-        super().__init__()
-        self.encoder = nn.Sequential(nn.Linear(d_in, dim), nn.ReLU())
-        self.head = nn.Linear(dim, classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.encoder(x))
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return F.cross_entropy(self(x), y)
-
-    def test_step(self, batch, batch_idx):
-        x, y = batch
-        self.log("test_loss", F.cross_entropy(self(x), y))
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.05)
 
 
 class Sampler(pl.Callback):
@@ -152,14 +132,6 @@ def main() -> int:
     d_in, dim, classes = 64, 128, 10
     model = MLP(d_in, dim, classes)
     mbpa = MbPA(memory_size=args.capacity, k=args.k, eviction="fifo", online_writes=True)
-    options = dict(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
 
     def stream(batches: int, seed: int) -> DataLoader:
         return DataLoader(Stream(batches, args.batch, d_in, classes, seed), batch_size=None)
@@ -170,16 +142,12 @@ def main() -> int:
     )
     sampler = Sampler(mbpa, args.every)
     start = time.perf_counter()
-    pl.Trainer(max_epochs=1, callbacks=[mbpa, sampler], **options).fit(
-        model, stream(args.train_batches, seed=1)
-    )
+    _trainer("cpu", [mbpa, sampler]).fit(model, stream(args.train_batches, seed=1))
     fit_ok = report("fit", sampler, time.perf_counter() - start, args.warmup, args.tolerance_mb)
 
     sampler = Sampler(mbpa, args.every)
     start = time.perf_counter()
-    pl.Trainer(callbacks=[mbpa, sampler], **options).test(
-        model, stream(args.test_batches, seed=2), verbose=False
-    )
+    _trainer("cpu", [mbpa, sampler]).test(model, stream(args.test_batches, seed=2), verbose=False)
     test_ok = report("test", sampler, time.perf_counter() - start, args.warmup, args.tolerance_mb)
     return 0 if fit_ok and test_ok else 1
 

@@ -14,16 +14,16 @@ import numpy as np
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from torch import nn
 from torch.utils.data import DataLoader
 
-import lightning_mbpa.adaptation as adaptation_module
 from lightning_mbpa import MbPA
 from tests.helpers import (
     RecordDataset,
     TinyClassifier,
+    TwoLayerHead,
     assert_bit_identical,
     blobs,
+    count_writes_and_adaptations,
     loader,
     params,
     trainer,
@@ -99,21 +99,7 @@ def test_keys_are_the_head_inputs_at_write_time():
 
 def test_hook_counts_write_only_in_fit_adapt_only_where_asked(data, monkeypatch):
     x, y, xt, yt = data
-    calls = {"add": 0, "adapt": 0}
-    from lightning_mbpa.memory import EpisodicMemory
-
-    real_add, real_adapt = EpisodicMemory.add, adaptation_module.local_adapt
-
-    def counting_add(self, *a, **kw):
-        calls["add"] += 1
-        return real_add(self, *a, **kw)
-
-    def counting_adapt(*a, **kw):
-        calls["adapt"] += 1
-        return real_adapt(*a, **kw)
-
-    monkeypatch.setattr(EpisodicMemory, "add", counting_add)
-    monkeypatch.setattr("lightning_mbpa.callback.local_adapt", counting_adapt)
+    calls = count_writes_and_adaptations(monkeypatch)
 
     model = TinyClassifier()
     cb = MbPA(k=4, adapt_on=["predict"], **ADAPT)
@@ -382,11 +368,6 @@ def test_references_agree_with_numpy(data):
 def test_generic_head_module_is_adapted(data):
     """A non-Linear head (an MLP block) goes through the generic path."""
     x, y, xt, yt = data
-
-    class TwoLayerHead(TinyClassifier):
-        def __init__(self):
-            super().__init__()
-            self.head = nn.Sequential(nn.Linear(16, 8), nn.Tanh(), nn.Linear(8, 4))
 
     torch.manual_seed(0)
     model = TwoLayerHead()

@@ -27,10 +27,17 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-import lightning_mbpa.adaptation as adaptation_module
 from lightning_mbpa import MbPA
-from lightning_mbpa.memory import EpisodicMemory
-from tests.helpers import TinyClassifier, assert_bit_identical, blobs, loader, params, trainer
+from tests.helpers import (
+    TinyClassifier,
+    TwoLayerHead,
+    assert_bit_identical,
+    blobs,
+    count_writes_and_adaptations,
+    loader,
+    params,
+    trainer,
+)
 from tests.test_callback import ADAPT, reference_logits
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -342,10 +349,8 @@ def test_labels_outside_a_generic_heads_range_are_refused_at_test_time(data):
     """A non-Linear head's number of outputs is only known from its output, at test time."""
     x, y, xt, yt = data
 
-    class GenericHead(Frozen):
-        def __init__(self):
-            super().__init__()
-            self.head = nn.Sequential(nn.Linear(16, 8), nn.Tanh(), nn.Linear(8, 4))
+    class GenericHead(Frozen, TwoLayerHead):
+        pass
 
     model = GenericHead()
     cb = MbPA(head="head", k=4, **ADAPT)
@@ -526,19 +531,7 @@ class HookCounter(Callback):
 
 def test_fit_test_fit_test_never_doubles_hooks_and_the_memory_continues(data, monkeypatch):
     x, y, xt, yt = data
-    calls = {"add": 0, "adapt": 0}
-    real_add, real_adapt = EpisodicMemory.add, adaptation_module.local_adapt
-
-    def counting_add(self, *args, **kwargs):
-        calls["add"] += 1
-        return real_add(self, *args, **kwargs)
-
-    def counting_adapt(*args, **kwargs):
-        calls["adapt"] += 1
-        return real_adapt(*args, **kwargs)
-
-    monkeypatch.setattr(EpisodicMemory, "add", counting_add)
-    monkeypatch.setattr("lightning_mbpa.callback.local_adapt", counting_adapt)
+    calls = count_writes_and_adaptations(monkeypatch)
 
     torch.manual_seed(0)
     model, cb, counter = TinyClassifier(), MbPA(k=8, **ADAPT), HookCounter()
