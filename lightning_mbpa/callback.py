@@ -211,7 +211,8 @@ class MbPA(Callback):
         self._adapted_acc: torchmetrics.Metric | None = None
         self._queries = 0
         self._adapt_seconds = 0.0
-        self._labels_checked: tuple[int, int] | None = None
+        self._classes_seen: int | None = None  # outputs of the head, once it ran adapted
+        self._labels_checked: int | None = None  # memory labels verified for this many classes
         self._refused_batches = 0
         self._refused_rows = 0
         self._warnings = WarningCache()
@@ -355,6 +356,7 @@ class MbPA(Callback):
             )
         self._module_ref = weakref.ref(pl_module)
         self._strategy = trainer.strategy if trainer.world_size > 1 else None
+        self._classes_seen = None
         if self._head_name is not None:
             self._set_head(pl_module, self._head_name)
         elif not _linear_names(pl_module):
@@ -779,7 +781,7 @@ class MbPA(Callback):
                     "MbPA needs a head with a fixed input width: name such a module with "
                     "`head=...`."
                 )
-            problem = _labels_outside(values, self._head_out_features())
+            problem = _labels_outside(values, self._head_out_features() or self._classes_seen)
             if problem is not None:
                 raise ValueError(
                     f"MbPA: the labels of the {where} must be {problem[0]} for the head "
@@ -989,7 +991,8 @@ class MbPA(Callback):
                 "that matches the memory: name such a module with `head=...`, or use a fresh MbPA "
                 "callback if the memory was written by another model."
             )
-        if self._labels_checked != (classes, self.memory.num_seen):
+        self._classes_seen = classes  # later writes are checked against it
+        if self._labels_checked != classes:
             problem = _labels_outside(self.memory.values, classes)
             if problem is not None:
                 raise MisconfigurationException(
@@ -999,7 +1002,7 @@ class MbPA(Callback):
                     "not class indices): use a fresh MbPA callback, or name the module that "
                     "outputs one logit per class with `head=...`."
                 )
-            self._labels_checked = (classes, self.memory.num_seen)
+            self._labels_checked = classes
 
     def _update_metrics(self, batch: Any) -> Tensor | None:
         """Update base vs adapted accuracy when the batch carries labels; return the labels."""

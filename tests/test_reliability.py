@@ -366,6 +366,19 @@ def test_labels_outside_a_generic_heads_range_are_refused_at_test_time(data):
     assert_memory_is(cb, memory)
     assert_no_hooks(model)
 
+    # online writes during test are checked against the outputs the head has shown
+    cb = MbPA(head="head", k=4, online_writes=True, **ADAPT)
+    trainer(callbacks=[cb]).fit(model, loader(x, y))
+    memory = memory_state(cb)
+    with pytest.raises(
+        ValueError,
+        match=r"labels of the test batch \(online_writes\) must be class indices in \[0, 4\) "
+        r"\(4 outputs\) for the head 'head', or -100 to skip a row; got \[",
+    ):
+        trainer(callbacks=[cb]).test(model, loader(xt, yt * 3), verbose=False)
+    assert_memory_is(cb, memory)
+    assert_bit_identical(before, model)
+
 
 def test_nan_and_inf_embeddings_refuse_their_batch_with_a_counted_warning():
     x, y = blobs(80)
