@@ -205,6 +205,7 @@ class MbPA(Callback):
         self._capturing = False
         self._captured: list[tuple[nn.Module, Tensor]] = []
         self._adapted_calls: list[tuple[Tensor, Tensor, Tensor]] = []
+        self._head_called_in_stage = False
         self._adapting_stage: str | None = None
         self._slot_outputs: Tensor | None = None
         self._base_acc: torchmetrics.Metric | None = None
@@ -509,10 +510,12 @@ class MbPA(Callback):
         self._adapted_calls.clear()
 
     def _check_head_was_called(self, stage: str) -> None:
+        """A head never called in the stage's batches so far is a misconfiguration; a step that
+        skips the head for one batch after it ran for others is the user's business."""
         if (
             self._adapting_stage == stage
             and self._adapt_handle is not None
-            and not self._adapted_calls
+            and not self._head_called_in_stage
         ):
             raise MisconfigurationException(
                 f"MbPA: the head {self._head_name!r} was not called while processing the "
@@ -875,6 +878,7 @@ class MbPA(Callback):
         self._adapting_stage = stage
         self._labels_checked = None
         self._queries, self._adapt_seconds = 0, 0.0
+        self._head_called_in_stage = False
         self._base_acc = self._adapted_acc = None
         if self._head_module is None:  # nothing was ever written: find the head for online writes
             if self.online_writes and stage == "test":
@@ -949,6 +953,7 @@ class MbPA(Callback):
         base = output.detach().reshape(-1, output.shape[-1])
         if queries.shape[0] == 0 or len(self.memory) == 0:
             self._adapted_calls.append((inputs.detach(), base, base))
+            self._head_called_in_stage = True
             return output
         self._check_query_geometry(queries.shape[1], base.shape[1])
         finite = None
@@ -979,6 +984,7 @@ class MbPA(Callback):
         self._adapt_seconds += time.perf_counter() - start
         self._queries += queries.shape[0]
         self._adapted_calls.append((inputs.detach(), base, adapted))
+        self._head_called_in_stage = True
         return adapted.reshape(output.shape).to(output.dtype)
 
     def _check_query_geometry(self, width: int, classes: int) -> None:

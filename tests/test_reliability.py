@@ -223,6 +223,28 @@ def test_head_not_called_in_forward_is_refused_in_fit_and_in_predict(data):
     assert_no_hooks(model)
 
 
+class SkipsLaterBatches(TinyClassifier):
+    """A ``predict_step`` that answers some batches without running the model."""
+
+    def predict_step(self, batch, batch_idx):
+        if batch_idx % 2:
+            return torch.zeros(len(batch[0]), 4)
+        return self(batch[0])
+
+
+def test_a_step_that_skips_the_head_after_it_ran_is_not_refused(data):
+    x, y, xt, yt = data
+    torch.manual_seed(0)
+    model, cb = SkipsLaterBatches(), MbPA(k=4, **ADAPT)
+    trainer(callbacks=[cb]).fit(model, loader(x, y))
+    out = trainer(callbacks=[cb]).predict(model, loader(xt, yt))
+    plain = TinyClassifier()
+    plain.load_state_dict(model.state_dict())
+    every = trainer(callbacks=[cb]).predict(plain, loader(xt, yt))  # same weights and memory
+    for i, (got, adapted) in enumerate(zip(out, every, strict=True)):
+        assert torch.equal(got, torch.zeros_like(got) if i % 2 else adapted), i
+
+
 class Flat(nn.Module):
     def __init__(self):
         super().__init__()
