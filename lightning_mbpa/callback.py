@@ -289,12 +289,17 @@ class MbPA(Callback):
         self._capturing = False
         self._captured: list[tuple[nn.Module, Tensor]] = []
         self._adapted_calls: list[tuple[Tensor, Tensor, Tensor]] = []
+        self._head_called_in_stage = False
         self._adapting_stage: str | None = None
         self._slot_outputs: Tensor | None = None
         self._base_acc: torchmetrics.Metric | None = None
         self._adapted_acc: torchmetrics.Metric | None = None
         self._queries = 0
         self._adapt_seconds = 0.0
+        self._classes_seen: int | None = None  # outputs of the head, once it ran adapted
+        self._labels_checked: int | None = None  # memory labels verified for this many classes
+        self._refused_batches = 0
+        self._refused_rows = 0
         self._warnings = WarningCache()
         self._replay_slots: Tensor | None = None  # the slots the last replay step used
         self._last_refresh_seconds: float | None = None
@@ -437,19 +442,28 @@ class MbPA(Callback):
         self._head_name = name
         self._check_memory_width(self.memory.dim)
 
-    def _head_in_features(self) -> int | None:
-        head = self._head_module
+    def _head_in_features(self, head: nn.Module | None = None) -> int | None:
+        head = self._head_module if head is None else head
         if isinstance(head, nn.Linear):
             return head.in_features
         return None
 
-    def _check_memory_width(self, dim: int | None) -> None:
-        width = self._head_in_features()
+    def _head_out_features(self, head: nn.Module | None = None) -> int | None:
+        head = self._head_module if head is None else head
+        if isinstance(head, nn.Linear):
+            return head.out_features
+        return None
+
+    def _check_memory_width(
+        self, dim: int | None, head: nn.Module | None = None, name: str | None = None
+    ) -> None:
+        width = self._head_in_features(head)
         if dim is not None and width is not None and dim != width:
             raise MisconfigurationException(
-                f"MbPA: the memory holds keys of width {dim} but the head {self._head_name!r} "
-                f"takes inputs of width {width}. The memory (e.g. from a checkpoint) was written "
-                f"by a different model; clear it with `mbpa.memory.clear()` or fix `head`."
+                f"MbPA: the memory holds keys of width {dim} but the head "
+                f"{name or self._head_name!r} takes inputs of width {width}. The memory (e.g. "
+                "from a checkpoint) was written by a different model; use a fresh MbPA callback "
+                "(`mbpa.memory.clear()` keeps the key width) or fix `head`."
             )
 
     # ------------------------------------------------------------------ Lightning hooks
@@ -462,6 +476,7 @@ class MbPA(Callback):
             )
         self._module_ref = weakref.ref(pl_module)
         self._strategy = trainer.strategy if trainer.world_size > 1 else None
+        self._classes_seen = None
         if self._head_name is not None:
             self._set_head(pl_module, self._head_name)
         elif not _linear_names(pl_module):
@@ -489,7 +504,8 @@ class MbPA(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
         self._remove_capture_hooks()
-        self._remove_adapt_hook()
+        self._captured.clear()
+        self._stop_adapting()
 
     # ---- fit: writing
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -584,6 +600,7 @@ class MbPA(Callback):
         dataloader_idx: int = 0,
     ) -> None:
         if self._adapting_stage == "validate":
+            self._check_head_was_called("validate")
             self._update_metrics(batch)
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -605,6 +622,7 @@ class MbPA(Callback):
     ) -> None:
         self._capturing = False
         try:
+            self._check_head_was_called("test")
             labels = self._update_metrics(batch) if self._adapting_stage == "test" else None
             if self.online_writes:
                 self._online_write(pl_module, batch, labels)
@@ -621,7 +639,22 @@ class MbPA(Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
+        self._check_head_was_called("predict")
         self._adapted_calls.clear()
+
+    def _check_head_was_called(self, stage: str) -> None:
+        """A head never called in the stage's batches so far is a misconfiguration; a step that
+        skips the head for one batch after it ran for others is the user's business."""
+        if (
+            self._adapting_stage == stage
+            and self._adapt_handle is not None
+            and not self._head_called_in_stage
+        ):
+            raise MisconfigurationException(
+                f"MbPA: the head {self._head_name!r} was not called while processing the "
+                f"{stage} batch, so its predictions cannot be adapted. Name the module your "
+                "forward pass ends with via `head=...`."
+            )
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, Any]:
@@ -636,9 +669,16 @@ class MbPA(Callback):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the memory; everything is checked before anything changes, so a refused
+        checkpoint leaves the callback and its memory exactly as they were."""
         if not self.save_memory or not state_dict:
             return
         saved_head = state_dict.get("head")
+        if saved_head is not None and not (isinstance(saved_head, str) and saved_head):
+            raise MisconfigurationException(
+                f"MbPA: the checkpoint's MbPA 'head' entry is {saved_head!r}, not a module name; "
+                "the checkpoint is corrupted or was written by another callback."
+            )
         if self.head is not None and saved_head is not None and saved_head != self.head:
             raise MisconfigurationException(
                 f"MbPA(head={self.head!r}): the checkpoint's memory was written from head "
@@ -650,27 +690,76 @@ class MbPA(Callback):
                 "MbPA: the checkpoint's MbPA state has no 'memory' entry; it is truncated or "
                 "was written by another callback."
             )
+        generator_state = state_dict.get("write_generator")
+        write_generator = None
+        if generator_state is not None:
+            write_generator = torch.Generator()
+            try:
+                write_generator.set_state(generator_state)
+            except (RuntimeError, TypeError) as err:
+                raise MisconfigurationException(
+                    f"MbPA: the checkpoint's 'write_generator' entry is not a CPU generator state "
+                    f"({err}); the checkpoint is corrupted."
+                ) from err
         module = self._module_ref() if self._module_ref is not None else None
-        if self._head_module is None and saved_head is not None and module is not None:
-            self._set_head(module, saved_head)
-        keys = memory_state.get("keys")
-        if isinstance(keys, Tensor) and keys.dim() == 2:
-            self._check_memory_width(keys.shape[1])
+        head, head_name = self._head_module, self._head_name
+        if saved_head is not None and (head is None or saved_head != head_name):
+            head_name = saved_head  # the memory's keys are this module's inputs
+            head = None
+            if module is not None:
+                try:
+                    head = self._resolve_named_head(module, saved_head)
+                except MisconfigurationException as err:
+                    raise MisconfigurationException(
+                        f"MbPA: the checkpoint's memory was written from head {saved_head!r}, "
+                        f"which this model lacks. {err}"
+                    ) from err
+        keys, values = memory_state.get("keys"), memory_state.get("values")
+        if isinstance(keys, Tensor) and keys.dim() == 2 and keys.shape[0] > 0:
+            self._check_memory_width(keys.shape[1], head, head_name)
+        problem = (
+            _labels_outside(values, self._head_out_features(head))
+            if isinstance(values, Tensor) and not values.is_floating_point()
+            else None
+        )
+        if problem is not None:
+            raise MisconfigurationException(
+                f"MbPA: the checkpoint's memory holds labels {problem[1]}, but the head "
+                f"{head_name!r} needs {problem[0]}; it was written by another model or is "
+                "corrupted. Use a fresh MbPA callback with `save_memory=False` to ignore it."
+            )
+        capacity = memory_state.get("capacity")
+        if isinstance(capacity, Tensor) and capacity.numel() == 1 and capacity != self.memory_size:
+            raise MisconfigurationException(
+                f"MbPA(memory_size={self.memory_size}): the checkpoint's memory has capacity "
+                f"{int(capacity.item())}; use memory_size={int(capacity.item())} to restore it, "
+                "or save_memory=False to ignore it."
+            )
         memory_state = self._check_stored_inputs_state(memory_state, state_dict)
+        replay_state = state_dict.get("replay_generator")
+        replay_generator = None
+        if replay_state is not None:
+            replay_generator = torch.Generator()
+            try:
+                replay_generator.set_state(replay_state)
+            except (RuntimeError, TypeError) as err:
+                raise MisconfigurationException(
+                    f"MbPA: the checkpoint's 'replay_generator' entry is not a CPU generator "
+                    f"state ({err}); the checkpoint is corrupted."
+                ) from err
         try:
-            self.memory.load_state_dict(memory_state)
+            self.memory.load_state_dict(memory_state)  # validates everything before mutating
         except ValueError as err:
             raise MisconfigurationException(
                 f"MbPA: cannot restore the memory from the checkpoint: {err}"
             ) from err
-        if saved_head is not None:
-            self._head_name = saved_head
-        generator_state = state_dict.get("write_generator")
-        if isinstance(generator_state, Tensor):
-            self._write_generator.set_state(generator_state)
-        replay_state = state_dict.get("replay_generator")
-        if isinstance(replay_state, Tensor):
-            self._replay_generator.set_state(replay_state)
+        self._head_module, self._head_name = head, head_name
+        if write_generator is not None:
+            self._write_generator = write_generator
+        self._slot_outputs = None
+        self._labels_checked = None
+        if replay_generator is not None:
+            self._replay_generator = replay_generator
         self._inputs_structure = state_dict.get("inputs_structure") if self.store_inputs else None
 
     # ------------------------------------------------------------------ populate
@@ -967,6 +1056,7 @@ class MbPA(Callback):
         self._capture_handles.clear()
         self._capturing = False
 
+    @torch.compiler.disable
     def _capture_hook(self, module: nn.Module, args: tuple[Any, ...]) -> None:
         if self._capturing and args and isinstance(args[0], Tensor):
             self._captured.append((module, args[0].detach()))
@@ -1007,6 +1097,11 @@ class MbPA(Callback):
         self._adapt_handle = self._head_module.register_forward_hook(self._adapt_hook)
 
     def _write_batch(self, batch: Any, where: str, gather: bool = True) -> None:
+        if not self._captured and self._head_name is None:
+            raise MisconfigurationException(
+                f"MbPA(head=None): no nn.Linear ran while processing the {where}, so the head "
+                "cannot be found. Name the module your forward pass ends with via `head=...`."
+            )
         if not self._captured:
             raise MisconfigurationException(
                 f"MbPA: the head {self._head_name!r} was not called while processing the {where}, so "
@@ -1021,15 +1116,8 @@ class MbPA(Callback):
                 f"y, label, labels, target, targets. Set `label_key=...` or override "
                 f"`MbPA.extract_labels`."
             )
-        keys_written = False
-        for _, inputs in self._captured:
-            keys, values = self._pair(inputs, labels)
-            if keys is None:
-                continue
-            keys_written = True
-            payload = self._stored_inputs(batch, inputs, labels, len(self._captured), where)
-            self._add(keys, values, gather=gather, payload=payload)
-        if not keys_written:
+        pairs = self._pairs([inputs for _, inputs in self._captured], labels)
+        if not pairs:
             shapes = [tuple(x.shape) for _, x in self._captured]
             raise MisconfigurationException(
                 f"MbPA: the labels of the {where} (shape {tuple(labels.shape)}) do not match the "
@@ -1037,6 +1125,73 @@ class MbPA(Callback):
                 f"head input row ([B, D] with [B] labels, or [B, T, D] with [B, T]). The batch "
                 f"contains {describe(batch)}."
             )
+        calls = len(self._captured)
+        payload = self._stored_inputs(batch, self._captured[0][1], labels, calls, where)
+        self._write_pairs(pairs, where, gather, payload)
+
+    def _pairs(self, inputs: list[Tensor], labels: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """The ``(keys, labels)`` of every head input that matches the labels."""
+        pairs = [self._pair(batch_inputs, labels) for batch_inputs in inputs]
+        return [(keys, values) for keys, values in pairs if keys is not None]
+
+    def _write_pairs(
+        self,
+        pairs: list[tuple[Tensor, Tensor]],
+        where: str,
+        gather: bool,
+        payload: dict[str, Tensor] | None = None,
+    ) -> None:
+        """Write one batch's ``(keys, labels)`` (and, with ``store_inputs``, the one pair's
+        model inputs), or nothing of it: every check runs first.
+
+        Under DDP the checks run on the gathered batch, so every rank refuses the same batches
+        and the collectives stay matched.
+        """
+        if gather and self._strategy is not None:
+            if payload is None:
+                pairs = [self._gather(keys.float(), values) for keys, values in pairs]
+            else:  # store_inputs: exactly one pair, gathered with its inputs
+                ((keys, values),) = pairs
+                keys, values, *rows = self._gather(keys.float(), values, *payload.values())
+                pairs, payload = [(keys, values)], dict(zip(payload, rows, strict=True))
+        self._check_pairs(pairs, where)
+        bad = [~_finite_rows(keys) for keys, _ in pairs]
+        if any(bool(rows.any()) for rows in bad):
+            count = sum(int(rows.sum()) for rows in bad)
+            total = sum(keys.shape[0] for keys, _ in pairs)
+            self._refused_batches += 1
+            self._refused_rows += count
+            self._warnings.warn(
+                f"MbPA: refused a {where}: {count} of its {total} head inputs hold NaN or "
+                f"infinite values, so nothing of it was written to memory ({self._refused_batches} "
+                f"batches, {self._refused_rows} rows refused so far). Non-finite embeddings "
+                "usually mean training diverged: lower the learning rate or clip gradients.",
+                category=UserWarning,
+            )
+            return
+        for keys, values in pairs:
+            self._add(keys, values, gather=False, payload=payload)
+
+    def _check_pairs(self, pairs: list[tuple[Tensor, Tensor]], where: str) -> None:
+        """Refuse keys whose width differs from the memory's and labels the head cannot predict."""
+        dim = self.memory.dim if len(self.memory) > 0 else None
+        for keys, values in pairs:
+            dim = keys.shape[1] if dim is None else dim
+            if keys.shape[1] != dim:
+                raise MisconfigurationException(
+                    f"MbPA: the head {self._head_name!r} was called with inputs of width "
+                    f"{keys.shape[1]} in the {where}, but the memory holds keys of width {dim}. "
+                    "MbPA needs a head with a fixed input width: name such a module with "
+                    "`head=...`."
+                )
+            problem = _labels_outside(values, self._head_out_features() or self._classes_seen)
+            if problem is not None:
+                raise ValueError(
+                    f"MbPA: the labels of the {where} must be {problem[0]} for the head "
+                    f"{self._head_name!r}, or {_IGNORE_INDEX} to skip a row; got {problem[1]}. "
+                    "Fix the labels, or name the module that outputs one logit per class with "
+                    "`head=...`."
+                )
 
     def _pair(self, inputs: Tensor, labels: Tensor) -> tuple[Tensor | None, Tensor]:
         """Match a head input ``[*lead, D]`` with labels ``[*lead]``; drop ignore_index."""
@@ -1103,13 +1258,11 @@ class MbPA(Callback):
             if self._head_module is not None and self._adapt_handle is None:
                 self._adapt_handle = self._head_module.register_forward_hook(self._adapt_hook)
         inputs = [q for q, _, _ in self._adapted_calls] or [x for _, x in self._captured]
-        for batch_inputs in inputs:
-            keys, values = self._pair(batch_inputs, labels)
-            if keys is not None:
-                payload = self._stored_inputs(
-                    batch, batch_inputs, labels, len(inputs), "test batch"
-                )
-                self._add(keys, values, payload=payload)
+        pairs = self._pairs(inputs, labels)
+        if pairs:
+            where = "test batch (online_writes)"
+            payload = self._stored_inputs(batch, inputs[0], labels, len(inputs), where)
+            self._write_pairs(pairs, where, gather=True, payload=payload)
 
     def _move_memory(self, pl_module: nn.Module) -> None:
         device = pl_module.device if isinstance(pl_module, pl.LightningModule) else None
@@ -1136,7 +1289,9 @@ class MbPA(Callback):
                 category=UserWarning,
             )
         self._adapting_stage = stage
+        self._labels_checked = None
         self._queries, self._adapt_seconds = 0, 0.0
+        self._head_called_in_stage = False
         self._base_acc = self._adapted_acc = None
         if self._head_module is None:  # nothing was ever written: find the head for online writes
             if self.online_writes and stage == "test":
@@ -1192,6 +1347,7 @@ class MbPA(Callback):
         safe = indices.clamp_min(0).to(self._slot_outputs.device)
         return self._slot_outputs[safe].to(indices.device)
 
+    @torch.compiler.disable
     def _adapt_hook(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
         if not args or not isinstance(args[0], Tensor) or not isinstance(output, Tensor):
             raise MisconfigurationException(
@@ -1210,9 +1366,22 @@ class MbPA(Callback):
         base = output.detach().reshape(-1, output.shape[-1])
         if queries.shape[0] == 0 or len(self.memory) == 0:
             self._adapted_calls.append((inputs.detach(), base, base))
+            self._head_called_in_stage = True
             return output
+        self._check_query_geometry(queries.shape[1], base.shape[1])
+        finite = None
+        if not bool(torch.isfinite(queries).all()):
+            # no neighbours for non-finite queries: they keep the base prediction
+            finite = _finite_rows(queries)
+            queries = queries.masked_fill(~finite[:, None], 0)
+            self._warnings.warn(
+                f"MbPA: {int((~finite).sum())} of {finite.numel()} {self._adapting_stage} queries "
+                "hold NaN or infinite head inputs; they keep the model's base prediction.",
+                category=UserWarning,
+            )
         neighbours = self.memory.search(queries, self.k)
-        weights = kernel_weights(neighbours.distances, neighbours.mask, self.kernel_eps)
+        mask = neighbours.mask if finite is None else neighbours.mask & finite[:, None]
+        weights = kernel_weights(neighbours.distances, mask, self.kernel_eps)
         adapted = local_adapt(
             module,
             queries,
@@ -1228,7 +1397,31 @@ class MbPA(Callback):
         self._adapt_seconds += time.perf_counter() - start
         self._queries += queries.shape[0]
         self._adapted_calls.append((inputs.detach(), base, adapted))
+        self._head_called_in_stage = True
         return adapted.reshape(output.shape).to(output.dtype)
+
+    def _check_query_geometry(self, width: int, classes: int) -> None:
+        """The head's inputs must match the keys, and the stored labels its outputs."""
+        dim = self.memory.dim
+        if width != dim:
+            raise MisconfigurationException(
+                f"MbPA: the head {self._head_name!r} was called with inputs of width {width}, but "
+                f"the memory holds keys of width {dim}. MbPA needs a head with a fixed input width "
+                "that matches the memory: name such a module with `head=...`, or use a fresh MbPA "
+                "callback if the memory was written by another model."
+            )
+        self._classes_seen = classes  # later writes are checked against it
+        if self._labels_checked != classes:
+            problem = _labels_outside(self.memory.values, classes)
+            if problem is not None:
+                raise MisconfigurationException(
+                    f"MbPA: the memory holds labels {problem[1]}, but the head "
+                    f"{self._head_name!r} needs {problem[0]}. The memory was written with labels "
+                    "this head does not predict (another model's checkpoint, or labels that are "
+                    "not class indices): use a fresh MbPA callback, or name the module that "
+                    "outputs one logit per class with `head=...`."
+                )
+            self._labels_checked = classes
 
     def _update_metrics(self, batch: Any) -> Tensor | None:
         """Update base vs adapted accuracy when the batch carries labels; return the labels."""
@@ -1339,6 +1532,23 @@ def _is_real(value: Any) -> bool:
         and value == value
         and abs(value) != float("inf")
     )
+
+
+def _finite_rows(keys: Tensor) -> Tensor:
+    """``[N]`` bool: rows that are finite, also once stored as float32."""
+    return torch.isfinite(keys.float() if keys.dtype == torch.float64 else keys).all(-1)
+
+
+def _labels_outside(values: Tensor, classes: int | None) -> tuple[str, list[int]] | None:
+    """``(what the labels must be, up to 5 offending values)`` if the head cannot predict some."""
+    high = None if classes is None else (2 if classes == 1 else classes)
+    bad = values < 0 if high is None else (values < 0) | (values >= high)
+    if not bool(bad.any()):
+        return None
+    if high is None:
+        return "non-negative class indices", values[bad].unique()[:5].tolist()
+    outputs = f"{classes} output{'s' if classes != 1 else ''}"
+    return f"class indices in [0, {high}) ({outputs})", values[bad].unique()[:5].tolist()
 
 
 def _check(ok: bool, name: str, value: Any, allowed: str) -> None:
