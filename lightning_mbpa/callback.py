@@ -690,17 +690,8 @@ class MbPA(Callback):
                 "MbPA: the checkpoint's MbPA state has no 'memory' entry; it is truncated or "
                 "was written by another callback."
             )
-        generator_state = state_dict.get("write_generator")
-        write_generator = None
-        if generator_state is not None:
-            write_generator = torch.Generator()
-            try:
-                write_generator.set_state(generator_state)
-            except (RuntimeError, TypeError) as err:
-                raise MisconfigurationException(
-                    f"MbPA: the checkpoint's 'write_generator' entry is not a CPU generator state "
-                    f"({err}); the checkpoint is corrupted."
-                ) from err
+        write_generator = _saved_generator(state_dict, "write_generator")
+        replay_generator = _saved_generator(state_dict, "replay_generator")
         module = self._module_ref() if self._module_ref is not None else None
         head, head_name = self._head_module, self._head_name
         if saved_head is not None and (head is None or saved_head != head_name):
@@ -736,17 +727,6 @@ class MbPA(Callback):
                 "or save_memory=False to ignore it."
             )
         memory_state = self._check_stored_inputs_state(memory_state, state_dict)
-        replay_state = state_dict.get("replay_generator")
-        replay_generator = None
-        if replay_state is not None:
-            replay_generator = torch.Generator()
-            try:
-                replay_generator.set_state(replay_state)
-            except (RuntimeError, TypeError) as err:
-                raise MisconfigurationException(
-                    f"MbPA: the checkpoint's 'replay_generator' entry is not a CPU generator "
-                    f"state ({err}); the checkpoint is corrupted."
-                ) from err
         try:
             self.memory.load_state_dict(memory_state)  # validates everything before mutating
         except ValueError as err:
@@ -1480,6 +1460,22 @@ class MbPA(Callback):
         if logits.shape[-1] == 1:
             return (logits[..., 0] > 0).long()
         return logits.argmax(-1)
+
+
+def _saved_generator(state_dict: dict[str, Any], name: str) -> torch.Generator | None:
+    """The generator a checkpoint's ``name`` entry holds (None if absent); raises if corrupted."""
+    state = state_dict.get(name)
+    if state is None:
+        return None
+    generator = torch.Generator()
+    try:
+        generator.set_state(state)
+    except (RuntimeError, TypeError) as err:
+        raise MisconfigurationException(
+            f"MbPA: the checkpoint's {name!r} entry is not a CPU generator state ({err}); the "
+            "checkpoint is corrupted."
+        ) from err
+    return generator
 
 
 def _module_device(module: nn.Module) -> torch.device:
