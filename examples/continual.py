@@ -48,7 +48,7 @@ class ContinualCLI(LightningCLI):
             "--out_dir", type=str, default="examples/out", help="Where the plot and JSON go."
         )
         parser.add_argument(
-            "--threads", type=int, default=2, help="torch.set_num_threads while training/testing."
+            "--threads", type=int, default=1, help="torch.set_num_threads while training/testing."
         )
 
 
