@@ -340,7 +340,7 @@ class EpisodicMemory:
         Raises:
             ValueError: Bad shapes, non-finite keys, negative/non-integer/bool labels.
         """
-        keys32, labels = self._check_add(keys, values)
+        keys32, labels, new_norms = self._check_add(keys, values)
         n = keys32.shape[0]
         if n == 0:
             return torch.empty(0, dtype=torch.int64)
@@ -348,59 +348,78 @@ class EpisodicMemory:
             self._allocate(keys32.shape[1])
         assert self._keys is not None and self._values is not None and self._norms is not None
 
-        slot_of_row = self._assign_slots(n)
-        rows = np.flatnonzero(slot_of_row >= 0)
-        slots = slot_of_row[rows]
-        if rows.size and self._device.type == "cpu":
+        slot_of_row, runs = self._assign_slots(n)
+        slots: Int64Array | None = None
+        if self._device.type == "cpu":
             # numpy on the CPU: single-threaded memory copies, immune to OpenMP contention.
+            assert new_norms is not None
             new_keys = keys32.cpu().numpy()
             new_labels = labels.cpu().numpy()
-            if rows.size != n:
-                new_keys, new_labels = new_keys[rows], new_labels[rows]
-            _scatter_rows(self._keys.numpy(), slots, new_keys)
-            _scatter_rows(self._values.numpy(), slots, new_labels)
-            _scatter_rows(self._norms.numpy(), slots, _squared_norms_np(new_keys))
-        elif rows.size:
-            rows_t = torch.from_numpy(rows).to(keys32.device)
-            slots_t = torch.from_numpy(slots).to(self._device)
-            with torch.no_grad():
-                new = keys32.index_select(0, rows_t).to(self._device)
-                self._keys.index_copy_(0, slots_t, new)
-                kept_labels = labels.index_select(0, rows_t.to(labels.device))
-                self._values.index_copy_(0, slots_t, kept_labels.to(self._device))
-                self._norms.index_copy_(0, slots_t, new.square().sum(1))
+            targets = (self._keys.numpy(), self._values.numpy(), self._norms.numpy())
+            if runs is not None:  # FIFO and a filling reservoir: at most two slice copies
+                for row, slot, length in runs:
+                    for target, new in zip(targets, (new_keys, new_labels, new_norms), strict=True):
+                        target[slot : slot + length] = new[row : row + length]
+            else:
+                rows = np.flatnonzero(slot_of_row >= 0)
+                slots = slot_of_row[rows]
+                for target, new in zip(targets, (new_keys, new_labels, new_norms), strict=True):
+                    target[slots] = new[rows]
+        else:
+            rows = np.flatnonzero(slot_of_row >= 0)
+            slots = slot_of_row[rows]
+            if rows.size:
+                rows_t = torch.from_numpy(rows).to(keys32.device)
+                slots_t = torch.from_numpy(slots).to(self._device)
+                with torch.no_grad():
+                    new = keys32.index_select(0, rows_t).to(self._device)
+                    self._keys.index_copy_(0, slots_t, new)
+                    kept_labels = labels.index_select(0, rows_t.to(labels.device))
+                    self._values.index_copy_(0, slots_t, kept_labels.to(self._device))
+                    self._norms.index_copy_(0, slots_t, new.square().sum(1))
         self._num_seen += n
         self._size = min(self._num_seen, self._capacity)
         if self._ann is not None:
+            if slots is None:
+                slots = slot_of_row[slot_of_row >= 0]
             self._ann.update(self._keys_numpy(), slots)
         return torch.from_numpy(slot_of_row)
 
-    def _assign_slots(self, n: int) -> Int64Array:
-        """Slot of each of ``n`` new rows (``-1``: not kept), with sequential semantics."""
+    def _assign_slots(self, n: int) -> tuple[Int64Array, list[tuple[int, int, int]] | None]:
+        """Slot of each of ``n`` new rows (``-1``: not kept), with sequential semantics, and, when
+        the kept rows land in at most two contiguous runs of slots (FIFO, a filling reservoir),
+        those runs as ``(first row, first slot, length)``; None otherwise."""
         cap, seen = self._capacity, self._num_seen
-        slot = np.full(n, -1, dtype=np.int64)
         if self._eviction == "fifo":
             first = max(0, n - cap)  # earlier rows of an oversized batch are overwritten within it
-            rows = np.arange(first, n, dtype=np.int64)
-            slot[first:] = (seen + rows) % cap
-            return slot
+            start = (seen + first) % cap
+            head = min(n - first, cap - start)
+            runs = [(first, start, head)]
+            if head < n - first:  # wraps around the end of the ring
+                runs.append((first + head, 0, n - first - head))
+            slot = np.empty(n, dtype=np.int64)
+            slot[:first] = -1
+            for row, begin, length in runs:
+                slot[row : row + length] = np.arange(begin, begin + length, dtype=np.int64)
+            return slot, runs
+        slot = np.full(n, -1, dtype=np.int64)
         t = np.arange(seen, seen + n, dtype=np.int64)
         filling = t < cap
         slot[filling] = t[filling]
         late = ~filling
         m = int(late.sum())
-        if m:
-            u = torch.rand(m, dtype=torch.float64, generator=self._generator).numpy()
-            j = np.floor(u * (t[late] + 1).astype(np.float64)).astype(np.int64)
-            slot[late] = np.where(j < cap, j, -1)
-            # Two rows drawing the same slot: the later one wins (keep-last dedupe).
-            kept = np.flatnonzero(slot >= 0)
-            _, last_rev = np.unique(slot[kept][::-1], return_index=True)
-            winners = kept[::-1][last_rev]
-            deduped = np.full(n, -1, dtype=np.int64)
-            deduped[winners] = slot[winners]
-            slot = deduped
-        return slot
+        if not m:
+            return slot, [(0, seen, n)]
+        u = torch.rand(m, dtype=torch.float64, generator=self._generator).numpy()
+        j = np.floor(u * (t[late] + 1).astype(np.float64)).astype(np.int64)
+        slot[late] = np.where(j < cap, j, -1)
+        # Two rows drawing the same slot: the later one wins (keep-last dedupe).
+        kept = np.flatnonzero(slot >= 0)
+        _, last_rev = np.unique(slot[kept][::-1], return_index=True)
+        winners = kept[::-1][last_rev]
+        deduped = np.full(n, -1, dtype=np.int64)
+        deduped[winners] = slot[winners]
+        return deduped, None
 
     def clear(self) -> None:
         """Empties the memory: ``len``, ``num_seen`` and the FIFO cursor go to 0, the reservoir
@@ -466,7 +485,8 @@ class EpisodicMemory:
         return self._gather_cpu(q32.cpu().numpy(), slots_np, k, queries)
 
     def _torch_candidates(self, q: Tensor, kk: int) -> Tensor:
-        """Exact top-``kk`` slots by ``|h|² - 2 q·h`` (the ``|q|²`` term ranks nothing), chunked."""
+        """Exact top-``kk`` slots by ``|h|² - 2 q·h`` (the ``|q|²`` term ranks nothing), chunked,
+        sorted by that value (so that the exact distances rarely need reordering)."""
         assert self._keys is not None and self._norms is not None
         n, b = self._size, q.shape[0]
         budget = _TORCH_BLOCK_ELEMENTS["cpu" if q.device.type == "cpu" else "other"]
@@ -487,8 +507,8 @@ class EpisodicMemory:
                     kk, dim=1, largest=False, sorted=False
                 )
                 best_i = torch.cat([best_i, i], 1).gather(1, pick)
-        assert best_i is not None
-        return best_i
+        assert best_d is not None and best_i is not None
+        return best_i.gather(1, best_d.argsort(dim=1))
 
     def _gather_cpu(
         self, q: npt.NDArray[np.float32], slots: Int64Array, k: int, queries: Tensor
@@ -502,19 +522,21 @@ class EpisodicMemory:
         valid = slots >= 0
         all_valid = bool(valid.all())
         safe = slots if all_valid else np.where(valid, slots, 0)
-        nb_keys = np.take(self._keys.numpy(), safe.reshape(-1), axis=0).reshape(b, k, -1)
-        dist = _exact_squared_distances_np(q, nb_keys)
+        nb_keys, dist = _gather_rows_and_distances_np(self._keys.numpy(), safe, q)
         if not all_valid:
             dist[~valid] = np.inf
         order = np.argsort(dist, axis=1, kind="stable")
         moved = np.flatnonzero((order != np.arange(k)).any(1))
         if moved.size:
-            # Near-ties computed differently by the index can swap places: reorder those rows.
+            # Near-ties computed differently by the index can swap places: reorder those rows
+            # (the keys through flat row numbers: one take, not a gather per element).
             o = order[moved]
             dist[moved] = np.take_along_axis(dist[moved], o, 1)
             slots = slots.copy()
             slots[moved] = np.take_along_axis(slots[moved], o, 1)
-            nb_keys[moved] = np.take_along_axis(nb_keys[moved], o[..., None], 1)
+            flat = nb_keys.reshape(b * k, -1)
+            base = moved[:, None] * k
+            flat[(base + np.arange(k)).reshape(-1)] = flat[(base + o).reshape(-1)]
             valid = slots >= 0
             safe = np.where(valid, slots, 0)
         values = np.take(self._values.numpy(), safe.reshape(-1)).reshape(b, k)
@@ -769,8 +791,10 @@ class EpisodicMemory:
         assert self._keys is not None
         return self._keys[: self._size].numpy()
 
-    def _check_add(self, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
-        """Validated ``(keys as float32, labels as int64)``; raises before any mutation."""
+    def _check_add(self, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor, np.ndarray | None]:
+        """Validated ``(keys as float32, labels as int64, squared key norms)``; raises before any
+        mutation. The norms (numpy, for CPU storage only; None otherwise) double as the
+        finiteness check: a NaN or inf key makes its norm non-finite."""
         if not isinstance(keys, Tensor):
             raise ValueError(f"`keys` must be a torch.Tensor; got {type(keys).__name__}.")
         if not isinstance(values, Tensor):
@@ -794,7 +818,13 @@ class EpisodicMemory:
         if values.dtype == torch.bool or values.is_complex():
             raise ValueError(f"`values` must be integer labels; got dtype {values.dtype}.")
         keys32 = keys.detach().to(torch.float32)
-        if not _all_finite(keys32):
+        norms = None
+        if self._device.type == "cpu":
+            norms = _squared_norms_np(keys32.cpu().numpy())
+            finite = bool(np.isfinite(norms).all()) or _all_finite(keys32)  # squares can overflow
+        else:
+            finite = _all_finite(keys32)
+        if not finite:
             raise ValueError("`keys` must be finite (as float32); got NaN or infinite values.")
         labels = values.detach()
         if labels.is_floating_point():
@@ -804,10 +834,10 @@ class EpisodicMemory:
                 raise ValueError(
                     f"`values` must be integer labels; got non-integral values such as {bad}."
                 )
-        if bool((labels < 0).any()):
+        if _any_negative(labels):
             bad = labels[labels < 0][:3].tolist()
             raise ValueError(f"`values` must be non-negative labels; got {bad}.")
-        return keys32, labels.to(torch.int64)
+        return keys32, labels.to(torch.int64), norms
 
 
 class _LiveRowIndex:
@@ -1018,40 +1048,50 @@ def _exact_squared_distances(queries: Tensor, keys: Tensor) -> Tensor:
     return (keys - queries.unsqueeze(1)).square_().sum(-1)
 
 
-def _exact_squared_distances_np(
-    queries: npt.NDArray[np.float32], keys: npt.NDArray[np.float32]
-) -> npt.NDArray[np.float32]:
-    """:func:`_exact_squared_distances` in numpy, in blocks of about 1 MiB so the temporary stays
-    in cache and is reused from the heap instead of page-faulted in on every search."""
-    b, k, d = keys.shape
-    out = np.empty((b, k), dtype=np.float32)
+def _gather_rows_and_distances_np(
+    store: npt.NDArray[np.float32], slots: Int64Array, queries: npt.NDArray[np.float32]
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+    """``store[slots]`` ``[B, K, D]`` and the squared distances ``||q_b - store[slots[b, k]]||²``
+    ``[B, K]`` as a difference (exact for duplicates, unlike ``|q|² + |h|² - 2 q·h``).
+
+    In blocks of about 1 MiB of keys: each block's distances are computed while its gathered
+    keys are still in cache, with one reused temporary."""
+    b, k = slots.shape
+    d = store.shape[1]
+    keys = np.empty((b, k, d), dtype=np.float32)
+    dist = np.empty((b, k), dtype=np.float32)
     step = max(1, (1 << 18) // max(k * d, 1))
+    diff = np.empty((min(step, b), k, d), dtype=np.float32)
     for start in range(0, b, step):
         stop = min(b, start + step)
-        diff = keys[start:stop] - queries[start:stop, None, :]
-        np.einsum("bkd,bkd->bk", diff, diff, out=out[start:stop])
-    return out
+        block = keys[start:stop]
+        # mode="clip" (the slots are in range): with the default mode numpy buffers `out`
+        np.take(store, slots[start:stop].reshape(-1), axis=0, out=block.reshape(-1, d), mode="clip")
+        tmp = diff[: stop - start]
+        np.subtract(block, queries[start:stop, None, :], out=tmp)
+        np.einsum("bkd,bkd->bk", tmp, tmp, out=dist[start:stop])
+    return keys, dist
 
 
 def _squared_norms_np(keys: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
     return np.einsum("nd,nd->n", keys, keys)
 
 
-def _scatter_rows(buffer: np.ndarray, slots: Int64Array, rows: np.ndarray) -> None:
-    """``buffer[slots] = rows``, as slice copies when ``slots`` form a few contiguous runs (FIFO)."""
-    breaks = np.flatnonzero(np.diff(slots) != 1) + 1
-    if breaks.size > 8:
-        buffer[slots] = rows
-        return
-    for lo, hi in zip(np.r_[0, breaks], np.r_[breaks, slots.size], strict=True):
-        buffer[slots[lo] : slots[lo] + (hi - lo)] = rows[lo:hi]
-
-
 def _all_finite(x: Tensor) -> bool:
     """Whether a float tensor holds no NaN/inf (numpy on the CPU: no OpenMP region)."""
     if x.device.type == "cpu":
-        return bool(np.isfinite(x.numpy()).all())
+        a = x.numpy()
+        # A NaN or inf anywhere makes the sum non-finite; a finite sum proves all are finite.
+        # Only a sum that overflows needs the element-wise check.
+        return bool(np.isfinite(a.sum())) or bool(np.isfinite(a).all())
     return bool(torch.isfinite(x).all())
+
+
+def _any_negative(x: Tensor) -> bool:
+    """Whether a real tensor holds a value < 0 (numpy on the CPU: a few µs less per write)."""
+    if x.device.type == "cpu" and x.numel():
+        return bool(x.numpy().min() < 0)
+    return bool((x < 0).any())
 
 
 def _is_int(x: object) -> bool:
