@@ -39,11 +39,13 @@ from lightning_mbpa.batches import (
     get_item,
     slice_inputs,
 )
-from lightning_mbpa.memory import EpisodicMemory
+from lightning_mbpa.memory import EXACT_INDEX, EpisodicMemory
 
 Stage = Literal["validate", "test", "predict"]
 _STAGES: tuple[str, ...] = ("validate", "test", "predict")
 _IGNORE_INDEX = -100
+# Training writes are staged in a buffer of about this size and written to the memory in bulk.
+_WRITE_BUFFER_BYTES = 1 << 20
 
 
 def _linear_names(module: nn.Module) -> list[str]:
@@ -207,15 +209,40 @@ class MbPA(Callback):
         self._adapted_calls: list[tuple[Tensor, Tensor, Tensor]] = []
         self._adapting_stage: str | None = None
         self._slot_outputs: Tensor | None = None
+        self._slot_known: Tensor | None = None  # which rows of _slot_outputs are computed (CPU)
         self._base_acc: torchmetrics.Metric | None = None
         self._adapted_acc: torchmetrics.Metric | None = None
         self._queries = 0
         self._adapt_seconds = 0.0
         self._warnings = WarningCache()
+        # Write buffer: rows staged by `_add`, written to the memory in bulk by `_flush_writes`.
+        self._pending: list[tuple[Tensor, Tensor]] = []
+        self._pending_bytes = 0
+
+    @property
+    def memory(self) -> EpisodicMemory:
+        """The episodic memory, with every write made so far in it.
+
+        Training writes are staged and reach the memory in bulk (one ``add`` per few thousand
+        rows instead of one per batch); reading this attribute writes what is staged first, and
+        so do epoch ends, checkpoints and the start of validate/test/predict.
+        """
+        self._flush_writes()
+        return self._memory
+
+    @memory.setter
+    def memory(self, memory: EpisodicMemory) -> None:
+        if getattr(self, "_pending", None):
+            self._flush_writes()
+        self._memory = memory
 
     def __getstate__(self) -> dict[str, Any]:
+        self._flush_writes()
         state = self.__dict__.copy()
         for transient in (
+            "_memory",
+            "_pending",
+            "_pending_bytes",
             "_module_ref",
             "_strategy",
             "_head_module",
@@ -224,6 +251,7 @@ class MbPA(Callback):
             "_captured",
             "_adapted_calls",
             "_slot_outputs",
+            "_slot_known",
             "_base_acc",
             "_adapted_acc",
             "_warnings",
@@ -244,15 +272,16 @@ class MbPA(Callback):
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        saved = torch.load(io.BytesIO(state["memory"]), weights_only=True)
+        state = dict(state)
+        saved = torch.load(io.BytesIO(state.pop("memory")), weights_only=True)
         self.__dict__.update(state)
+        self._init_runtime_state()
         self.memory = EpisodicMemory(
             capacity=self.memory_size, eviction=self.eviction, index=self.index, seed=self.seed
         )
         self.memory.load_state_dict(saved["memory"])
         self._write_generator = torch.Generator()
         self._write_generator.set_state(saved["write_generator"])
-        self._init_runtime_state()
 
     @property
     def state_key(self) -> str:
@@ -363,12 +392,19 @@ class MbPA(Callback):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._remove_capture_hooks()
         self._remove_adapt_hook()
+        self._flush_writes()
 
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
         self._remove_capture_hooks()
         self._remove_adapt_hook()
+        # The batches that finished before the exception are in the memory, as without the
+        # write buffer; a failing write must not hide the original exception.
+        try:
+            self._flush_writes()
+        except ValueError as err:
+            rank_zero_warn(f"MbPA: staged writes could not be written after an exception: {err}")
 
     # ---- fit: writing
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -377,6 +413,10 @@ class MbPA(Callback):
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._remove_capture_hooks()
+        self._flush_writes()
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._flush_writes()
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
@@ -662,21 +702,22 @@ class MbPA(Callback):
             )
 
     def _pair(self, inputs: Tensor, labels: Tensor) -> tuple[Tensor | None, Tensor]:
-        """Match a head input ``[*lead, D]`` with labels ``[*lead]``; drop ignore_index."""
+        """Match a head input ``[*lead, D]`` with labels ``[*lead]`` (rows labelled ignore_index
+        are dropped later, by ``_add`` or when the staged rows are written)."""
         if inputs.dim() < 2 or tuple(inputs.shape[:-1]) != tuple(labels.shape):
             return None, labels
-        keys = inputs.reshape(-1, inputs.shape[-1])
-        values = labels.reshape(-1).to(keys.device)
-        keep = values != _IGNORE_INDEX
-        if not bool(keep.all()):
-            keys, values = keys[keep], values[keep]
-        return keys, values
+        if inputs.dim() > 2:
+            inputs, labels = inputs.reshape(-1, inputs.shape[-1]), labels.reshape(-1)
+        return inputs, labels.to(inputs.device)
 
     def _add(self, keys: Tensor, values: Tensor, gather: bool = True) -> None:
         if gather and self._strategy is not None:
             keys, values = self._gather(keys, values)
+        if self.write_fraction < 1.0:
+            # after the gather, so every rank makes the same choice from the same generator, and
+            # over the labelled rows only
+            keys, values = _drop_ignored(keys, values)
         if self.write_fraction < 1.0 and keys.shape[0] > 0:
-            # after the gather, so every rank makes the same choice from the same generator
             chosen = (
                 torch.rand(keys.shape[0], generator=self._write_generator) < self.write_fraction
             )
@@ -684,8 +725,49 @@ class MbPA(Callback):
             keys, values = keys[chosen], values[chosen]
         if keys.shape[0] == 0:
             return
-        self.memory.add(keys.float(), values)
+        self._stage(keys, values)
         self._slot_outputs = None
+
+    def _stage(self, keys: Tensor, values: Tensor) -> None:
+        """Queue rows for the memory; they are written in bulk once about 1 MiB of keys waits.
+
+        The keys are held by reference (the head input is not touched after its batch), the
+        labels are copied (a data loader may refill its label buffer in place).
+        """
+        self._pending.append((keys, values.clone()))
+        self._pending_bytes += keys.numel() * 4
+        if self._pending_bytes >= _WRITE_BUFFER_BYTES:
+            self._flush_writes()
+
+    def _flush_writes(self) -> None:
+        """Writes the staged rows to the memory: one ``add`` for all of them, which leaves the
+        memory exactly as one ``add`` per batch would (FIFO and reservoir slots follow the row
+        order). An approximate index gets one ``add`` per batch, since when it trains and
+        compacts depends on the batch boundaries. If a write is refused, the batches before the
+        refused one are written and its error is raised, as without the buffer."""
+        pending = self._pending
+        if not pending:
+            return
+        self._pending, self._pending_bytes = [], 0
+        memory = self._memory
+        if len(pending) > 1 and memory.index_string == EXACT_INDEX:
+            try:
+                keys = torch.cat([keys for keys, _ in pending])
+                values = torch.cat([values for _, values in pending])
+            except RuntimeError:  # keys of different widths or devices: the memory says which
+                pass
+            else:
+                keys, values = _drop_ignored(keys, values)
+                try:
+                    if keys.shape[0]:
+                        memory.add(keys, values)
+                    return
+                except ValueError:
+                    pass  # nothing was written: find the refused batch below
+        for keys, values in pending:
+            keys, values = _drop_ignored(keys, values)
+            if keys.shape[0]:
+                memory.add(keys, values)
 
     def _gather(self, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
         """Keys and labels of every rank, in rank order, so all ranks hold the same memory.
@@ -782,24 +864,51 @@ class MbPA(Callback):
         self.populate(pl_module, loader)
 
     def _neighbour_outputs(self, indices: Tensor, mask: Tensor) -> Tensor | None:
-        """For a Linear head, the trained head's outputs on every memory, computed once per run."""
+        """For a Linear head, the trained head's outputs on the neighbours, cached per memory slot
+        for the rest of the run (any write clears the cache).
+
+        On the CPU a slot's output is computed the first time a query retrieves it, so a run
+        never computes more than ``min(len(memory), queries · k)`` of them (computing all of a
+        large memory up front costs more than a test set of fewer than ``len / k`` queries
+        needs). On a GPU all of them are computed at once: no per-batch synchronisation.
+        """
         head = self._head_module
         if not isinstance(head, nn.Linear):
             return None
+        memory = self.memory
+        keys = memory.keys
+        if keys.shape[0] * head.out_features * 4 > 512 * 2**20:  # too large to cache
+            return None
+        lazy = keys.device.type == "cpu"
         if self._slot_outputs is None:
-            keys = self.memory.keys
-            if keys.shape[0] * head.out_features * 4 > 512 * 2**20:  # too large to cache
-                return None
-            with torch.autocast(keys.device.type, enabled=False):
-                weight = head.weight.detach().to(device=keys.device, dtype=torch.float32)
-                bias = (
-                    None
-                    if head.bias is None
-                    else head.bias.detach().to(device=keys.device, dtype=torch.float32)
-                )
-                self._slot_outputs = torch.nn.functional.linear(keys, weight, bias)
-        safe = indices.clamp_min(0).to(self._slot_outputs.device)
-        return self._slot_outputs[safe].to(indices.device)
+            with torch.inference_mode(False):
+                if lazy:
+                    self._slot_outputs = keys.new_empty((keys.shape[0], head.out_features))
+                    self._slot_known = torch.zeros(keys.shape[0], dtype=torch.bool)
+                else:
+                    self._slot_outputs = self._head_outputs(head, keys)
+        cache = self._slot_outputs
+        safe = indices.clamp_min(0).to(cache.device)
+        if lazy:
+            assert self._slot_known is not None
+            flat = safe.reshape(-1)
+            new = torch.unique(flat[~self._slot_known[flat]])
+            if new.numel():
+                cache[new] = self._head_outputs(head, keys[new])
+                self._slot_known[new] = True
+        return cache[safe].to(indices.device)
+
+    @staticmethod
+    def _head_outputs(head: nn.Linear, keys: Tensor) -> Tensor:
+        """``head(keys)`` in float32 with the trained weights, autocast off."""
+        with torch.autocast(keys.device.type, enabled=False):
+            weight = head.weight.detach().to(device=keys.device, dtype=torch.float32)
+            bias = (
+                None
+                if head.bias is None
+                else head.bias.detach().to(device=keys.device, dtype=torch.float32)
+            )
+            return torch.nn.functional.linear(keys, weight, bias)
 
     def _adapt_hook(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
         if not args or not isinstance(args[0], Tensor) or not isinstance(output, Tensor):
@@ -896,6 +1005,14 @@ class MbPA(Callback):
         if logits.shape[-1] == 1:
             return (logits[..., 0] > 0).long()
         return logits.argmax(-1)
+
+
+def _drop_ignored(keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
+    """The rows whose label is not ``ignore_index`` (-100, PyTorch's convention)."""
+    keep = values != _IGNORE_INDEX
+    if bool(keep.all()):
+        return keys, values
+    return keys[keep], values[keep]
 
 
 def _is_int(value: Any) -> bool:
