@@ -684,7 +684,7 @@ def test_load_state_dict_rejects_and_leaves_memory_unchanged(
 
 def test_to_cpu_is_a_no_op_and_faiss_stays_on_cpu() -> None:
     memory = _filled()
-    assert memory.to("cpu") is memory and memory.backend == "faiss"
+    assert memory.to("cpu") is memory and memory.backend == "torch"  # "auto": exact search
     pinned = EpisodicMemory(6, backend="faiss")
     assert pinned.to("cuda").device.type == "cpu"
 
@@ -732,7 +732,7 @@ def test_cuda_storage_uses_the_torch_backend_and_matches_cpu() -> None:
     assert moved.backend == "torch" and moved.keys.is_cuda
     assert torch.equal(moved.search(q, 7).indices, ref.indices)
     moved.to("cpu")
-    assert moved.backend == "faiss"
+    assert moved.backend == "torch" and not moved.keys.is_cuda
     restored = pickle.loads(pickle.dumps(gpu))
     assert restored.device.type == "cuda"
     assert torch.equal(restored.search(q, 7).indices, ref.indices)
