@@ -481,7 +481,8 @@ class EpisodicMemory:
                 return self._gather(q32, slots, k, queries)
             slots_np = slots.numpy()
         elif self._ann is not None and self._ann.active:
-            slots_np = self._ann.search(q32.cpu().numpy(), kk)
+            slots_np, exact = self._ann.search(q32.cpu().numpy(), kk)
+            return self._gather_cpu(q32.cpu().numpy(), slots_np, k, queries, exact)
         else:
             _, slots_np = faiss.knn(
                 q32.cpu().numpy(), self._keys_numpy(), kk, metric=faiss.METRIC_L2
@@ -515,10 +516,17 @@ class EpisodicMemory:
         return best_i.gather(1, best_d.argsort(dim=1))
 
     def _gather_cpu(
-        self, q: npt.NDArray[np.float32], slots: Int64Array, k: int, queries: Tensor
+        self,
+        q: npt.NDArray[np.float32],
+        slots: Int64Array,
+        k: int,
+        queries: Tensor,
+        distances: npt.NDArray[np.float32] | None = None,
     ) -> Neighbours:
         """:meth:`_gather` for CPU storage, in numpy (single-threaded memory-bound work that
-        would otherwise start an OpenMP parallel region per step)."""
+        would otherwise start an OpenMP parallel region per step). ``distances``: the index's
+        own distances of ``slots`` when it computes them exactly (by difference, from the
+        stored vectors); otherwise they are computed here."""
         assert self._keys is not None and self._values is not None
         b = slots.shape[0]
         if slots.shape[1] < k:
@@ -526,7 +534,12 @@ class EpisodicMemory:
         valid = slots >= 0
         all_valid = bool(valid.all())
         safe = slots if all_valid else np.where(valid, slots, 0)
-        nb_keys, dist = _gather_rows_and_distances_np(self._keys.numpy(), safe, q)
+        if distances is None:
+            nb_keys, dist = _gather_rows_and_distances_np(self._keys.numpy(), safe, q)
+        else:
+            nb_keys, _ = _gather_rows_and_distances_np(self._keys.numpy(), safe, None)
+            dist = np.full(slots.shape, np.inf, dtype=np.float32)
+            dist[:, : distances.shape[1]] = distances
         if not all_valid:
             dist[~valid] = np.inf
         order = np.argsort(dist, axis=1, kind="stable")
@@ -871,6 +884,12 @@ class _LiveRowIndex:
                 ) from exc
         self.index = index
         self.capacity = capacity
+        # HNSW and IVF over uncompressed vectors compute L2 by difference from the stored
+        # vectors (faiss' fvec_L2sqr), as exact as recomputing them; PQ/SQ codes and
+        # pre-transforms (PCA, OPQ) give approximations.
+        self.exact_distances = isinstance(
+            faiss.downcast_index(index), (faiss.IndexHNSWFlat, faiss.IndexIVFFlat)
+        )
         self.train_at = _train_threshold(index, capacity)
         self.active = bool(index.is_trained)
         self.slot_to_row = np.full(capacity, -1, dtype=np.int64)
@@ -922,19 +941,26 @@ class _LiveRowIndex:
         self.dead = 0
         self._bitmap = None
 
-    def search(self, queries: npt.NDArray[np.float32], k: int) -> Int64Array:
-        """Slots ``[B, k]`` of the approximate nearest live rows (``-1`` where fewer were found)."""
-        if self._bitmap is None:
-            self._bitmap = np.packbits(self.live[: self.rows], bitorder="little")
-        bitmap = self._bitmap
-        selector = faiss.IDSelectorBitmap(bitmap.size, faiss.swig_ptr(bitmap))
-        params, keep_alive = _search_params(self.index, selector, "")
-        _, rows = self.index.search(queries, k, params=params)
-        del keep_alive
+    def search(
+        self, queries: npt.NDArray[np.float32], k: int
+    ) -> tuple[Int64Array, npt.NDArray[np.float32] | None]:
+        """Slots ``[B, k]`` of the approximate nearest live rows (``-1`` where fewer were found),
+        and their squared distances if the index computes them exactly (else None)."""
+        if self.dead == 0:
+            # Every row is live: the selector would accept everything, and costs HNSW ~1.5x.
+            dist, rows = self.index.search(queries, k)
+        else:
+            if self._bitmap is None:
+                self._bitmap = np.packbits(self.live[: self.rows], bitorder="little")
+            bitmap = self._bitmap
+            selector = faiss.IDSelectorBitmap(bitmap.size, faiss.swig_ptr(bitmap))
+            params, keep_alive = _search_params(self.index, selector, "")
+            dist, rows = self.index.search(queries, k, params=params)
+            del keep_alive
         found = rows >= 0
         slots = np.full(rows.shape, -1, dtype=np.int64)
         slots[found] = self.row_to_slot[rows[found]]
-        return slots
+        return slots, (dist if self.exact_distances else None)
 
     def _reserve(self, n: int) -> None:
         if n <= self.row_to_slot.size:
@@ -1053,16 +1079,21 @@ def _exact_squared_distances(queries: Tensor, keys: Tensor) -> Tensor:
 
 
 def _gather_rows_and_distances_np(
-    store: npt.NDArray[np.float32], slots: Int64Array, queries: npt.NDArray[np.float32]
-) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
-    """``store[slots]`` ``[B, K, D]`` and the squared distances ``||q_b - store[slots[b, k]]||²``
-    ``[B, K]`` as a difference (exact for duplicates, unlike ``|q|² + |h|² - 2 q·h``).
+    store: npt.NDArray[np.float32], slots: Int64Array, queries: npt.NDArray[np.float32] | None
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32] | None]:
+    """``store[slots]`` ``[B, K, D]`` and, unless ``queries`` is None, the squared distances
+    ``||q_b - store[slots[b, k]]||²`` ``[B, K]`` as a difference (exact for duplicates, unlike
+    ``|q|² + |h|² - 2 q·h``).
 
     In blocks of about 1 MiB of keys: each block's distances are computed while its gathered
     keys are still in cache, with one reused temporary."""
     b, k = slots.shape
     d = store.shape[1]
     keys = np.empty((b, k, d), dtype=np.float32)
+    if queries is None:
+        # mode="clip" (the slots are in range): with the default mode numpy buffers `out`
+        np.take(store, slots.reshape(-1), axis=0, out=keys.reshape(-1, d), mode="clip")
+        return keys, None
     dist = np.empty((b, k), dtype=np.float32)
     step = max(1, (1 << 18) // max(k * d, 1))
     diff = np.empty((min(step, b), k, d), dtype=np.float32)
