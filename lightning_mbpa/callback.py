@@ -210,6 +210,7 @@ class MbPA(Callback):
         self._adapting_stage: str | None = None
         self._slot_outputs: Tensor | None = None
         self._slot_known: Tensor | None = None  # which rows of _slot_outputs are computed (CPU)
+        self._slot_version = -1  # the memory's version the cache was made for
         self._base_acc: torchmetrics.Metric | None = None
         self._adapted_acc: torchmetrics.Metric | None = None
         self._queries = 0
@@ -726,7 +727,6 @@ class MbPA(Callback):
         if keys.shape[0] == 0:
             return
         self._stage(keys, values)
-        self._slot_outputs = None
 
     def _stage(self, keys: Tensor, values: Tensor) -> None:
         """Queue rows for the memory; they are written in bulk once about 1 MiB of keys waits.
@@ -865,7 +865,7 @@ class MbPA(Callback):
 
     def _neighbour_outputs(self, indices: Tensor, mask: Tensor) -> Tensor | None:
         """For a Linear head, the trained head's outputs on the neighbours, cached per memory slot
-        for the rest of the run (any write clears the cache).
+        for the rest of the run (any change of the memory clears the cache).
 
         On the CPU a slot's output is computed the first time a query retrieves it, so a run
         never computes more than ``min(len(memory), queries · k)`` of them (computing all of a
@@ -880,7 +880,8 @@ class MbPA(Callback):
         if keys.shape[0] * head.out_features * 4 > 512 * 2**20:  # too large to cache
             return None
         lazy = keys.device.type == "cpu"
-        if self._slot_outputs is None:
+        if self._slot_outputs is None or self._slot_version != memory._version:
+            self._slot_version = memory._version
             with torch.inference_mode(False):
                 if lazy:
                     self._slot_outputs = keys.new_empty((keys.shape[0], head.out_features))

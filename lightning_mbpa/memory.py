@@ -231,6 +231,8 @@ class EpisodicMemory:
         self._ann: _LiveRowIndex | None = None
         self._size = 0
         self._num_seen = 0
+        # Bumped by every change of the contents: caches derived from the keys compare it.
+        self._version = 0
         if dim is not None:
             self._allocate(int(dim))
 
@@ -383,6 +385,7 @@ class EpisodicMemory:
                     self._norms.index_copy_(0, slots_t, new.square().sum(1))
         self._num_seen += n
         self._size = min(self._num_seen, self._capacity)
+        self._version += 1
         if self._ann is not None:
             if slots is None:
                 slots = slot_of_row[slot_of_row >= 0]
@@ -432,6 +435,7 @@ class EpisodicMemory:
         self._generator = torch.Generator().manual_seed(self._seed)
         self._size = 0
         self._num_seen = 0
+        self._version += 1
         if self._dim is not None:
             self._allocate(self._dim)
 
@@ -726,6 +730,7 @@ class EpisodicMemory:
         self._generator = probe
         self._num_seen = num_seen
         self._size = size
+        self._version += 1
         if size:
             assert self._keys is not None and self._values is not None and self._norms is not None
             with torch.no_grad():
@@ -783,6 +788,7 @@ class EpisodicMemory:
             norms[:n].copy_(self._norms[:n])
             self._keys, self._values, self._norms = keys, values, norms
         self._device = target
+        self._version += 1
         return self
 
     # ------------------------------------------------------------------ internals
