@@ -77,7 +77,7 @@ def assert_same_memory(got: EpisodicMemory, expected: EpisodicMemory) -> None:
         dict(memory_size=40, eviction="reservoir"),
         dict(memory_size=500, write_fraction=0.5),
         dict(memory_size=300, index="IVF4,Flat"),  # trains at 156 keys, mid-epoch
-        dict(memory_size=500, sequence=True),
+        dict(memory_size=500, sequence=True),  # 80 rows a batch: written directly, unstaged
     ],
     ids=["fifo", "reservoir", "write_fraction", "ivf", "sequence"],
 )
@@ -138,7 +138,7 @@ def test_the_memory_is_current_whenever_it_is_read_during_fit(tmp_path, monkeypa
         step = int(path.stem.split("step=")[1])
         state = torch.load(path, weights_only=True)["callbacks"][cb.state_key]["memory"]
         assert int(state["num_seen"]) == 16 * step
-    assert not cb._pending  # fit end flushed
+    assert not cb._pending_sizes  # fit end flushed
 
 
 def test_a_refused_write_raises_with_the_earlier_batches_written():
