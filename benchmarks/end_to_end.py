@@ -346,7 +346,9 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[100_000])
+    parser.add_argument(
+        "--sizes", type=int, nargs="*", default=[100_000], help="memory sizes (none: no test time)"
+    )
     parser.add_argument(
         "--index",
         nargs="+",
@@ -377,6 +379,8 @@ def main() -> None:
     pl.seed_everything(0, verbose=False)
     if not args.skip_training:
         training(argparse.Namespace(**{**vars(args), "rounds": args.train_rounds}))
+    if not args.sizes:
+        return
     print(
         f"\ntest time: D={DIM}, C={args.classes}, K={args.k}, 5 steps, {args.queries} queries in"
         f" batches of {args.batch}; medians of {args.rounds} alternated rounds; µs per query"

@@ -14,6 +14,7 @@ adapted predictions. The trained parameters are never modified.
 from __future__ import annotations
 
 import io
+import math
 import time
 import weakref
 from collections.abc import Iterable, Sequence
@@ -207,14 +208,20 @@ class MbPA(Callback):
         self._capturing = False
         self._captured: list[tuple[nn.Module, Tensor]] = []
         self._adapted_calls: list[tuple[Tensor, Tensor, Tensor]] = []
+        self._head_called_in_stage = False
         self._adapting_stage: str | None = None
         self._slot_outputs: Tensor | None = None
-        self._slot_known: Tensor | None = None  # which rows of _slot_outputs are computed (CPU)
+        self._slot_row: Tensor | None = None  # CPU: row of each slot in _slot_outputs, or -1
+        self._slot_rows_used = 0
         self._slot_version = -1  # the memory's version the cache was made for
         self._base_acc: torchmetrics.Metric | None = None
         self._adapted_acc: torchmetrics.Metric | None = None
         self._queries = 0
         self._adapt_seconds = 0.0
+        self._classes_seen: int | None = None  # outputs of the head, once it ran adapted
+        self._labels_checked: int | None = None  # memory labels verified for this many classes
+        self._refused_batches = 0
+        self._refused_rows = 0
         self._warnings = WarningCache()
         # Write buffer: rows staged by `_add`, written to the memory in bulk by `_flush_writes`.
         self._pending_keys: Tensor | None = None
@@ -256,7 +263,7 @@ class MbPA(Callback):
             "_captured",
             "_adapted_calls",
             "_slot_outputs",
-            "_slot_known",
+            "_slot_row",
             "_base_acc",
             "_adapted_acc",
             "_warnings",
@@ -356,19 +363,28 @@ class MbPA(Callback):
         self._head_name = name
         self._check_memory_width(self.memory.dim)
 
-    def _head_in_features(self) -> int | None:
-        head = self._head_module
+    def _head_in_features(self, head: nn.Module | None = None) -> int | None:
+        head = self._head_module if head is None else head
         if isinstance(head, nn.Linear):
             return head.in_features
         return None
 
-    def _check_memory_width(self, dim: int | None) -> None:
-        width = self._head_in_features()
+    def _head_out_features(self, head: nn.Module | None = None) -> int | None:
+        head = self._head_module if head is None else head
+        if isinstance(head, nn.Linear):
+            return head.out_features
+        return None
+
+    def _check_memory_width(
+        self, dim: int | None, head: nn.Module | None = None, name: str | None = None
+    ) -> None:
+        width = self._head_in_features(head)
         if dim is not None and width is not None and dim != width:
             raise MisconfigurationException(
-                f"MbPA: the memory holds keys of width {dim} but the head {self._head_name!r} "
-                f"takes inputs of width {width}. The memory (e.g. from a checkpoint) was written "
-                f"by a different model; clear it with `mbpa.memory.clear()` or fix `head`."
+                f"MbPA: the memory holds keys of width {dim} but the head "
+                f"{name or self._head_name!r} takes inputs of width {width}. The memory (e.g. "
+                "from a checkpoint) was written by a different model; use a fresh MbPA callback "
+                "(`mbpa.memory.clear()` keeps the key width) or fix `head`."
             )
 
     # ------------------------------------------------------------------ Lightning hooks
@@ -381,6 +397,7 @@ class MbPA(Callback):
             )
         self._module_ref = weakref.ref(pl_module)
         self._strategy = trainer.strategy if trainer.world_size > 1 else None
+        self._classes_seen = None
         if self._head_name is not None:
             self._set_head(pl_module, self._head_name)
         elif not _linear_names(pl_module):
@@ -408,7 +425,8 @@ class MbPA(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
         self._remove_capture_hooks()
-        self._remove_adapt_hook()
+        self._captured.clear()
+        self._stop_adapting()
         # The batches that finished before the exception are in the memory, as without the
         # write buffer; a failing write must not hide the original exception.
         try:
@@ -501,6 +519,7 @@ class MbPA(Callback):
         dataloader_idx: int = 0,
     ) -> None:
         if self._adapting_stage == "validate":
+            self._check_head_was_called("validate")
             self._update_metrics(batch)
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -522,6 +541,7 @@ class MbPA(Callback):
     ) -> None:
         self._capturing = False
         try:
+            self._check_head_was_called("test")
             labels = self._update_metrics(batch) if self._adapting_stage == "test" else None
             if self.online_writes:
                 self._online_write(pl_module, batch, labels)
@@ -538,7 +558,22 @@ class MbPA(Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
+        self._check_head_was_called("predict")
         self._adapted_calls.clear()
+
+    def _check_head_was_called(self, stage: str) -> None:
+        """A head never called in the stage's batches so far is a misconfiguration; a step that
+        skips the head for one batch after it ran for others is the user's business."""
+        if (
+            self._adapting_stage == stage
+            and self._adapt_handle is not None
+            and not self._head_called_in_stage
+        ):
+            raise MisconfigurationException(
+                f"MbPA: the head {self._head_name!r} was not called while processing the "
+                f"{stage} batch, so its predictions cannot be adapted. Name the module your "
+                "forward pass ends with via `head=...`."
+            )
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, Any]:
@@ -551,9 +586,16 @@ class MbPA(Callback):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the memory; everything is checked before anything changes, so a refused
+        checkpoint leaves the callback and its memory exactly as they were."""
         if not self.save_memory or not state_dict:
             return
         saved_head = state_dict.get("head")
+        if saved_head is not None and not (isinstance(saved_head, str) and saved_head):
+            raise MisconfigurationException(
+                f"MbPA: the checkpoint's MbPA 'head' entry is {saved_head!r}, not a module name; "
+                "the checkpoint is corrupted or was written by another callback."
+            )
         if self.head is not None and saved_head is not None and saved_head != self.head:
             raise MisconfigurationException(
                 f"MbPA(head={self.head!r}): the checkpoint's memory was written from head "
@@ -565,23 +607,62 @@ class MbPA(Callback):
                 "MbPA: the checkpoint's MbPA state has no 'memory' entry; it is truncated or "
                 "was written by another callback."
             )
+        generator_state = state_dict.get("write_generator")
+        write_generator = None
+        if generator_state is not None:
+            write_generator = torch.Generator()
+            try:
+                write_generator.set_state(generator_state)
+            except (RuntimeError, TypeError) as err:
+                raise MisconfigurationException(
+                    f"MbPA: the checkpoint's 'write_generator' entry is not a CPU generator state "
+                    f"({err}); the checkpoint is corrupted."
+                ) from err
         module = self._module_ref() if self._module_ref is not None else None
-        if self._head_module is None and saved_head is not None and module is not None:
-            self._set_head(module, saved_head)
-        keys = memory_state.get("keys")
-        if isinstance(keys, Tensor) and keys.dim() == 2:
-            self._check_memory_width(keys.shape[1])
+        head, head_name = self._head_module, self._head_name
+        if saved_head is not None and (head is None or saved_head != head_name):
+            head_name = saved_head  # the memory's keys are this module's inputs
+            head = None
+            if module is not None:
+                try:
+                    head = self._resolve_named_head(module, saved_head)
+                except MisconfigurationException as err:
+                    raise MisconfigurationException(
+                        f"MbPA: the checkpoint's memory was written from head {saved_head!r}, "
+                        f"which this model lacks. {err}"
+                    ) from err
+        keys, values = memory_state.get("keys"), memory_state.get("values")
+        if isinstance(keys, Tensor) and keys.dim() == 2 and keys.shape[0] > 0:
+            self._check_memory_width(keys.shape[1], head, head_name)
+        problem = (
+            _labels_outside(values, self._head_out_features(head))
+            if isinstance(values, Tensor) and not values.is_floating_point()
+            else None
+        )
+        if problem is not None:
+            raise MisconfigurationException(
+                f"MbPA: the checkpoint's memory holds labels {problem[1]}, but the head "
+                f"{head_name!r} needs {problem[0]}; it was written by another model or is "
+                "corrupted. Use a fresh MbPA callback with `save_memory=False` to ignore it."
+            )
+        capacity = memory_state.get("capacity")
+        if isinstance(capacity, Tensor) and capacity.numel() == 1 and capacity != self.memory_size:
+            raise MisconfigurationException(
+                f"MbPA(memory_size={self.memory_size}): the checkpoint's memory has capacity "
+                f"{int(capacity.item())}; use memory_size={int(capacity.item())} to restore it, "
+                "or save_memory=False to ignore it."
+            )
         try:
-            self.memory.load_state_dict(memory_state)
+            self.memory.load_state_dict(memory_state)  # validates everything before mutating
         except ValueError as err:
             raise MisconfigurationException(
                 f"MbPA: cannot restore the memory from the checkpoint: {err}"
             ) from err
-        if saved_head is not None:
-            self._head_name = saved_head
-        generator_state = state_dict.get("write_generator")
-        if isinstance(generator_state, Tensor):
-            self._write_generator.set_state(generator_state)
+        self._head_module, self._head_name = head, head_name
+        if write_generator is not None:
+            self._write_generator = write_generator
+        self._slot_outputs = None
+        self._labels_checked = None
 
     # ------------------------------------------------------------------ populate
     @torch.no_grad()
@@ -641,6 +722,7 @@ class MbPA(Callback):
         self._capture_handles.clear()
         self._capturing = False
 
+    @torch.compiler.disable
     def _capture_hook(self, module: nn.Module, args: tuple[Any, ...]) -> None:
         if self._capturing and args and isinstance(args[0], Tensor):
             self._captured.append((module, args[0].detach()))
@@ -681,6 +763,11 @@ class MbPA(Callback):
         self._adapt_handle = self._head_module.register_forward_hook(self._adapt_hook)
 
     def _write_batch(self, batch: Any, where: str, gather: bool = True) -> None:
+        if not self._captured and self._head_name is None:
+            raise MisconfigurationException(
+                f"MbPA(head=None): no nn.Linear ran while processing the {where}, so the head "
+                "cannot be found. Name the module your forward pass ends with via `head=...`."
+            )
         if not self._captured:
             raise MisconfigurationException(
                 f"MbPA: the head {self._head_name!r} was not called while processing the {where}, so "
@@ -695,14 +782,8 @@ class MbPA(Callback):
                 f"y, label, labels, target, targets. Set `label_key=...` or override "
                 f"`MbPA.extract_labels`."
             )
-        keys_written = False
-        for _, inputs in self._captured:
-            keys, values = self._pair(inputs, labels)
-            if keys is None:
-                continue
-            keys_written = True
-            self._add(keys, values, gather=gather)
-        if not keys_written:
+        pairs = self._pairs([inputs for _, inputs in self._captured], labels)
+        if not pairs:
             shapes = [tuple(x.shape) for _, x in self._captured]
             raise MisconfigurationException(
                 f"MbPA: the labels of the {where} (shape {tuple(labels.shape)}) do not match the "
@@ -710,24 +791,82 @@ class MbPA(Callback):
                 f"head input row ([B, D] with [B] labels, or [B, T, D] with [B, T]). The batch "
                 f"contains {describe(batch)}."
             )
+        self._write_pairs(pairs, where, gather)
+
+    def _pairs(self, inputs: list[Tensor], labels: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """The ``(keys, labels)`` of every head input that matches the labels."""
+        pairs = [self._pair(batch_inputs, labels) for batch_inputs in inputs]
+        return [(keys, values) for keys, values in pairs if keys is not None]
+
+    def _write_pairs(self, pairs: list[tuple[Tensor, Tensor]], where: str, gather: bool) -> None:
+        """Write one batch's ``(keys, labels)``, or nothing of it: every check runs first.
+
+        Under DDP the checks run on the gathered batch, so every rank refuses the same batches
+        and the collectives stay matched.
+        """
+        if gather and self._strategy is not None:
+            pairs = [self._gather(keys, values) for keys, values in pairs]
+        self._check_pairs(pairs, where)
+        if not all(_keys_finite(keys) for keys, _ in pairs):
+            bad = [~_finite_rows(keys) for keys, _ in pairs]
+            count = sum(int(rows.sum()) for rows in bad)
+            total = sum(keys.shape[0] for keys, _ in pairs)
+            self._refused_batches += 1
+            self._refused_rows += count
+            self._warnings.warn(
+                f"MbPA: refused a {where}: {count} of its {total} head inputs hold NaN or "
+                f"infinite values, so nothing of it was written to memory ({self._refused_batches} "
+                f"batches, {self._refused_rows} rows refused so far). Non-finite embeddings "
+                "usually mean training diverged: lower the learning rate or clip gradients.",
+                category=UserWarning,
+            )
+            return
+        for keys, values in pairs:
+            self._add(keys, values, gather=False)
+
+    def _check_pairs(self, pairs: list[tuple[Tensor, Tensor]], where: str) -> None:
+        """Refuse keys whose width differs from the memory's and labels the head cannot predict."""
+        # `_memory`, not `memory`: reading the latter would write the staged rows every batch
+        if len(self._memory) > 0:
+            dim = self._memory.dim
+        else:  # the staged rows (if any) fix the width until they are written
+            dim = self._pending_keys.shape[1] if self._pending_rows else None
+        for keys, values in pairs:
+            dim = keys.shape[1] if dim is None else dim
+            if keys.shape[1] != dim:
+                raise MisconfigurationException(
+                    f"MbPA: the head {self._head_name!r} was called with inputs of width "
+                    f"{keys.shape[1]} in the {where}, but the memory holds keys of width {dim}. "
+                    "MbPA needs a head with a fixed input width: name such a module with "
+                    "`head=...`."
+                )
+            problem = _labels_outside(values, self._head_out_features() or self._classes_seen)
+            if problem is not None:
+                raise ValueError(
+                    f"MbPA: the labels of the {where} must be {problem[0]} for the head "
+                    f"{self._head_name!r}, or {_IGNORE_INDEX} to skip a row; got {problem[1]}. "
+                    "Fix the labels, or name the module that outputs one logit per class with "
+                    "`head=...`."
+                )
 
     def _pair(self, inputs: Tensor, labels: Tensor) -> tuple[Tensor | None, Tensor]:
-        """Match a head input ``[*lead, D]`` with labels ``[*lead]`` (rows labelled ignore_index
-        are dropped later, by ``_add`` or when the staged rows are written)."""
+        """Match a head input ``[*lead, D]`` with labels ``[*lead]``; drop ignore_index."""
         if inputs.dim() < 2 or tuple(inputs.shape[:-1]) != tuple(labels.shape):
             return None, labels
-        if inputs.dim() > 2:
-            inputs, labels = inputs.reshape(-1, inputs.shape[-1]), labels.reshape(-1)
-        return inputs, labels.to(inputs.device)
+        keys = inputs.reshape(-1, inputs.shape[-1]) if inputs.dim() > 2 else inputs
+        values = labels.reshape(-1).to(keys.device)
+        if _small_cpu(values) and _IGNORE_INDEX not in values.tolist():
+            return keys, values  # the common case, without tensor ops (run for every batch)
+        keep = values != _IGNORE_INDEX
+        if not bool(keep.all()):
+            keys, values = keys[keep], values[keep]
+        return keys, values
 
     def _add(self, keys: Tensor, values: Tensor, gather: bool = True) -> None:
         if gather and self._strategy is not None:
             keys, values = self._gather(keys, values)
-        if self.write_fraction < 1.0:
-            # after the gather, so every rank makes the same choice from the same generator, and
-            # over the labelled rows only
-            keys, values = _drop_ignored(keys, values)
         if self.write_fraction < 1.0 and keys.shape[0] > 0:
+            # after the gather, so every rank makes the same choice from the same generator
             chosen = (
                 torch.rand(keys.shape[0], generator=self._write_generator) < self.write_fraction
             )
@@ -795,21 +934,15 @@ class MbPA(Callback):
         """
         memory = self._memory
         if len(sizes) > 1 and memory.index_string == EXACT_INDEX:
-            bulk_keys, bulk_values = _drop_ignored(keys, values)
             try:
-                if bulk_keys.shape[0]:
-                    memory.add(bulk_keys, bulk_values)
+                memory.add(keys, values)
                 return
             except ValueError:
                 pass  # nothing was written: find the refused call below
         start = 0
         for n in sizes:
-            part_keys, part_values = _drop_ignored(
-                keys[start : start + n], values[start : start + n]
-            )
+            memory.add(keys[start : start + n], values[start : start + n])
             start += n
-            if part_keys.shape[0]:
-                memory.add(part_keys, part_values)
 
     def _gather(self, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
         """Keys and labels of every rank, in rank order, so all ranks hold the same memory.
@@ -842,10 +975,9 @@ class MbPA(Callback):
             if self._head_module is not None and self._adapt_handle is None:
                 self._adapt_handle = self._head_module.register_forward_hook(self._adapt_hook)
         inputs = [q for q, _, _ in self._adapted_calls] or [x for _, x in self._captured]
-        for batch_inputs in inputs:
-            keys, values = self._pair(batch_inputs, labels)
-            if keys is not None:
-                self._add(keys, values)
+        pairs = self._pairs(inputs, labels)
+        if pairs:
+            self._write_pairs(pairs, "test batch (online_writes)", gather=True)
 
     def _move_memory(self, pl_module: nn.Module) -> None:
         device = pl_module.device if isinstance(pl_module, pl.LightningModule) else None
@@ -869,7 +1001,9 @@ class MbPA(Callback):
                 category=UserWarning,
             )
         self._adapting_stage = stage
+        self._labels_checked = None
         self._queries, self._adapt_seconds = 0, 0.0
+        self._head_called_in_stage = False
         self._base_acc = self._adapted_acc = None
         if self._head_module is None:  # nothing was ever written: find the head for online writes
             if self.online_writes and stage == "test":
@@ -909,10 +1043,12 @@ class MbPA(Callback):
         """For a Linear head, the trained head's outputs on the neighbours, cached per memory slot
         for the rest of the run (any change of the memory clears the cache).
 
-        On the CPU a slot's output is computed the first time a query retrieves it, so a run
-        never computes more than ``min(len(memory), queries · k)`` of them (computing all of a
-        large memory up front costs more than a test set of fewer than ``len / k`` queries
-        needs). On a GPU all of them are computed at once: no per-batch synchronisation.
+        On the CPU a slot's output is computed the first time a query retrieves it and appended
+        to a dense table (``_slot_row`` maps slots to its rows), so a run never computes more
+        than ``min(len(memory), queries · k)`` of them: computing all of a large memory up front
+        costs more than a test set of fewer than ``len / k`` queries needs, and a sparse
+        ``[len, C]`` table would page-fault once per retrieved slot. On a GPU all of them are
+        computed at once: no per-batch synchronisation.
         """
         head = self._head_module
         if not isinstance(head, nn.Linear):
@@ -926,20 +1062,39 @@ class MbPA(Callback):
             self._slot_version = memory._version
             with torch.inference_mode(False):
                 if lazy:
-                    self._slot_outputs = keys.new_empty((keys.shape[0], head.out_features))
-                    self._slot_known = torch.zeros(keys.shape[0], dtype=torch.bool)
+                    rows = min(keys.shape[0], 4096)
+                    self._slot_outputs = keys.new_empty((rows, head.out_features))
+                    self._slot_row = torch.full((keys.shape[0],), -1, dtype=torch.int32)
+                    self._slot_rows_used = 0
                 else:
                     self._slot_outputs = self._head_outputs(head, keys)
-        cache = self._slot_outputs
-        safe = indices.clamp_min(0).to(cache.device)
-        if lazy:
-            assert self._slot_known is not None
-            flat = safe.reshape(-1)
-            new = torch.unique(flat[~self._slot_known[flat]])
-            if new.numel():
-                cache[new] = self._head_outputs(head, keys[new])
-                self._slot_known[new] = True
-        return cache[safe].to(indices.device)
+        safe = indices.clamp_min(0).to(self._slot_outputs.device)
+        if not lazy:
+            return self._slot_outputs[safe].to(indices.device)
+        assert self._slot_row is not None
+        flat = safe.reshape(-1)
+        rows = self._slot_row[flat]
+        missing = rows < 0
+        if bool(missing.any()):
+            new = torch.unique(flat[missing])
+            start = self._slot_rows_used
+            stop = start + new.numel()
+            if stop > self._slot_outputs.shape[0]:  # grow the table by doubling
+                with torch.inference_mode(False):
+                    grown = self._slot_outputs.new_empty(
+                        (
+                            min(keys.shape[0], max(stop, 2 * self._slot_outputs.shape[0])),
+                            head.out_features,
+                        )
+                    )
+                grown[:start] = self._slot_outputs[:start]
+                self._slot_outputs = grown
+            self._slot_outputs[start:stop] = self._head_outputs(head, keys[new])
+            self._slot_row[new] = torch.arange(start, stop, dtype=torch.int32)
+            self._slot_rows_used = stop
+            rows = self._slot_row[flat]
+        table = self._slot_outputs[rows.long()]
+        return table.view(*indices.shape, table.shape[-1]).to(indices.device)
 
     @staticmethod
     def _head_outputs(head: nn.Linear, keys: Tensor) -> Tensor:
@@ -953,6 +1108,7 @@ class MbPA(Callback):
             )
             return torch.nn.functional.linear(keys, weight, bias)
 
+    @torch.compiler.disable
     def _adapt_hook(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
         if not args or not isinstance(args[0], Tensor) or not isinstance(output, Tensor):
             raise MisconfigurationException(
@@ -971,9 +1127,22 @@ class MbPA(Callback):
         base = output.detach().reshape(-1, output.shape[-1])
         if queries.shape[0] == 0 or len(self.memory) == 0:
             self._adapted_calls.append((inputs.detach(), base, base))
+            self._head_called_in_stage = True
             return output
+        self._check_query_geometry(queries.shape[1], base.shape[1])
+        finite = None
+        if not bool(torch.isfinite(queries).all()):
+            # no neighbours for non-finite queries: they keep the base prediction
+            finite = _finite_rows(queries)
+            queries = queries.masked_fill(~finite[:, None], 0)
+            self._warnings.warn(
+                f"MbPA: {int((~finite).sum())} of {finite.numel()} {self._adapting_stage} queries "
+                "hold NaN or infinite head inputs; they keep the model's base prediction.",
+                category=UserWarning,
+            )
         neighbours = self.memory.search(queries, self.k)
-        weights = kernel_weights(neighbours.distances, neighbours.mask, self.kernel_eps)
+        mask = neighbours.mask if finite is None else neighbours.mask & finite[:, None]
+        weights = kernel_weights(neighbours.distances, mask, self.kernel_eps)
         adapted = local_adapt(
             module,
             queries,
@@ -989,7 +1158,31 @@ class MbPA(Callback):
         self._adapt_seconds += time.perf_counter() - start
         self._queries += queries.shape[0]
         self._adapted_calls.append((inputs.detach(), base, adapted))
+        self._head_called_in_stage = True
         return adapted.reshape(output.shape).to(output.dtype)
+
+    def _check_query_geometry(self, width: int, classes: int) -> None:
+        """The head's inputs must match the keys, and the stored labels its outputs."""
+        dim = self.memory.dim
+        if width != dim:
+            raise MisconfigurationException(
+                f"MbPA: the head {self._head_name!r} was called with inputs of width {width}, but "
+                f"the memory holds keys of width {dim}. MbPA needs a head with a fixed input width "
+                "that matches the memory: name such a module with `head=...`, or use a fresh MbPA "
+                "callback if the memory was written by another model."
+            )
+        self._classes_seen = classes  # later writes are checked against it
+        if self._labels_checked != classes:
+            problem = _labels_outside(self.memory.values, classes)
+            if problem is not None:
+                raise MisconfigurationException(
+                    f"MbPA: the memory holds labels {problem[1]}, but the head "
+                    f"{self._head_name!r} needs {problem[0]}. The memory was written with labels "
+                    "this head does not predict (another model's checkpoint, or labels that are "
+                    "not class indices): use a fresh MbPA callback, or name the module that "
+                    "outputs one logit per class with `head=...`."
+                )
+            self._labels_checked = classes
 
     def _update_metrics(self, batch: Any) -> Tensor | None:
         """Update base vs adapted accuracy when the batch carries labels; return the labels."""
@@ -1050,14 +1243,6 @@ class MbPA(Callback):
         return logits.argmax(-1)
 
 
-def _drop_ignored(keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
-    """The rows whose label is not ``ignore_index`` (-100, PyTorch's convention)."""
-    keep = values != _IGNORE_INDEX
-    if bool(keep.all()):
-        return keys, values
-    return keys[keep], values[keep]
-
-
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -1069,6 +1254,42 @@ def _is_real(value: Any) -> bool:
         and value == value
         and abs(value) != float("inf")
     )
+
+
+def _finite_rows(keys: Tensor) -> Tensor:
+    """``[N]`` bool: rows that are finite, also once stored as float32."""
+    return torch.isfinite(keys.float() if keys.dtype == torch.float64 else keys).all(-1)
+
+
+def _small_cpu(values: Tensor) -> bool:
+    """A CPU tensor small enough that Python on ``tolist()`` beats tensor ops (~10 µs each
+    between two training steps, when caches are cold)."""
+    return values.device.type == "cpu" and values.numel() <= 1024
+
+
+def _keys_finite(keys: Tensor) -> bool:
+    """``_finite_rows(keys).all()``, in one reduction when it holds (run for every batch): a NaN
+    or inf anywhere makes the sum non-finite; only a sum that overflows needs the row check."""
+    keys = keys if keys.dtype == torch.float32 else keys.float()
+    return math.isfinite(keys.sum().item()) or bool(torch.isfinite(keys).all())
+
+
+def _labels_outside(values: Tensor, classes: int | None) -> tuple[str, list[int]] | None:
+    """``(what the labels must be, up to 5 offending values)`` if the head cannot predict some."""
+    high = None if classes is None else (2 if classes == 1 else classes)
+    if values.numel() == 0:
+        return None
+    if _small_cpu(values) and not values.is_floating_point():  # every batch: no tensor ops
+        listed = values.tolist()
+        if min(listed) >= 0 and (high is None or max(listed) < high):
+            return None
+    bad = values < 0 if high is None else (values < 0) | (values >= high)
+    if not bool(bad.any()):
+        return None
+    if high is None:
+        return "non-negative class indices", values[bad].unique()[:5].tolist()
+    outputs = f"{classes} output{'s' if classes != 1 else ''}"
+    return f"class indices in [0, {high}) ({outputs})", values[bad].unique()[:5].tolist()
 
 
 def _check(ok: bool, name: str, value: Any, allowed: str) -> None:

@@ -63,6 +63,14 @@ class TinyClassifier(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=self.lr)
 
 
+class TwoLayerHead(TinyClassifier):
+    """A non-Linear head (an MLP block): adapted through the generic path."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Sequential(nn.Linear(16, 8), nn.Tanh(), nn.Linear(8, 4))
+
+
 def loader(x: Tensor, y: Tensor, batch_size: int = 16, shuffle: bool = False) -> DataLoader:
     return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=shuffle)
 
@@ -118,3 +126,25 @@ class RecordDataset(Dataset):
         if self.kind == "namedtuple":
             return XY(self.x[i], self.y[i])
         return Record(self.x[i], self.y[i])
+
+
+def count_writes_and_adaptations(monkeypatch) -> dict[str, int]:
+    """Counts rows written by ``EpisodicMemory.add`` (rows, not calls: the callback writes
+    training batches in bulk) and calls of the callback's ``local_adapt``."""
+    import lightning_mbpa.adaptation as adaptation_module
+    from lightning_mbpa.memory import EpisodicMemory
+
+    calls = {"add": 0, "adapt": 0}
+    real_add, real_adapt = EpisodicMemory.add, adaptation_module.local_adapt
+
+    def counting_add(self, keys, *args, **kwargs):
+        calls["add"] += keys.shape[0]
+        return real_add(self, keys, *args, **kwargs)
+
+    def counting_adapt(*args, **kwargs):
+        calls["adapt"] += 1
+        return real_adapt(*args, **kwargs)
+
+    monkeypatch.setattr(EpisodicMemory, "add", counting_add)
+    monkeypatch.setattr("lightning_mbpa.callback.local_adapt", counting_adapt)
+    return calls

@@ -1,7 +1,12 @@
-"""The MbPA callback on tiny models: writing, adapting, logging, checkpoints, pickling."""
+"""The MbPA callback on tiny models: writing, adapting, logging, checkpoints, pickling.
+
+Bad input and faults (invalid arguments, bad labels, NaN keys, exceptions inside test/predict,
+corrupted checkpoints, a killed process, ...) are in tests/test_reliability.py.
+"""
 
 from __future__ import annotations
 
+import inspect
 import pickle
 import subprocess
 import sys
@@ -9,18 +14,18 @@ import sys
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from torch import nn
 from torch.utils.data import DataLoader
 
-import lightning_mbpa.adaptation as adaptation_module
 from lightning_mbpa import MbPA
 from tests.helpers import (
     RecordDataset,
     TinyClassifier,
+    TwoLayerHead,
     assert_bit_identical,
     blobs,
+    count_writes_and_adaptations,
     loader,
     params,
     trainer,
@@ -96,21 +101,7 @@ def test_keys_are_the_head_inputs_at_write_time():
 
 def test_hook_counts_write_only_in_fit_adapt_only_where_asked(data, monkeypatch):
     x, y, xt, yt = data
-    calls = {"add": 0, "adapt": 0}
-    from lightning_mbpa.memory import EpisodicMemory
-
-    real_add, real_adapt = EpisodicMemory.add, adaptation_module.local_adapt
-
-    def counting_add(self, keys, *a, **kw):
-        calls["add"] += keys.shape[0]  # rows, not calls: training writes reach the memory in bulk
-        return real_add(self, keys, *a, **kw)
-
-    def counting_adapt(*a, **kw):
-        calls["adapt"] += 1
-        return real_adapt(*a, **kw)
-
-    monkeypatch.setattr(EpisodicMemory, "add", counting_add)
-    monkeypatch.setattr("lightning_mbpa.callback.local_adapt", counting_adapt)
+    calls = count_writes_and_adaptations(monkeypatch)
 
     model = TinyClassifier()
     cb = MbPA(k=4, adapt_on=["predict"], **ADAPT)
@@ -169,54 +160,6 @@ def test_steps_zero_gives_exactly_the_base_predictions(data):
     assert torch.equal(preds, base)
 
 
-class _Boom(Exception):
-    pass
-
-
-class FailingTest(TinyClassifier):
-    def test_step(self, batch, batch_idx):
-        if batch_idx == 1:
-            raise _Boom("boom")
-        return super().test_step(batch, batch_idx)
-
-    def predict_step(self, batch, batch_idx):
-        if batch_idx == 1:
-            raise KeyboardInterrupt
-        return super().predict_step(batch, batch_idx)
-
-
-def test_weights_bit_identical_after_test_predict_and_exceptions(data):
-    x, y, xt, yt = data
-    torch.manual_seed(0)
-    model = FailingTest()
-    cb = MbPA(k=8, **ADAPT)
-    trainer(callbacks=[cb]).fit(model, loader(x, y))
-    before, memory_before = params(model), cb.memory.state_dict()
-
-    trainer(callbacks=[cb]).test(model, loader(xt[:16], yt[:16]), verbose=False)
-    assert_bit_identical(before, model)
-    with pytest.raises(_Boom):
-        trainer(callbacks=[cb]).test(model, loader(xt, yt), verbose=False)
-    assert_bit_identical(before, model)
-    assert cb._adapt_handle is None and not model.head._forward_hooks  # hooks removed
-    with pytest.raises(SystemExit):  # Lightning turns KeyboardInterrupt into a graceful exit
-        trainer(callbacks=[cb]).predict(model, loader(xt, yt))
-    assert_bit_identical(before, model)
-    assert not model.head._forward_hooks and not model.head._forward_pre_hooks
-    for key, value in memory_before.items():
-        assert torch.equal(value, cb.memory.state_dict()[key])
-    with torch.no_grad():  # plain forward is the base model again
-        assert torch.equal(model(xt), TinyClassifier.forward(model, xt))
-
-
-def test_inference_mode_on_and_off_give_identical_results(data):
-    _, _, xt, yt = data
-    model, cb = fitted(data)
-    on = torch.cat(trainer(callbacks=[cb], inference_mode=True).predict(model, loader(xt, yt)))
-    off = torch.cat(trainer(callbacks=[cb], inference_mode=False).predict(model, loader(xt, yt)))
-    assert torch.equal(on, off)
-
-
 @pytest.mark.parametrize("kind", ["dict", "namedtuple", "dataclass"])
 def test_labels_found_in_dict_namedtuple_and_dataclass_batches(kind):
     x, y = blobs(48)
@@ -265,20 +208,6 @@ def test_label_key_and_extract_labels_override():
     cb = Custom(k=4, **ADAPT)
     trainer(callbacks=[cb]).fit(TinyClassifier(), loader(x, y))
     assert torch.equal(cb.memory.values, y % 2)
-
-
-def test_missing_labels_fail_on_the_first_batch_showing_the_batch():
-    x, _ = blobs(32)
-
-    class Unsupervised(TinyClassifier):
-        def training_step(self, batch, batch_idx):
-            return self(batch["pixels"]).pow(2).mean()
-
-    dl = DataLoader([{"pixels": row} for row in x], batch_size=8)
-    with pytest.raises(
-        MisconfigurationException, match=r"cannot find labels.*'pixels': Tensor\(shape=\(8, 8\)"
-    ):
-        trainer(callbacks=[MbPA(k=4, **ADAPT)]).fit(Unsupervised(), dl)
 
 
 class SequenceTagger(TinyClassifier):
@@ -338,45 +267,6 @@ def test_checkpoint_round_trip_restores_the_memory(tmp_path, data):
     assert torch.equal(fresh_cb.memory.keys, cb.memory.keys)
 
 
-class CrashOnce(Callback):
-    def __init__(self, at_step: int):
-        self.at_step = at_step
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_step == self.at_step:
-            raise _Boom("killed")
-
-
-def test_fit_crash_resume_continues_the_memory(tmp_path, data):
-    x, y, _, _ = data
-    dl = loader(x, y, batch_size=16)
-
-    torch.manual_seed(0)
-    straight = MbPA(k=8, memory_size=150, **ADAPT)
-    trainer(callbacks=[straight], max_epochs=3).fit(TinyClassifier(), dl)
-
-    torch.manual_seed(0)
-    crashing = MbPA(k=8, memory_size=150, **ADAPT)
-    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)  # end of every epoch
-    with pytest.raises(_Boom):
-        trainer(
-            callbacks=[crashing, ckpt, CrashOnce(at_step=8)],
-            max_epochs=3,
-            enable_checkpointing=True,
-        ).fit(TinyClassifier(), dl)
-    assert crashing.memory.num_seen == 8 * 16  # wrote until the crash
-
-    resumed = MbPA(k=8, memory_size=150, **ADAPT)
-    trainer(
-        callbacks=[resumed, ModelCheckpoint(dirpath=tmp_path)],
-        max_epochs=3,
-        enable_checkpointing=True,
-    ).fit(TinyClassifier(), dl, ckpt_path=tmp_path / "last.ckpt")
-    assert resumed.memory.num_seen == straight.memory.num_seen == 3 * 96
-    for key, value in straight.memory.state_dict().items():
-        assert torch.equal(value, resumed.memory.state_dict()[key]), key
-
-
 def test_pickled_callback_reattaches_to_a_new_module(data):
     _, _, xt, yt = data
     model, cb = fitted(data)
@@ -427,17 +317,6 @@ def test_test_populates_automatically_from_the_datamodule(data):
     assert result["test_acc"] == pytest.approx((expected.argmax(1) == yt).float().mean().item())
 
 
-def test_empty_memory_falls_back_to_base_predictions_with_a_warning(data):
-    _, _, xt, yt = data
-    model = TinyClassifier()
-    with pytest.warns(UserWarning, match="memory is empty"):
-        preds = torch.cat(
-            trainer(callbacks=[MbPA(head="head", **ADAPT)]).predict(model, loader(xt, yt))
-        )
-    with torch.no_grad():
-        assert torch.equal(preds, model(xt))
-
-
 def test_online_writes_fill_the_memory_during_test(data):
     _, _, xt, yt = data
     model, cb = fitted(data, online_writes=True)
@@ -456,26 +335,11 @@ def test_write_fraction_stores_a_random_subset():
     assert 60 <= len(cb.memory) <= 140  # Binomial(400, 0.25): mean 100, sd ~8.7
 
 
-def test_head_by_name_and_wrong_name_lists_linear_modules(data):
+def test_head_by_name(data):
     x, y, _, _ = data
     cb = MbPA(head="encoder.0", k=4, **ADAPT)
     trainer(callbacks=[cb]).fit(TinyClassifier(), loader(x, y))
     assert cb.memory.dim == 8  # the input of encoder.0
-    with pytest.raises(
-        MisconfigurationException, match=r"no submodule 'decoder'.*\['head', 'encoder.0'\]"
-    ):
-        trainer(callbacks=[MbPA(head="decoder", **ADAPT)]).fit(TinyClassifier(), loader(x, y))
-
-
-def test_two_mbpa_callbacks_are_refused(data):
-    x, y, _, _ = data
-    with pytest.raises(MisconfigurationException, match="only one MbPA callback"):
-        trainer(callbacks=[MbPA(head="head", **ADAPT), MbPA(**ADAPT)]).fit(
-            TinyClassifier(), loader(x, y)
-        )
-    # identical configurations share a checkpoint key: Lightning refuses them at Trainer()
-    with pytest.raises(RuntimeError, match="more than one stateful callback of type `MbPA`"):
-        trainer(callbacks=[MbPA(**ADAPT), MbPA(**ADAPT)])
 
 
 def test_weights_only_checkpoint_warns_that_memory_is_dropped(tmp_path, data):
@@ -485,38 +349,6 @@ def test_weights_only_checkpoint_warns_that_memory_is_dropped(tmp_path, data):
         trainer(callbacks=[MbPA(k=4, **ADAPT), ckpt], enable_checkpointing=True).fit(
             TinyClassifier(), loader(x, y)
         )
-
-
-def test_checkpoint_with_a_different_head_width_is_refused_and_nothing_loaded(tmp_path, data):
-    _, cb = fitted(data)
-    state = {"memory": cb.memory.state_dict(), "head": "head"}
-    other = TinyClassifier(hidden=32)
-    fresh = MbPA(k=8, **ADAPT)
-    fresh.setup(trainer(callbacks=[fresh]), other, "test")
-    with pytest.raises(MisconfigurationException, match=r"width 16 .* width 32"):
-        fresh.load_state_dict(state)
-    assert len(fresh.memory) == 0
-
-
-@pytest.mark.parametrize(
-    ("kwargs", "name"),
-    [
-        (dict(k=0), "k"),
-        (dict(memory_size=0), "memory_size"),
-        (dict(adaptation_steps=-1), "adaptation_steps"),
-        (dict(adaptation_lr=-0.1), "adaptation_lr"),
-        (dict(beta=1.5), "beta"),
-        (dict(kernel_eps=0.0), "kernel_eps"),
-        (dict(eviction="lru"), "eviction"),
-        (dict(write_fraction=0.0), "write_fraction"),
-        (dict(adapt_on=["train"]), "adapt_on"),
-        (dict(head=""), "head"),
-        (dict(index="NoSuchIndex"), "index"),
-    ],
-)
-def test_invalid_arguments_fail_eagerly_naming_the_argument(kwargs, name):
-    with pytest.raises(MisconfigurationException, match=name):
-        MbPA(**kwargs)
 
 
 def test_memory_and_adaptation_do_not_import_lightning():
@@ -539,11 +371,6 @@ def test_generic_head_module_is_adapted(data):
     """A non-Linear head (an MLP block) goes through the generic path."""
     x, y, xt, yt = data
 
-    class TwoLayerHead(TinyClassifier):
-        def __init__(self):
-            super().__init__()
-            self.head = nn.Sequential(nn.Linear(16, 8), nn.Tanh(), nn.Linear(8, 4))
-
     torch.manual_seed(0)
     model = TwoLayerHead()
     cb = MbPA(head="head", k=8, **ADAPT)
@@ -551,3 +378,65 @@ def test_generic_head_module_is_adapted(data):
     assert cb.memory.dim == 16
     preds = torch.cat(trainer(callbacks=[cb]).predict(model, loader(xt, yt)))
     torch.testing.assert_close(preds, reference_logits(model, cb, xt), rtol=1e-4, atol=1e-5)
+
+
+def test_gradient_accumulation_writes_every_micro_batch_once(data):
+    x, y, _, _ = data
+    torch.manual_seed(0)
+    model, cb = TinyClassifier(), MbPA(k=8, **ADAPT)
+    trainer(callbacks=[cb], accumulate_grad_batches=3).fit(model, loader(x, y))
+    # every example once, in order: 6 micro-batches of 16, 2 optimizer steps
+    assert len(cb.memory) == len(x)
+    assert torch.equal(cb.memory.values, y)
+
+
+class TwoViews(TinyClassifier):
+    """A head called twice per training step (two noisy views of each input)."""
+
+    def training_step(self, batch, batch_idx):
+        x, y = self._xy(batch)
+        return F.cross_entropy(self(x), y) + F.cross_entropy(self(x + 0.1), y)
+
+
+def test_a_head_called_twice_per_step_writes_both_calls_with_their_labels(data):
+    x, y, _, _ = data
+    torch.manual_seed(0)
+    model, cb = TwoViews(), MbPA(k=8, **ADAPT)
+    seen: list[torch.Tensor] = []
+    trainer(callbacks=[cb, RecordHeadInputs(seen)]).fit(model, loader(x, y))
+    assert len(cb.memory) == 2 * len(x)
+    # batch by batch: the first call's rows, then the second call's, each with the batch's labels
+    expected = torch.cat([torch.cat([y_b, y_b]) for y_b in y.split(16)])
+    assert torch.equal(cb.memory.values, expected)
+    assert torch.equal(cb.memory.keys, torch.cat(seen))
+
+
+class RecordHeadInputs(Callback):
+    """Records every input the head sees while training, independently of MbPA's own hook."""
+
+    def __init__(self, seen: list[torch.Tensor]) -> None:
+        self.seen = seen
+
+    def on_fit_start(self, trainer, pl_module):
+        self.handle = pl_module.head.register_forward_pre_hook(
+            lambda module, args: self.seen.append(args[0].detach().clone())
+        )
+
+    def on_fit_end(self, trainer, pl_module):
+        self.handle.remove()
+
+
+def test_lightning_cli_help_documents_every_argument():
+    """LightningCLI builds ``--help`` from the signature and the docstring's Args section."""
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser()
+    parser.add_class_arguments(MbPA, "mbpa")
+    text = " ".join(parser.format_help().split())  # undo the help formatter's line wrapping
+    names = [n for n in inspect.signature(MbPA.__init__).parameters if n != "self"]
+    args_doc = MbPA.__doc__.split("Args:")[1].split("Example")[0]
+    for name in names:
+        assert f"--mbpa.{name} " in text, f"{name} is not a CLI option"
+        doc = args_doc.split(f"\n        {name}: ")[1].split("\n        ")[0]
+        first_words = " ".join(doc.split()[:4])
+        assert first_words in text, f"the --help text of {name} lacks its doc: {first_words!r}"

@@ -141,13 +141,28 @@ def test_the_memory_is_current_whenever_it_is_read_during_fit(tmp_path, monkeypa
     assert not cb._pending_sizes  # fit end flushed
 
 
-def test_a_refused_write_raises_with_the_earlier_batches_written():
+def test_a_refused_bulk_write_writes_the_batches_before_the_refused_one():
+    # The callback refuses bad batches itself (test_reliability); should the memory still refuse
+    # a staged batch, the bulk write falls back to one add per batch and stops at that one.
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(16, 8, generator=g), torch.randint(0, 4, (16,), generator=g))]
+    batches += [(torch.randn(16, 8, generator=g), torch.full((16,), -5)), batches[0]]
+    cb = MbPA(k=4, memory_size=1000, **ADAPT)
+    for keys, labels in batches:
+        cb._stage(keys, labels)
+    with pytest.raises(ValueError, match="non-negative"):
+        len(cb.memory)
+    assert cb.memory.num_seen == 16 and torch.equal(cb.memory.keys, batches[0][0])
+    assert not cb._pending_sizes
+
+
+def test_a_refused_batch_leaves_the_staged_ones_to_be_written():
     x, y = blobs(64, seed=0)
     model = TinyClassifier()
     bad = y.clone()
     bad[40] = -5  # the third batch of 16
     cb = MbPA(k=4, memory_size=1000, **ADAPT)
-    with pytest.raises(ValueError, match="non-negative"):
+    with pytest.raises(ValueError, match="labels"):
         cb.populate(model, loader(x, bad))
     assert cb.memory.num_seen == 32  # the two batches before the refused one
     assert torch.equal(cb.memory.values, y[:32])
@@ -171,13 +186,32 @@ def test_lazy_output_cache_equals_a_recomputation():
         got = cb._neighbour_outputs(indices, indices >= 0)
         torch.testing.assert_close(got, expected[indices.clamp_min(0)], rtol=1e-6, atol=1e-6)
     touched = torch.unique(torch.cat([first.flatten(), second.flatten()]).clamp_min(0))
-    assert cb._slot_known is not None and cb._slot_known.sum() == len(touched)
-    assert torch.equal(cb._slot_known.nonzero().squeeze(1), touched)  # nothing else computed
+    computed = cb._slot_row >= 0
+    assert computed.sum() == cb._slot_rows_used == len(touched)
+    assert torch.equal(computed.nonzero().squeeze(1), touched)  # nothing else computed
     cb.memory.add(torch.randn(1, 16), torch.tensor([0]))  # any change clears the cache
     with torch.no_grad():
         expected = model.head(cb.memory.keys)
     got = cb._neighbour_outputs(second, second >= 0)
     torch.testing.assert_close(got, expected[second.clamp_min(0)], rtol=1e-6, atol=1e-6)
-    assert cb._slot_known.sum() == len(torch.unique(second.clamp_min(0)))
+    assert (cb._slot_row >= 0).sum() == len(torch.unique(second.clamp_min(0)))
     last = torch.full((1, 6), 200)  # the new slot
     torch.testing.assert_close(cb._neighbour_outputs(last, last >= 0), expected[last])
+
+
+def test_lazy_output_cache_grows_past_its_first_table():
+    x, y = blobs(5000, seed=0)
+    model = TinyClassifier()
+    cb = MbPA(k=6, memory_size=5000, **ADAPT)
+    cb.populate(model, loader(x, y, batch_size=1000))
+    cb._set_head(model, "head")
+    with torch.no_grad():
+        expected = model.head(cb.memory.keys)
+    order = torch.randperm(5000, generator=torch.Generator().manual_seed(0))
+    for part in (order[:3000], order[3000:], order[::7]):  # 3000 + 2000 new rows, then hits
+        indices = (
+            part.reshape(-1, 5) if len(part) % 5 == 0 else part[: len(part) // 5 * 5].reshape(-1, 5)
+        )
+        got = cb._neighbour_outputs(indices, indices >= 0)
+        torch.testing.assert_close(got, expected[indices], rtol=1e-6, atol=1e-6)
+    assert cb._slot_rows_used == 5000 and bool((cb._slot_row >= 0).all())

@@ -4,9 +4,12 @@ a one-at-a-time Algorithm R)."""
 from __future__ import annotations
 
 import io
+import json
 import math
 import os
 import pickle
+import subprocess
+import sys
 
 import faiss
 import numpy as np
@@ -760,22 +763,46 @@ def test_to_cpu_is_a_no_op_and_faiss_stays_on_cpu() -> None:
     assert pinned.to("cuda").device.type == "cpu"
 
 
-@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs /proc")
-@pytest.mark.xfail(
-    reason="RSS deltas are polluted by allocations of earlier tests in a full-suite run; passes alone; to be isolated in a subprocess",
-    strict=False,
-)
-def test_resident_memory_grows_with_the_fill_not_the_capacity() -> None:
-    def rss() -> int:
-        with open("/proc/self/status") as status:
-            line = next(line for line in status if line.startswith("VmRSS"))
-        return int(line.split()[1]) * 1024
+_RSS_PROBE = """
+import json, sys
+import torch
+from lightning_mbpa.memory import EpisodicMemory
 
-    before = rss()
-    memory = EpisodicMemory(250_000, dim=512)  # 512 MB of keys if touched
-    memory.add(torch.randn(1000, 512), torch.zeros(1000, dtype=torch.long))
-    assert rss() - before < 64 * 2**20
-    del memory
+def rss():
+    with open("/proc/self/status") as status:
+        line = next(line for line in status if line.startswith("VmRSS"))
+    return int(line.split()[1]) * 1024
+
+chunk = torch.randn(1000, 512)
+labels = torch.zeros(1000, dtype=torch.long)
+before = rss()
+memory = EpisodicMemory(250_000, dim=512)  # 512 MB of keys if every page were touched
+memory.add(chunk, labels)
+first = rss() - before
+for _ in range(40):  # 40k more rows: 82 MB of keys that must become resident
+    memory.add(chunk, labels)
+json.dump({"first": first, "filled": rss() - before}, sys.stdout)
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs /proc")
+def test_resident_memory_grows_with_the_fill_not_the_capacity() -> None:
+    """In a fresh process, so no earlier test's allocations blur the deltas."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    out = subprocess.run(
+        [sys.executable, "-c", _RSS_PROBE],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
+    deltas = json.loads(out.stdout)
+    key_bytes = 40_000 * 512 * 4
+    assert deltas["first"] < 16 * 2**20  # 1000 rows (2 MB), not the 512 MB capacity
+    assert 0.9 * key_bytes < deltas["filled"] < key_bytes + 32 * 2**20  # the fill, measured
 
 
 @pytest.mark.gpu
