@@ -15,8 +15,8 @@ for a small MLP (where the overhead is most visible), alternated, ratio of media
 epoch (``on_train_epoch_start`` to ``on_train_epoch_end``, the last flush included) and the whole
 ``fit`` are timed.
 
-    python benchmarks/end_to_end.py                          # N = 100k, exact: ~2 min on 2 cores
-    python benchmarks/end_to_end.py --threads 1
+    python benchmarks/end_to_end.py                          # N = 100k, exact, 1 thread: ~2 min
+    python benchmarks/end_to_end.py --threads 2
     python benchmarks/end_to_end.py --sizes 10000 100000 1000000 --index Flat IVF --queries 512
     python benchmarks/end_to_end.py --device cuda --queries 8192 --batch 1024
 """
@@ -364,7 +364,12 @@ def main() -> None:
     parser.add_argument("--train-rounds", type=int, default=9)
     parser.add_argument("--skip-training", action="store_true")
     parser.add_argument(
-        "--threads", type=int, default=None, help="torch and faiss threads (default: all cores)"
+        "--threads",
+        type=int,
+        default=1,
+        help="torch and faiss threads (they share one OpenMP runtime); 0: leave the default (all"
+        " cores). 1 by default: on shared cores OpenMP's spin-waiting makes 2 threads up to 30x"
+        " slower for the small training steps (see the README)",
     )
     args = parser.parse_args()
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # no per-Trainer banners

@@ -89,6 +89,10 @@ class MbPA(Callback):
             restores it).
         seed: Seed of the random choices (``write_fraction``, reservoir eviction).
 
+    Training writes are staged in a small buffer and reach the memory in bulk; reading
+    ``mbpa.memory`` (and every epoch end, checkpoint and stage start) writes what is staged, so
+    whoever looks sees every finished batch.
+
     Example::
 
         trainer = pl.Trainer(callbacks=[MbPA(k=32)])
