@@ -22,13 +22,13 @@ Tables printed per stream:
 1. neighbour diagnostics: for each task's validation images, the fraction of their K nearest
    memories written while training that task, the fraction carrying the image's label, and
    the accuracy of the weighted K-NN vote alone; for hidden keys as written, hidden keys
-   re-encoded with the final weights (an oracle: it needs the old training images, which a
-   continual learner no longer has; it shows what key drift costs) and pixel keys;
+   re-encoded with the final weights (what ``MbPA(store_inputs=True, refresh_keys=...)`` gives;
+   it needs the old training images; ``examples/drift.py`` measures it end to end) and pixel keys;
 2. hidden keys: ``adaptation_steps`` x ``adaptation_lr`` x ``beta`` at k=32, then ``k``, then
    memory levers at the best setting: FIFO capacity, reservoir capacity and ``write_fraction``
    (the memory is rebuilt from what the full run wrote: a FIFO of capacity C holds the last C
    writes; a reservoir or a write fraction a uniform random subset);
-3. the same grid on the re-encoded (oracle) memory;
+3. the same grid on the re-encoded memory;
 4. pixel keys: a smaller grid (each query adapts the whole MLP), then ``k``;
 
 and a summary: each stream's best, and the settings with the best mean gain over streams.
@@ -40,6 +40,7 @@ import argparse
 import itertools
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,7 +54,7 @@ from torch import Tensor
 from torch.utils.data import ConcatDataset, DataLoader
 
 from examples.continual import build, find_mbpa, fit_task
-from examples.datamodules import MNISTTaskStream
+from examples.datamodules import MNISTTaskStream, Split
 from lightning_mbpa import MbPA
 
 STREAMS = ("permuted", "class_incremental", "imbalanced")
@@ -97,9 +98,17 @@ class Stream:
     val_x: Tensor
     val_y: Tensor
     val_task: np.ndarray
+    fit_seconds: float = 0.0  # wall time of the trainer.fit calls of every task
+    fit_cpu_seconds: float = 0.0  # their CPU time (this process, all threads)
 
 
-def train(stream: str, extra: list[str]) -> Stream:
+def train(
+    stream: str,
+    extra: list[str],
+    after_task: Callable[[int, pl.LightningModule], None] | None = None,
+) -> Stream:
+    """Train ``stream``'s YAML (plus ``extra`` overrides) task after task; ``after_task(t, model)``
+    runs after each task."""
     cli = build(
         [
             "--config",
@@ -113,9 +122,15 @@ def train(stream: str, extra: list[str]) -> Stream:
     mbpa = find_mbpa(trainer)
     epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else 1
     boundaries = []
+    fit_seconds = fit_cpu_seconds = 0.0
     for t in range(data.num_tasks):
+        start, cpu = time.perf_counter(), time.process_time()
         fit_task(trainer, model, data, t, epochs)
+        fit_seconds += time.perf_counter() - start
+        fit_cpu_seconds += time.process_time() - cpu
         boundaries.append(mbpa.memory.num_seen)
+        if after_task is not None:
+            after_task(t, model)
     if mbpa.memory.num_seen > len(mbpa.memory):
         raise SystemExit(
             f"{stream}: raise memory_size for the sweep; the full run must fit in memory."
@@ -137,6 +152,8 @@ def train(stream: str, extra: list[str]) -> Stream:
         val_x,
         val_y,
         val_task,
+        fit_seconds,
+        fit_cpu_seconds,
     )
 
 
@@ -145,20 +162,29 @@ def set_memory(s: Stream, keys: Tensor, values: Tensor) -> None:
     s.mbpa.memory.add(keys, values)
 
 
-def predict(s: Stream, **settings: float) -> np.ndarray:
-    """Predicted classes of every validation image under ``settings`` (0 steps: the base model)."""
+def predict(s: Stream, split: Split = "val", **settings: float) -> np.ndarray:
+    """Predicted classes of every validation (or test) image under ``settings`` (0 steps: the
+    base model)."""
     for name, value in settings.items():
         setattr(s.mbpa, name, value)
     loader = DataLoader(
-        ConcatDataset([task.val for task in s.data.tasks]), batch_size=s.data.eval_batch_size
+        ConcatDataset([getattr(task, split) for task in s.data.tasks]),
+        batch_size=s.data.eval_batch_size,
     )
     batches = s.trainer.predict(s.model, dataloaders=loader)
     return torch.cat(batches).numpy()
 
 
-def per_task(s: Stream, predictions: np.ndarray) -> np.ndarray:
-    correct = predictions == s.val_y.numpy()
-    return np.array([correct[s.val_task == t].mean() for t in range(s.data.num_tasks)])
+def per_task(s: Stream, predictions: np.ndarray, split: Split = "val") -> np.ndarray:
+    """Accuracy on each task of the predictions of every image of ``split``, in task order."""
+    if split == "val":
+        labels, task = s.val_y.numpy(), s.val_task
+    else:
+        sets = [getattr(t, split) for t in s.data.tasks]
+        labels = torch.cat([d.tensors[1] for d in sets]).numpy()
+        task = np.concatenate([np.full(len(d), t) for t, d in enumerate(sets)])
+    correct = predictions == labels
+    return np.array([correct[task == t].mean() for t in range(s.data.num_tasks)])
 
 
 @torch.no_grad()

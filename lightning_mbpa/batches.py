@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+import torch.utils._pytree as pytree
 from torch import Tensor
 
 #: Names under which a batch carries its labels (matched case-insensitively).
@@ -137,3 +138,44 @@ def slice_inputs(batch: Any, label_name: str | int | None) -> Any:
     if isinstance(batch, (tuple, list)) and len(batch) >= 1:
         return batch[0]
     raise ValueError(f"Cannot find model inputs in a batch of type {describe(batch)}.")
+
+
+def split_inputs(inputs: Any, batch_size: int) -> tuple[list[Tensor], str]:
+    """Per-example tensors of a model input: its tensor leaves and their structure.
+
+    ``inputs`` is a tensor, or tuples, lists and mappings (string keys) of tensors, nested; every
+    tensor must have ``batch_size`` rows (one per example). Returns the leaves in
+    ``torch.utils._pytree`` order and the structure as a JSON string (storable in a
+    ``weights_only`` checkpoint); :func:`join_inputs` puts them back together.
+
+    Raises:
+        ValueError: a leaf that is not a tensor, a tensor without ``batch_size`` rows, or a
+            container whose structure cannot be stored (e.g. a NamedTuple).
+    """
+    leaves, spec = pytree.tree_flatten(inputs)
+    if not leaves:
+        raise ValueError(f"the inputs {describe(inputs)} hold no tensor.")
+    for leaf in leaves:
+        if not isinstance(leaf, Tensor):
+            raise ValueError(
+                f"the inputs {describe(inputs)} hold a {type(leaf).__name__}; only tensors can be "
+                "sliced per example."
+            )
+        if leaf.dim() == 0 or leaf.shape[0] != batch_size:
+            raise ValueError(
+                f"the inputs {describe(inputs)} hold a tensor of shape {tuple(leaf.shape)}; every "
+                f"tensor needs one row per example ({batch_size})."
+            )
+    try:
+        structure = pytree.treespec_dumps(spec)
+    except (TypeError, NotImplementedError) as err:
+        raise ValueError(
+            f"the structure of the inputs {describe(inputs)} cannot be stored ({err}); use "
+            "tensors in tuples, lists or dicts."
+        ) from err
+    return leaves, structure
+
+
+def join_inputs(leaves: list[Tensor], structure: str) -> Any:
+    """The model input from :func:`split_inputs`' leaves (any number of rows) and structure."""
+    return pytree.tree_unflatten(leaves, pytree.treespec_loads(structure))

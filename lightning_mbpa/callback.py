@@ -9,44 +9,60 @@ During ``test``/``predict`` a forward hook replaces the head's output with the o
 copy of the head adapted, per query, on the query's K nearest memories
 (:func:`~lightning_mbpa.local_adapt`), so the module's own ``test_step`` and its metrics see the
 adapted predictions. The trained parameters are never modified.
+
+Key drift (the keys of a network that keeps learning go stale): with ``store_inputs`` the memory
+also keeps every example's model input, so ``refresh_keys`` can recompute the keys with the
+current weights, and ``replay_every_n_steps`` can replay stored examples during training (sparse
+experience replay, de Masson d'Autume et al., "Episodic Memory in Lifelong Language Learning",
+NeurIPS 2019, arXiv:1906.01076, "MbPA++").
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import time
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
+import torch.nn.functional as F
 import torchmetrics
+from lightning.fabric.plugins.precision.amp import _optimizer_handles_unscaling
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning_utilities.core.rank_zero import WarningCache
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _NormBase
 from torch.utils.hooks import RemovableHandle
 
-from lightning_mbpa.adaptation import kernel_weights, local_adapt
+from lightning_mbpa.adaptation import _eval_mode, kernel_weights, local_adapt
 from lightning_mbpa.batches import (
     as_label_tensor,
     describe,
     find_label_name,
     get_item,
+    join_inputs,
     slice_inputs,
+    split_inputs,
 )
 from lightning_mbpa.memory import EXACT_INDEX, EpisodicMemory
 
 Stage = Literal["validate", "test", "predict"]
 _STAGES: tuple[str, ...] = ("validate", "test", "predict")
+_REFRESH: tuple[str, ...] = ("never", "on_test", "epoch_end")
 _IGNORE_INDEX = -100
 # Training writes are staged in a buffer of about this size and written to the memory in bulk.
 _WRITE_BUFFER_BYTES = 1 << 20
+#: Memories at least this large say when their keys are being refreshed and how long it took.
+_ANNOUNCE_REFRESH = 50_000
 
 
 def _linear_names(module: nn.Module) -> list[str]:
@@ -87,7 +103,28 @@ class MbPA(Callback):
             it (the paper's fast learning during evaluation).
         save_memory: Put the memory into checkpoints (``trainer.test(ckpt_path=...)`` then
             restores it).
-        seed: Seed of the random choices (``write_fraction``, reservoir eviction).
+        seed: Seed of the random choices (``write_fraction``, reservoir eviction, replay).
+        store_inputs: Also keep each written example's model input (what :meth:`extract_inputs`
+            returns: a tensor, or tuples/lists/dicts of tensors, sliced per example) on the CPU,
+            at the same slot as its key. Needed by ``refresh_keys`` and replay. Costs the inputs'
+            bytes per entry (3 KB for a 28x28 float image); needs one key per example.
+        refresh_keys: When to recompute every stored key from its stored input with the current
+            weights (:meth:`refresh`; one forward pass over the memory, in eval mode, no grad):
+            ``"never"`` (the paper: keys as written), ``"on_test"`` (at the start of every stage
+            that adapts: validate/test/predict) or ``"epoch_end"`` (after every training epoch,
+            so the keys are fresh when ``fit`` ends and in its checkpoints). Needs
+            ``store_inputs``.
+        refresh_batch_size: Stored inputs per forward pass when refreshing keys.
+        replay_every_n_steps: Sparse experience replay (MbPA++): every this many optimizer
+            steps, ``replay_batch_size`` stored examples drawn uniformly from the memory add the
+            gradient of their loss (cross-entropy of the head's logits against the stored labels;
+            binary cross-entropy for a one-logit head) to the step's gradients, after the
+            training step's backward and before the optimizer steps (and gradient clipping).
+            ``None`` disables it. Needs ``store_inputs`` and automatic optimization. The replay
+            forward runs in train mode but leaves normalisation running statistics unchanged and
+            writes nothing to the memory.
+        replay_batch_size: Stored examples per replay step (MbPA++ replays about 1% of the
+            examples seen: ``replay_batch_size / (replay_every_n_steps * batch size)``).
 
     Training writes are staged in a small buffer and reach the memory in bulk; reading
     ``mbpa.memory`` (and every epoch end, checkpoint and stage start) writes what is staged, so
@@ -117,6 +154,11 @@ class MbPA(Callback):
         online_writes: bool = False,
         save_memory: bool = True,
         seed: int = 0,
+        store_inputs: bool = False,
+        refresh_keys: Literal["never", "on_test", "epoch_end"] = "never",
+        refresh_batch_size: int = 1024,
+        replay_every_n_steps: int | None = None,
+        replay_batch_size: int = 64,
     ) -> None:
         super().__init__()
         _check(
@@ -174,6 +216,36 @@ class MbPA(Callback):
         _check(isinstance(online_writes, bool), "online_writes", online_writes, "a bool")
         _check(isinstance(save_memory, bool), "save_memory", save_memory, "a bool")
         _check(_is_int(seed), "seed", seed, "an int")
+        _check(isinstance(store_inputs, bool), "store_inputs", store_inputs, "a bool")
+        _check(refresh_keys in _REFRESH, "refresh_keys", refresh_keys, f"one of {list(_REFRESH)}")
+        _check(
+            _is_int(refresh_batch_size) and refresh_batch_size >= 1,
+            "refresh_batch_size",
+            refresh_batch_size,
+            "an int >= 1",
+        )
+        _check(
+            replay_every_n_steps is None
+            or (_is_int(replay_every_n_steps) and replay_every_n_steps >= 1),
+            "replay_every_n_steps",
+            replay_every_n_steps,
+            "an int >= 1 or None (no replay)",
+        )
+        _check(
+            _is_int(replay_batch_size) and replay_batch_size >= 1,
+            "replay_batch_size",
+            replay_batch_size,
+            "an int >= 1",
+        )
+        for name, value, off in (
+            ("refresh_keys", refresh_keys, "'never'"),
+            ("replay_every_n_steps", replay_every_n_steps, "None"),
+        ):
+            if value not in ("never", None) and not store_inputs:
+                raise MisconfigurationException(
+                    f"MbPA(`{name}`={value!r}) needs `store_inputs`=True: it recomputes keys "
+                    f"from the stored model inputs. Set store_inputs=True or {name}={off}."
+                )
 
         self.head = head
         self.memory_size = int(memory_size)
@@ -190,6 +262,14 @@ class MbPA(Callback):
         self.online_writes = online_writes
         self.save_memory = save_memory
         self.seed = int(seed)
+        self.store_inputs = store_inputs
+        self.refresh_keys = refresh_keys
+        self.refresh_batch_size = int(refresh_batch_size)
+        self.replay_every_n_steps = (
+            None if replay_every_n_steps is None else int(replay_every_n_steps)
+        )
+        self.replay_batch_size = int(replay_batch_size)
+        self._inputs_structure: str | None = None  # how stored input leaves join into inputs
 
         try:
             self.memory = EpisodicMemory(
@@ -198,6 +278,9 @@ class MbPA(Callback):
         except ValueError as err:
             raise MisconfigurationException(f"MbPA: {err}") from err
         self._write_generator = torch.Generator().manual_seed(self.seed)
+        self._replay_generator = torch.Generator().manual_seed(self.seed + 1)
+        #: Seconds spent recomputing stored keys so far (every refresh of this callback).
+        self.refresh_seconds = 0.0
         self._init_runtime_state()
 
     # ------------------------------------------------------------------ runtime state
@@ -227,6 +310,8 @@ class MbPA(Callback):
         self._refused_batches = 0
         self._refused_rows = 0
         self._warnings = WarningCache()
+        self._replay_slots: Tensor | None = None  # the slots the last replay step used
+        self._last_refresh_seconds: float | None = None
         # Write buffer: rows staged by `_add`, written to the memory in bulk by `_flush_writes`.
         self._pending_keys: Tensor | None = None
         self._pending_values: Tensor | None = None
@@ -280,11 +365,14 @@ class MbPA(Callback):
             {
                 "memory": self.memory.state_dict(),
                 "write_generator": self._write_generator.get_state(),
+                "replay_generator": self._replay_generator.get_state(),
             },
             buffer,
         )
         state["memory"] = buffer.getvalue()
         state["_write_generator"] = None
+        state["_replay_generator"] = None
+        state.pop("_replay_slots", None)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -298,6 +386,8 @@ class MbPA(Callback):
         self.memory.load_state_dict(saved["memory"])
         self._write_generator = torch.Generator()
         self._write_generator.set_state(saved["write_generator"])
+        self._replay_generator = torch.Generator()
+        self._replay_generator.set_state(saved["replay_generator"])
 
     @property
     def state_key(self) -> str:
@@ -348,6 +438,34 @@ class MbPA(Callback):
         Default: a tuple's first element, a mapping without its label key, a tensor itself.
         """
         return slice_inputs(batch, find_label_name(batch, self.label_key))
+
+    def embed(self, pl_module: nn.Module, inputs: Any) -> Tensor:
+        """Memory keys ``[N, D]`` of ``N`` model inputs with the module's current weights.
+
+        Default: run the module's forward on ``inputs`` and capture the head's input. Used to
+        refresh stored keys (``refresh_keys``, under ``torch.no_grad``) and by replay (which
+        differentiates through it, so an override must keep the autograd graph). Override in a
+        subclass when the forward pass does more than the embedding needs.
+        """
+        head = self._require_head()
+        captured: list[Tensor] = []
+
+        def capture(module: nn.Module, args: tuple[Any, ...]) -> None:
+            if args and isinstance(args[0], Tensor):
+                captured.append(args[0])
+
+        handle = head.register_forward_pre_hook(capture)
+        try:
+            pl_module(inputs)
+        finally:
+            handle.remove()
+        if len(captured) != 1:
+            raise MisconfigurationException(
+                f"MbPA.embed: the head {self._head_name!r} ran {len(captured)} times in one "
+                "forward pass over stored inputs; keys need exactly one head call. Override "
+                "`MbPA.embed` to say which input is the key."
+            )
+        return captured[0]
 
     # ------------------------------------------------------------------ head resolution
     def _resolve_named_head(self, pl_module: nn.Module, name: str) -> nn.Module:
@@ -409,6 +527,8 @@ class MbPA(Callback):
                 f"MbPA(head=None): {type(pl_module).__name__} has no nn.Linear module to use as "
                 "the head. Name the output head with `head=...`."
             )
+        if self.replay_every_n_steps is not None and stage == "fit":
+            self._check_replay_setup(trainer, pl_module)
         if self.save_memory and stage == "fit":
             for cb in trainer.checkpoint_callbacks:
                 if isinstance(cb, ModelCheckpoint) and cb.save_weights_only:
@@ -447,8 +567,18 @@ class MbPA(Callback):
         self._remove_capture_hooks()
         self._flush_writes()
 
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        every = self.replay_every_n_steps
+        if every is not None and trainer.training and (trainer.global_step + 1) % every == 0:
+            self._replay(trainer, pl_module, optimizer)
+
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._flush_writes()
+        if self.refresh_keys == "epoch_end" and len(self.memory) > 0:
+            self._refresh(pl_module, trainer)
+            pl_module.log("mbpa/refresh_s", float(self._last_refresh_seconds or 0.0))
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
@@ -587,6 +717,8 @@ class MbPA(Callback):
             "memory": self.memory.state_dict(),
             "head": self._head_name,
             "write_generator": self._write_generator.get_state(),
+            "replay_generator": self._replay_generator.get_state(),
+            "inputs_structure": self._inputs_structure,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -611,17 +743,8 @@ class MbPA(Callback):
                 "MbPA: the checkpoint's MbPA state has no 'memory' entry; it is truncated or "
                 "was written by another callback."
             )
-        generator_state = state_dict.get("write_generator")
-        write_generator = None
-        if generator_state is not None:
-            write_generator = torch.Generator()
-            try:
-                write_generator.set_state(generator_state)
-            except (RuntimeError, TypeError) as err:
-                raise MisconfigurationException(
-                    f"MbPA: the checkpoint's 'write_generator' entry is not a CPU generator state "
-                    f"({err}); the checkpoint is corrupted."
-                ) from err
+        write_generator = _saved_generator(state_dict, "write_generator")
+        replay_generator = _saved_generator(state_dict, "replay_generator")
         module = self._module_ref() if self._module_ref is not None else None
         head, head_name = self._head_module, self._head_name
         if saved_head is not None and (head is None or saved_head != head_name):
@@ -656,6 +779,7 @@ class MbPA(Callback):
                 f"{int(capacity.item())}; use memory_size={int(capacity.item())} to restore it, "
                 "or save_memory=False to ignore it."
             )
+        memory_state = self._check_stored_inputs_state(memory_state, state_dict)
         try:
             self.memory.load_state_dict(memory_state)  # validates everything before mutating
         except ValueError as err:
@@ -667,6 +791,9 @@ class MbPA(Callback):
             self._write_generator = write_generator
         self._slot_outputs = None
         self._labels_checked = None
+        if replay_generator is not None:
+            self._replay_generator = replay_generator
+        self._inputs_structure = state_dict.get("inputs_structure") if self.store_inputs else None
 
     # ------------------------------------------------------------------ populate
     @torch.no_grad()
@@ -683,7 +810,7 @@ class MbPA(Callback):
         model.eval()
         before = self.memory.num_seen
         self._install_capture_hooks(model)
-        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        device = _module_device(model)
         try:
             for batch in dataloader:
                 if isinstance(model, pl.LightningModule):
@@ -702,6 +829,242 @@ class MbPA(Callback):
             self._remove_capture_hooks()
             model.train(was_training)
         return self.memory.num_seen - before
+
+    # ------------------------------------------------------------------ key drift
+    @torch.no_grad()
+    def refresh(self, model: nn.Module) -> int:
+        """Recompute every stored key from its stored input with the model's current weights.
+
+        What ``refresh_keys`` runs: batches of ``refresh_batch_size`` stored inputs through
+        :meth:`embed`, under ``torch.no_grad`` with every module in eval mode (each module's
+        mode is restored afterwards); labels and inputs stay. Needs ``store_inputs=True``.
+        Under DDP every rank recomputes the keys and keeps rank 0's, so the ranks' memories
+        stay identical.
+
+        Returns:
+            The number of keys recomputed.
+        """
+        return self._refresh(model, None)
+
+    def _refresh(self, model: nn.Module, trainer: pl.Trainer | None) -> int:
+        n = len(self.memory)
+        if n == 0:
+            return 0
+        leaves, structure = self._require_stored_inputs("refresh_keys")
+        if self._head_module is None and self._head_name is not None:
+            self._set_head(model, self._head_name)
+        start = time.perf_counter()
+        size = self.refresh_batch_size
+        if n >= _ANNOUNCE_REFRESH:
+            rank_zero_info(
+                f"MbPA: refreshing {n:,} stored keys with the current weights "
+                f"({math.ceil(n / size)} forward passes of up to {size})."
+            )
+        device = _module_device(model)
+        with torch.no_grad(), self._hooks_paused(), _eval_mode(model), _forward_context(trainer):
+            for first in range(0, n, size):
+                last = min(n, first + size)
+                inputs = join_inputs([leaf[first:last] for leaf in leaves], structure)
+                keys = self._checked_keys(
+                    self.embed(model, move_data_to_device(inputs, device)), last - first
+                )
+                if self._strategy is not None:
+                    # ranks may differ in buffers (DDP syncs BatchNorm statistics only at the
+                    # next forward): keep rank 0's keys, those of the weights it checkpoints
+                    rank_zero = float(self._strategy.global_rank == 0)
+                    keys = self._strategy.reduce(keys.float() * rank_zero, reduce_op="sum")
+                try:
+                    self.memory.update_keys(torch.arange(first, last), keys)
+                except ValueError as err:
+                    raise MisconfigurationException(
+                        f"MbPA(refresh_keys={self.refresh_keys!r}): the recomputed keys cannot be "
+                        f"stored: {err}"
+                    ) from err
+        self._slot_outputs = None
+        self._last_refresh_seconds = time.perf_counter() - start
+        self.refresh_seconds += self._last_refresh_seconds
+        if n >= _ANNOUNCE_REFRESH:
+            rank_zero_info(f"MbPA: refreshed {n:,} keys in {self._last_refresh_seconds:.1f} s.")
+        return n
+
+    def _replay(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        """Add the gradient of a replayed batch's loss to the gradients the optimizer will use.
+
+        Runs after the training step's backward (and, under ``16-mixed``, after the gradients
+        were unscaled), before gradient clipping and ``optimizer.step``.
+        """
+        n = len(self.memory)
+        if n == 0:
+            return
+        leaves, structure = self._require_stored_inputs("replay_every_n_steps")
+        head = self._require_head()
+        slots = torch.randperm(n, generator=self._replay_generator)[: self.replay_batch_size]
+        self._replay_slots = slots
+        device = _module_device(pl_module)
+        inputs = join_inputs([leaf.index_select(0, slots) for leaf in leaves], structure)
+        labels = self.memory.values[slots.to(self.memory.device)].to(device)
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        # under 16-mixed the gradients were unscaled before this hook, unless the optimizer
+        # unscales inside its step; scale the replay loss like the training loss to avoid fp16
+        # underflow, and bring its gradients to the state the others are in
+        scale = float(scaler.get_scale()) if scaler is not None else 1.0
+        unscale = scaler is not None and not _optimizer_handles_unscaling(optimizer)
+        with torch.enable_grad(), self._hooks_paused(), _norm_statistics_kept(pl_module):
+            with _forward_context(trainer):
+                keys = self.embed(pl_module, move_data_to_device(inputs, device))
+                logits = head(self._checked_keys(keys, len(slots)))
+                loss = _replay_loss(logits, labels, self._head_name)
+            grads = torch.autograd.grad(
+                loss * scale if scale != 1.0 else loss, params, allow_unused=True
+            )
+        if self._strategy is not None:  # every rank replayed the same slots: average anyway
+            grads = self._mean_over_ranks(grads)
+        if unscale:
+            grads = tuple(None if g is None else g / scale for g in grads)
+        if not all(g is None or bool(torch.isfinite(g).all()) for g in grads):
+            self._warnings.warn(
+                "MbPA(replay_every_n_steps): a replay step's gradients were not finite and were "
+                "skipped (fp16 overflow or a diverging model).",
+                category=UserWarning,
+            )
+            return
+        with torch.no_grad():
+            for param, grad in zip(params, grads, strict=True):
+                if grad is None:
+                    continue
+                if param.grad is None:
+                    param.grad = grad.detach().clone()
+                else:
+                    param.grad.add_(grad)
+
+    def _mean_over_ranks(self, grads: tuple[Tensor | None, ...]) -> tuple[Tensor | None, ...]:
+        present = [g for g in grads if g is not None]
+        if not present:
+            return grads
+        flat = self._strategy.reduce(torch.cat([g.reshape(-1) for g in present]), reduce_op="mean")
+        pieces = iter(flat.split([g.numel() for g in present]))
+        return tuple(None if g is None else next(pieces).view_as(g) for g in grads)
+
+    def _check_replay_setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        value = self.replay_every_n_steps
+        if not pl_module.automatic_optimization:
+            raise MisconfigurationException(
+                f"MbPA(`replay_every_n_steps`={value!r}) needs automatic optimization: it adds "
+                f"the replay gradients before Lightning's optimizer step. "
+                f"{type(pl_module).__name__} sets automatic_optimization=False; set "
+                "replay_every_n_steps=None (and replay in your own training_step)."
+            )
+        strategy = trainer.strategy
+        if not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)) or isinstance(
+            strategy, DeepSpeedStrategy
+        ):
+            raise MisconfigurationException(
+                f"MbPA(`replay_every_n_steps`={value!r}) supports single-device and DDP "
+                f"strategies, whose parameters hold full gradients; got "
+                f"{type(strategy).__name__}. Set replay_every_n_steps=None."
+            )
+
+    def _stored_inputs(
+        self, batch: Any, head_inputs: Tensor, labels: Tensor, calls: int, where: str
+    ) -> dict[str, Tensor] | None:
+        """With ``store_inputs``: the batch's model inputs per example, as the memory payload."""
+        if not self.store_inputs:
+            return None
+        if head_inputs.dim() != 2 or labels.dim() != 1 or calls != 1:
+            raise MisconfigurationException(
+                f"MbPA(store_inputs=True) needs one key per example: one call of the head "
+                f"{self._head_name!r} per batch with inputs [B, D] and labels [B]; the {where} "
+                f"gave {calls} call(s) with inputs of shape {tuple(head_inputs.shape)} and labels "
+                f"of shape {tuple(labels.shape)}. Set store_inputs=False."
+            )
+        try:
+            leaves, structure = split_inputs(self.extract_inputs(batch), labels.shape[0])
+        except ValueError as err:
+            raise MisconfigurationException(
+                f"MbPA(store_inputs=True): cannot store the model inputs of the {where} per "
+                f"example: {err} Override `MbPA.extract_inputs` to return a tensor or "
+                "tuples/lists/dicts of tensors with one row per example, or set "
+                "store_inputs=False."
+            ) from err
+        if len(self.memory) > 0 and structure != self._inputs_structure:
+            raise MisconfigurationException(
+                f"MbPA(store_inputs=True): the model inputs of the {where} are structured as "
+                f"{describe(self.extract_inputs(batch))}, unlike the inputs already stored; "
+                "clear the memory (`mbpa.memory.clear()`) to store the new kind."
+            )
+        self._inputs_structure = structure
+        keep = labels != _IGNORE_INDEX
+        if not bool(keep.all()):
+            leaves = [leaf[keep.to(leaf.device)] for leaf in leaves]
+        return {str(i): leaf for i, leaf in enumerate(leaves)}
+
+    def _require_stored_inputs(self, option: str) -> tuple[list[Tensor], str]:
+        """The stored input leaves (in slot order) and their structure, or a clear error."""
+        payload = self.memory.payload
+        names = [str(i) for i in range(len(payload))]
+        if self._inputs_structure is None or not payload or sorted(payload) != sorted(names):
+            raise MisconfigurationException(
+                f"MbPA({option}={getattr(self, option)!r}): the memory holds {len(self.memory)} "
+                "entries without stored model inputs (written with store_inputs=False, or loaded "
+                "from such a checkpoint), so their keys cannot be recomputed. Refill it with "
+                "store_inputs=True (fit, or `MbPA.populate`)."
+            )
+        return [payload[name] for name in names], self._inputs_structure
+
+    def _check_stored_inputs_state(
+        self, memory_state: dict[str, Any], state_dict: dict[str, Any]
+    ) -> dict[str, Any]:
+        """A checkpoint's memory state fit for this callback's ``store_inputs``; raises before
+        anything is loaded."""
+        keys = memory_state.get("keys")
+        entries = keys.shape[0] if isinstance(keys, Tensor) and keys.dim() == 2 else 0
+        has_inputs = memory_state.get("payload") is not None
+        if not self.store_inputs:
+            # stored inputs are of no use without store_inputs: load the keys alone
+            return {name: value for name, value in memory_state.items() if name != "payload"}
+        structure = state_dict.get("inputs_structure")
+        if entries > 0 and (not has_inputs or not isinstance(structure, str)):
+            raise MisconfigurationException(
+                f"MbPA(store_inputs=True): the checkpoint's memory holds {entries} entries "
+                "without stored model inputs (it was written with store_inputs=False), so their "
+                "keys could never be refreshed or replayed. Load it with store_inputs=False, or "
+                "refill the memory with store_inputs=True."
+            )
+        return memory_state
+
+    @staticmethod
+    def _checked_keys(keys: Any, rows: int) -> Tensor:
+        if not isinstance(keys, Tensor) or keys.dim() != 2 or keys.shape[0] != rows:
+            got = tuple(keys.shape) if isinstance(keys, Tensor) else type(keys).__name__
+            raise MisconfigurationException(
+                f"MbPA.embed must return keys of shape [{rows}, D] for {rows} stored inputs; "
+                f"got {got}."
+            )
+        return keys
+
+    def _require_head(self) -> nn.Module:
+        if self._head_module is None:
+            raise MisconfigurationException(
+                "MbPA: the head is not known yet (no batch has been written by this callback); "
+                "name it with `head=...`."
+            )
+        return self._head_module
+
+    @contextlib.contextmanager
+    def _hooks_paused(self) -> Iterator[None]:
+        """No writes and no adaptation while the callback runs the model on stored inputs."""
+        capturing, self._capturing = self._capturing, False
+        adapting = self._adapt_handle is not None
+        self._remove_adapt_hook()
+        try:
+            yield
+        finally:
+            self._capturing = capturing
+            if adapting and self._head_module is not None:
+                self._adapt_handle = self._head_module.register_forward_hook(self._adapt_hook)
 
     # ------------------------------------------------------------------ internals: capture
     def _install_capture_hooks(self, module: nn.Module) -> None:
@@ -795,21 +1158,35 @@ class MbPA(Callback):
                 f"head input row ([B, D] with [B] labels, or [B, T, D] with [B, T]). The batch "
                 f"contains {describe(batch)}."
             )
-        self._write_pairs(pairs, where, gather)
+        calls = len(self._captured)
+        payload = self._stored_inputs(batch, self._captured[0][1], labels, calls, where)
+        self._write_pairs(pairs, where, gather, payload)
 
     def _pairs(self, inputs: list[Tensor], labels: Tensor) -> list[tuple[Tensor, Tensor]]:
         """The ``(keys, labels)`` of every head input that matches the labels."""
         pairs = [self._pair(batch_inputs, labels) for batch_inputs in inputs]
         return [(keys, values) for keys, values in pairs if keys is not None]
 
-    def _write_pairs(self, pairs: list[tuple[Tensor, Tensor]], where: str, gather: bool) -> None:
-        """Write one batch's ``(keys, labels)``, or nothing of it: every check runs first.
+    def _write_pairs(
+        self,
+        pairs: list[tuple[Tensor, Tensor]],
+        where: str,
+        gather: bool,
+        payload: dict[str, Tensor] | None = None,
+    ) -> None:
+        """Write one batch's ``(keys, labels)`` (and, with ``store_inputs``, the one pair's
+        model inputs), or nothing of it: every check runs first.
 
         Under DDP the checks run on the gathered batch, so every rank refuses the same batches
         and the collectives stay matched.
         """
         if gather and self._strategy is not None:
-            pairs = [self._gather(keys, values) for keys, values in pairs]
+            if payload is None:
+                pairs = [self._gather(keys.float(), values) for keys, values in pairs]
+            else:  # store_inputs: exactly one pair, gathered with its inputs
+                ((keys, values),) = pairs
+                keys, values, *rows = self._gather(keys.float(), values, *payload.values())
+                pairs, payload = [(keys, values)], dict(zip(payload, rows, strict=True))
         self._check_pairs(pairs, where)
         if not all(_keys_finite(keys) for keys, _ in pairs):
             bad = [~_finite_rows(keys) for keys, _ in pairs]
@@ -826,7 +1203,7 @@ class MbPA(Callback):
             )
             return
         for keys, values in pairs:
-            self._add(keys, values, gather=False)
+            self._add(keys, values, gather=False, payload=payload)
 
     def _check_pairs(self, pairs: list[tuple[Tensor, Tensor]], where: str) -> None:
         """Refuse keys whose width differs from the memory's and labels the head cannot predict."""
@@ -866,9 +1243,17 @@ class MbPA(Callback):
             keys, values = keys[keep], values[keep]
         return keys, values
 
-    def _add(self, keys: Tensor, values: Tensor, gather: bool = True) -> None:
+    def _add(
+        self,
+        keys: Tensor,
+        values: Tensor,
+        gather: bool = True,
+        payload: dict[str, Tensor] | None = None,
+    ) -> None:
+        names = list(payload or {})
         if gather and self._strategy is not None:
-            keys, values = self._gather(keys, values)
+            keys, values, *rows = self._gather(keys.float(), values, *(payload or {}).values())
+            payload = dict(zip(names, rows, strict=True)) if payload is not None else None
         if self.write_fraction < 1.0 and keys.shape[0] > 0:
             # after the gather, so every rank makes the same choice from the same generator
             chosen = (
@@ -876,7 +1261,13 @@ class MbPA(Callback):
             )
             chosen = chosen.to(keys.device)
             keys, values = keys[chosen], values[chosen]
+            if payload is not None:
+                payload = {name: t[chosen.to(t.device)] for name, t in payload.items()}
         if keys.shape[0] == 0:
+            return
+        if payload is not None:  # stored inputs (store_inputs=True) are written unstaged
+            self._flush_writes()
+            self._memory.add(keys.float(), values, payload)
             return
         self._stage(keys, values)
 
@@ -948,25 +1339,23 @@ class MbPA(Callback):
             memory.add(keys[start : start + n], values[start : start + n])
             start += n
 
-    def _gather(self, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
-        """Keys and labels of every rank, in rank order, so all ranks hold the same memory.
+    def _gather(self, *tensors: Tensor) -> tuple[Tensor, ...]:
+        """Rows of every rank (keys, labels, stored inputs), in rank order, so all ranks hold
+        the same memory.
 
         Collectives run on every rank; batches of different sizes are padded to the largest.
         """
         strategy = self._strategy
-        count = torch.tensor([keys.shape[0]], device=keys.device)
+        count = torch.tensor([tensors[0].shape[0]], device=tensors[0].device)
         counts = strategy.all_gather(count).reshape(-1).tolist()
         largest = max(counts)
-        padded_keys = keys.new_zeros((largest, keys.shape[1]))
-        padded_values = values.new_zeros((largest,))
-        padded_keys[: keys.shape[0]] = keys
-        padded_values[: keys.shape[0]] = values
-        all_keys = strategy.all_gather(padded_keys.float())
-        all_values = strategy.all_gather(padded_values)
-        return (
-            torch.cat([all_keys[rank, :n] for rank, n in enumerate(counts)]),
-            torch.cat([all_values[rank, :n] for rank, n in enumerate(counts)]),
-        )
+        gathered = []
+        for tensor in tensors:
+            padded = tensor.new_zeros((largest, *tensor.shape[1:]))
+            padded[: tensor.shape[0]] = tensor
+            every = strategy.all_gather(padded)
+            gathered.append(torch.cat([every[rank, :n] for rank, n in enumerate(counts)]))
+        return tuple(gathered)
 
     def _online_write(self, pl_module: nn.Module, batch: Any, labels: Tensor | None) -> None:
         """Write a labelled test batch after it was predicted (fast learning during evaluation)."""
@@ -981,7 +1370,9 @@ class MbPA(Callback):
         inputs = [q for q, _, _ in self._adapted_calls] or [x for _, x in self._captured]
         pairs = self._pairs(inputs, labels)
         if pairs:
-            self._write_pairs(pairs, "test batch (online_writes)", gather=True)
+            where = "test batch (online_writes)"
+            payload = self._stored_inputs(batch, inputs[0], labels, len(inputs), where)
+            self._write_pairs(pairs, where, gather=True, payload=payload)
 
     def _move_memory(self, pl_module: nn.Module) -> None:
         device = pl_module.device if isinstance(pl_module, pl.LightningModule) else None
@@ -993,10 +1384,13 @@ class MbPA(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str
     ) -> None:
         self._move_memory(pl_module)
-        if len(self.memory) == 0:
+        populated = len(self.memory) == 0  # then filled below with the current weights
+        if populated:
             self._auto_populate(trainer, pl_module)
         if self._head_module is None and self._head_name is not None:
             self._set_head(pl_module, self._head_name)
+        if self.refresh_keys == "on_test" and not populated:
+            self._refresh(pl_module, trainer)
         if len(self.memory) == 0:
             rank_zero_warn(
                 f"MbPA: the episodic memory is empty, so {stage} uses the model's base "
@@ -1245,6 +1639,61 @@ class MbPA(Callback):
         if logits.shape[-1] == 1:
             return (logits[..., 0] > 0).long()
         return logits.argmax(-1)
+
+
+def _saved_generator(state_dict: dict[str, Any], name: str) -> torch.Generator | None:
+    """The generator a checkpoint's ``name`` entry holds (None if absent); raises if corrupted."""
+    state = state_dict.get(name)
+    if state is None:
+        return None
+    generator = torch.Generator()
+    try:
+        generator.set_state(state)
+    except (RuntimeError, TypeError) as err:
+        raise MisconfigurationException(
+            f"MbPA: the checkpoint's {name!r} entry is not a CPU generator state ({err}); the "
+            "checkpoint is corrupted."
+        ) from err
+    return generator
+
+
+def _module_device(module: nn.Module) -> torch.device:
+    return next((p.device for p in module.parameters()), torch.device("cpu"))
+
+
+def _forward_context(trainer: pl.Trainer | None) -> contextlib.AbstractContextManager[Any]:
+    """The precision plugin's forward context (autocast under mixed precision), if attached."""
+    if trainer is None:
+        return contextlib.nullcontext()
+    return trainer.precision_plugin.forward_context()
+
+
+@contextlib.contextmanager
+def _norm_statistics_kept(model: nn.Module) -> Iterator[None]:
+    """Running statistics of normalisation layers (BatchNorm ...) as they were before."""
+    saved = [
+        (buffer, buffer.detach().clone())
+        for module in model.modules()
+        if isinstance(module, _NormBase) and module.track_running_stats
+        for buffer in module.buffers(recurse=False)
+    ]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in saved:
+                buffer.copy_(value)
+
+
+def _replay_loss(logits: Tensor, labels: Tensor, head: str | None) -> Tensor:
+    if logits.dim() != 2 or logits.shape[0] != labels.shape[0]:
+        raise MisconfigurationException(
+            f"MbPA(replay_every_n_steps): the head {head!r} must map [B, D] keys to [B, C] "
+            f"logits; it returned shape {tuple(logits.shape)} for {labels.shape[0]} examples."
+        )
+    if logits.shape[1] == 1:
+        return F.binary_cross_entropy_with_logits(logits[:, 0], labels.to(logits.dtype))
+    return F.cross_entropy(logits, labels)
 
 
 def _is_int(value: Any) -> bool:

@@ -7,7 +7,10 @@ embeddings nearest to each query by squared Euclidean distance. This module is t
 nothing else: a preallocated float32 key buffer with a FIFO ring (the paper's choice) or reservoir
 eviction, searched exactly (a matmul + ``topk`` on the buffer's device with the ``torch`` backend,
 the default; ``faiss.knn`` over the buffer itself with the ``faiss`` backend) or through an
-approximate faiss index (HNSW, IVF, PQ, ...) that never returns an overwritten entry. It has no
+approximate faiss index (HNSW, IVF, PQ, ...) that never returns an overwritten entry. Optionally
+every entry also carries a *payload* (e.g. the example's model input, kept on the CPU) that
+follows it through eviction, so that its key can be recomputed later
+(:meth:`EpisodicMemory.update_keys`). It has no
 Lightning dependency.
 
 Example:
@@ -51,6 +54,8 @@ EXACT_INDEX = "Flat"
 TRAIN_POINTS_PER_CENTROID = 39
 #: The keys :meth:`EpisodicMemory.state_dict` returns.
 STATE_KEYS = ("keys", "values", "capacity", "dim", "cursor", "num_seen", "generator_state")
+#: Optional entry of :meth:`EpisodicMemory.state_dict`: the per-entry payload tensors by name.
+PAYLOAD_KEY = "payload"
 # A dimension divisible by many sub-quantizer counts, used to parse an index string before the
 # memory's dimension is known (only parse errors are reported that early).
 _PROBE_DIM = 2520
@@ -115,6 +120,14 @@ class EpisodicMemory:
       rows outnumber the live ones the index is compacted (reset, keeping its training, and the
       live keys re-added in slot order): the one place a rebuild happens, amortised O(1) per write.
       Distances of the returned neighbours are always recomputed exactly from the stored keys.
+
+    Payload: :meth:`add` may also take a mapping of per-row tensors (``payload``, e.g. the model
+    inputs the keys were computed from). They are stored on the CPU in preallocated
+    ``[capacity, ...]`` buffers (dtype kept) at the same slots as the keys, so eviction, state
+    dicts and pickling keep them aligned with their keys; :attr:`payload` reads them back.
+    A memory either stores a payload with every entry or with none (:meth:`clear` resets this).
+    :meth:`update_keys` overwrites stored keys in place, e.g. with keys recomputed from the
+    payload by a network whose weights have changed.
 
     Threads: nothing here changes a thread setting. On the CPU the memory-bound steps (writes,
     gathering the neighbours' keys) run single-threaded in numpy; only the distance computation
@@ -229,6 +242,7 @@ class EpisodicMemory:
         self._values: Tensor | None = None
         self._norms: Tensor | None = None
         self._ann: _LiveRowIndex | None = None
+        self._payload: dict[str, Tensor] | None = None
         self._size = 0
         self._num_seen = 0
         # Bumped by every change of the contents: caches derived from the keys compare it.
@@ -298,6 +312,14 @@ class EpisodicMemory:
         return self._values[: self._size]
 
     @property
+    def payload(self) -> dict[str, Tensor]:
+        """Views of the filled part of the payload buffers, ``[len, ...]`` on the CPU, in slot
+        order, by name; empty when the memory stores no payload."""
+        if self._payload is None:
+            return {}
+        return {name: buffer[: self._size] for name, buffer in self._payload.items()}
+
+    @property
     def num_seen(self) -> int:
         """How many rows were ever offered to :meth:`add` (kept or not) since the last clear."""
         return self._num_seen
@@ -328,7 +350,9 @@ class EpisodicMemory:
 
     # ------------------------------------------------------------------ writing
 
-    def add(self, keys: Tensor, values: Tensor) -> Tensor:
+    def add(
+        self, keys: Tensor, values: Tensor, payload: Mapping[str, Tensor] | None = None
+    ) -> Tensor:
         """Writes ``N`` ``(key, label)`` pairs, evicting as configured.
 
         Keys are detached and stored as float32; labels as int64 (integral float labels such as
@@ -337,6 +361,9 @@ class EpisodicMemory:
         Args:
             keys: ``[N, D]`` real-valued, finite.
             values: ``[N]`` non-negative integer labels.
+            payload: Per-row tensors ``[N, ...]`` by name, stored (detached, on the CPU, dtype
+                kept) at the same slots as the keys. Required on every write once the memory
+                holds a payload; the names, trailing shapes and dtypes must stay the same.
 
         Returns:
             ``[N]`` int64 (CPU): the slot each row now occupies, in row order, or ``-1`` for a row
@@ -344,15 +371,19 @@ class EpisodicMemory:
             larger than the capacity that were overwritten within the batch).
 
         Raises:
-            ValueError: Bad shapes, non-finite keys, negative/non-integer/bool labels.
+            ValueError: Bad shapes, non-finite keys, negative/non-integer/bool labels, a payload
+                that is missing, unexpected or does not match the stored one.
         """
         keys32, labels, new_norms = self._check_add(keys, values)
+        self._check_payload(payload, keys32.shape[0])
         n = keys32.shape[0]
         if n == 0:
             return torch.empty(0, dtype=torch.int64)
         if self._dim is None:
             self._allocate(keys32.shape[1])
         assert self._keys is not None and self._values is not None and self._norms is not None
+        if payload is not None and self._payload is None:
+            self._payload = _allocate_payload(payload, self._capacity)
 
         slot_of_row, runs = self._assign_slots(n)
         slots: Int64Array | None = None
@@ -383,6 +414,12 @@ class EpisodicMemory:
                     kept_labels = labels.index_select(0, rows_t.to(labels.device))
                     self._values.index_copy_(0, slots_t, kept_labels.to(self._device))
                     self._norms.index_copy_(0, slots_t, new.square().sum(1))
+        if payload is not None:
+            if slots is None:
+                rows = np.flatnonzero(slot_of_row >= 0)
+                slots = slot_of_row[rows]
+            if rows.size:
+                _write_payload(self._payload, payload, rows, slots)
         self._num_seen += n
         self._size = min(self._num_seen, self._capacity)
         self._version += 1
@@ -431,13 +468,67 @@ class EpisodicMemory:
     def clear(self) -> None:
         """Empties the memory: ``len``, ``num_seen`` and the FIFO cursor go to 0, the reservoir
         generator is re-seeded with ``seed`` and an approximate index goes back to untrained. A
-        fixed ``dim`` stays fixed; the buffers are reallocated, so their pages are released."""
+        fixed ``dim`` stays fixed; the buffers are reallocated, so their pages are released. The
+        payload is dropped (the next write decides whether there is one)."""
         self._generator = torch.Generator().manual_seed(self._seed)
         self._size = 0
         self._num_seen = 0
         self._version += 1
+        self._payload = None
         if self._dim is not None:
             self._allocate(self._dim)
+
+    def update_keys(self, slots: Tensor, keys: Tensor) -> None:
+        """Overwrites the stored keys of ``slots`` in place; their labels and payload stay.
+
+        This is how keys are refreshed when the network that computed them has changed: the
+        new keys are searched from the next :meth:`search` on (an approximate index re-adds
+        the rows and hides the old ones, keeping its training). Nothing changes when a check
+        fails.
+
+        Args:
+            slots: ``[N]`` distinct integer slots of filled entries (``0 <= slot < len``).
+            keys: ``[N, D]`` real-valued, finite.
+
+        Raises:
+            ValueError: Slots out of range or repeated, keys of the wrong shape or not finite.
+        """
+        if not isinstance(slots, Tensor) or slots.ndim != 1 or slots.is_floating_point():
+            raise ValueError(
+                f"`slots` must be a 1-D integer tensor; got {_describe_tensor(slots)}."
+            )
+        if slots.dtype == torch.bool or slots.is_complex():
+            raise ValueError(f"`slots` must be integer slot numbers; got dtype {slots.dtype}.")
+        slots_np = slots.detach().cpu().numpy().astype(np.int64, copy=False)
+        if slots_np.size and (slots_np.min() < 0 or slots_np.max() >= self._size):
+            raise ValueError(
+                f"`slots` must lie in [0, {self._size}) (the filled slots); got values in "
+                f"[{slots_np.min()}, {slots_np.max()}]."
+            )
+        if np.unique(slots_np).size != slots_np.size:
+            raise ValueError("`slots` must be distinct; got repeated slots.")
+        if not isinstance(keys, Tensor) or keys.ndim != 2 or keys.shape[0] != slots_np.size:
+            raise ValueError(
+                f"`keys` must have shape [{slots_np.size}, {self._dim}] (one row per slot); got"
+                f" {_describe_tensor(keys)}."
+            )
+        keys32, _, new_norms = self._check_add(keys, torch.zeros(keys.shape[0], dtype=torch.int64))
+        if slots_np.size == 0:
+            return
+        assert self._keys is not None and self._norms is not None
+        if self._device.type == "cpu":
+            assert new_norms is not None
+            self._keys.numpy()[slots_np] = keys32.cpu().numpy()
+            self._norms.numpy()[slots_np] = new_norms
+        else:
+            slots_t = torch.from_numpy(slots_np).to(self._device)
+            with torch.no_grad():
+                new = keys32.to(self._device)
+                self._keys.index_copy_(0, slots_t, new)
+                self._norms.index_copy_(0, slots_t, new.square().sum(1))
+        self._version += 1
+        if self._ann is not None:
+            self._ann.update(self._keys_numpy(), slots_np)
 
     # ------------------------------------------------------------------ searching
 
@@ -616,17 +707,18 @@ class EpisodicMemory:
 
     # ------------------------------------------------------------------ state
 
-    def state_dict(self) -> dict[str, Tensor]:
+    def state_dict(self) -> dict[str, Any]:
         """The memory as plain tensors, loadable with ``torch.load(..., weights_only=True)``.
 
         Only the filled part is stored, as compact copies: ``keys`` ``[len, D]`` float32,
         ``values`` ``[len]`` int64, int64 scalars ``capacity``, ``dim`` (``-1`` when not fixed),
         ``cursor`` (the next FIFO slot) and ``num_seen``, and ``generator_state`` (uint8), so a
-        restored memory continues exactly as this one would. Approximate indexes are not stored;
-        :meth:`load_state_dict` rebuilds them from the keys.
+        restored memory continues exactly as this one would. A memory with a payload adds
+        ``payload``: a dict of the filled payload tensors by name (CPU). Approximate indexes are
+        not stored; :meth:`load_state_dict` rebuilds them from the keys.
         """
         d = -1 if self._dim is None else self._dim
-        return {
+        state: dict[str, Any] = {
             "keys": self.keys.clone() if self._keys is not None else torch.empty(0, 0),
             "values": self.values.clone(),
             "capacity": torch.tensor(self._capacity, dtype=torch.int64),
@@ -635,8 +727,11 @@ class EpisodicMemory:
             "num_seen": torch.tensor(self._num_seen, dtype=torch.int64),
             "generator_state": self._generator.get_state(),
         }
+        if self._payload is not None:
+            state[PAYLOAD_KEY] = {name: t.clone() for name, t in self.payload.items()}
+        return state
 
-    def load_state_dict(self, state: Mapping[str, Tensor]) -> None:
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restores :meth:`state_dict` output; everything is checked before anything changes.
 
         Raises:
@@ -649,10 +744,11 @@ class EpisodicMemory:
                 f"`state` must be a mapping from {STATE_KEYS}; got {type(state).__name__}."
             )
         missing = [key for key in STATE_KEYS if key not in state]
-        unexpected = [key for key in state if key not in STATE_KEYS]
+        unexpected = [key for key in state if key not in (*STATE_KEYS, PAYLOAD_KEY)]
         if missing or unexpected:
             raise ValueError(
-                f"`state` must hold exactly {STATE_KEYS}; missing {missing}, unexpected {unexpected}."
+                f"`state` must hold exactly {STATE_KEYS} (and optionally {PAYLOAD_KEY!r}); missing"
+                f" {missing}, unexpected {unexpected}."
             )
         for key in STATE_KEYS:
             if not isinstance(state[key], Tensor):
@@ -719,6 +815,14 @@ class EpisodicMemory:
             raise ValueError(
                 f"`state['generator_state']` is not a CPU torch.Generator state: {exc}"
             ) from exc
+        payload = state.get(PAYLOAD_KEY)
+        if payload is not None:
+            _check_payload_rows(
+                payload,
+                size,
+                f"`state[{PAYLOAD_KEY!r}]",
+                f"{size} rows (len = min(num_seen, capacity))",
+            )
         ann = None
         if self._index_string != EXACT_INDEX and dim != -1:
             ann = _LiveRowIndex(self._index_string, dim, self._index_params, self._capacity)
@@ -731,6 +835,11 @@ class EpisodicMemory:
         self._num_seen = num_seen
         self._size = size
         self._version += 1
+        self._payload = None
+        if payload is not None:
+            self._payload = _allocate_payload(payload, self._capacity)
+            for name, tensor in payload.items():
+                self._payload[name][:size].copy_(tensor)
         if size:
             assert self._keys is not None and self._values is not None and self._norms is not None
             with torch.no_grad():
@@ -745,7 +854,10 @@ class EpisodicMemory:
             ann.update(self._keys_numpy(), np.arange(size, dtype=np.int64))
 
     def __getstate__(self) -> dict[str, Any]:
-        state = {key: value.cpu() for key, value in self.state_dict().items()}
+        state = {
+            key: {n: t.cpu() for n, t in value.items()} if key == PAYLOAD_KEY else value.cpu()
+            for key, value in self.state_dict().items()
+        }
         return {"config": self._config(), "state": state}
 
     def __setstate__(self, payload: dict[str, Any]) -> None:
@@ -861,6 +973,37 @@ class EpisodicMemory:
             bad = labels[labels < 0][:3].tolist()
             raise ValueError(f"`values` must be non-negative labels; got {bad}.")
         return keys32, labels.to(torch.int64), norms
+
+    def _check_payload(self, payload: Mapping[str, Tensor] | None, n: int) -> None:
+        """Raises before any mutation if ``payload`` does not fit this memory's payload."""
+        if payload is None:
+            if self._payload is not None:
+                raise ValueError(
+                    f"`payload` is required: this memory stores a payload with every entry (names"
+                    f" {sorted(self._payload)}); clear() it to store entries without one."
+                )
+            return
+        _check_payload_rows(payload, n, "`payload", f"N = {n} rows (one per key)")
+        if self._payload is None:
+            if self._size > 0:
+                raise ValueError(
+                    f"`payload` cannot be added to a memory that already holds {self._size} entries"
+                    " without one; clear() it first."
+                )
+            return
+        if set(payload) != set(self._payload):
+            raise ValueError(
+                f"`payload` must have the names {sorted(self._payload)} of the stored payload; got"
+                f" {sorted(payload)}."
+            )
+        for name, tensor in payload.items():
+            stored = self._payload[name]
+            if tensor.shape[1:] != stored.shape[1:] or tensor.dtype != stored.dtype:
+                raise ValueError(
+                    f"`payload[{name!r}]` must have rows of shape {tuple(stored.shape[1:])} and dtype"
+                    f" {stored.dtype} like the stored payload; got {tuple(tensor.shape[1:])},"
+                    f" {tensor.dtype}."
+                )
 
 
 class _LiveRowIndex:
@@ -1064,6 +1207,57 @@ def _check_index_syntax(factory: str, params: str) -> None:
             raise ValueError(
                 f"`index_params`={params!r} cannot be applied to `index`={factory!r}: {exc}"
             ) from exc
+
+
+def _allocate_payload(like: Mapping[str, Tensor], capacity: int) -> dict[str, Tensor]:
+    """Untouched CPU buffers ``[capacity, ...]`` with the row shape and dtype of each tensor."""
+    with torch.inference_mode(False):
+        return {
+            name: torch.empty((capacity, *t.shape[1:]), dtype=t.dtype, device="cpu")
+            for name, t in like.items()
+        }
+
+
+def _write_payload(
+    buffers: dict[str, Tensor] | None,
+    payload: Mapping[str, Tensor],
+    rows: Int64Array,
+    slots: Int64Array,
+) -> None:
+    """``buffers[name][slots] = payload[name][rows]`` for every name."""
+    assert buffers is not None
+    slots_t = torch.from_numpy(slots)
+    for name, tensor in payload.items():
+        source = tensor.detach()
+        if rows.size != source.shape[0]:
+            source = source.index_select(0, torch.from_numpy(rows).to(source.device))
+        with torch.no_grad():
+            buffers[name].index_copy_(0, slots_t, source.cpu())
+
+
+def _check_payload_rows(payload: Any, n: int, label: str, rows: str) -> None:
+    """``payload`` is a non-empty mapping of str names to tensors of ``n`` rows each."""
+    if not isinstance(payload, Mapping) or not payload:
+        raise ValueError(
+            f"{label}` must be a non-empty mapping from names to tensors; got"
+            f" {type(payload).__name__}."
+        )
+    for name, tensor in payload.items():
+        if not isinstance(name, str) or not isinstance(tensor, Tensor) or tensor.ndim < 1:
+            raise ValueError(
+                f"{label}[{name!r}]` must be a tensor of one row per entry under a str name;"
+                f" got {_describe_tensor(tensor)}."
+            )
+        if tensor.shape[0] != n:
+            raise ValueError(
+                f"{label}[{name!r}]` must have {rows}; got shape {tuple(tensor.shape)}."
+            )
+
+
+def _describe_tensor(x: Any) -> str:
+    if isinstance(x, Tensor):
+        return f"a tensor of dtype {x.dtype} and shape {tuple(x.shape)}"
+    return type(x).__name__
 
 
 def _empty_neighbours(

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import socket
 from typing import NamedTuple
 
 import lightning.pytorch as pl
@@ -126,6 +128,24 @@ class RecordDataset(Dataset):
         if self.kind == "namedtuple":
             return XY(self.x[i], self.y[i])
         return Record(self.x[i], self.y[i])
+
+
+def ddp_environment(rank: int, world: int, port: int) -> None:
+    """What Lightning reads to join an externally launched process group (CPU, one node)."""
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        WORLD_SIZE=str(world),
+        NODE_RANK="0",
+        LOCAL_RANK=str(rank),
+        RANK=str(rank),
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def count_writes_and_adaptations(monkeypatch) -> dict[str, int]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 
 import pytest
 import torch
@@ -16,7 +15,7 @@ import torch.multiprocessing as mp
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from lightning_mbpa import MbPA
-from tests.helpers import TinyClassifier, blobs, loader, trainer
+from tests.helpers import TinyClassifier, blobs, ddp_environment, free_port, loader, trainer
 
 ADAPT = dict(k=8, adaptation_steps=3, adaptation_lr=0.5, beta=0.1)
 
@@ -36,14 +35,7 @@ class DumpMemory(Callback):
 
 
 def _worker(rank: int, world: int, port: int, directory: str) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        WORLD_SIZE=str(world),
-        NODE_RANK="0",
-        LOCAL_RANK=str(rank),
-        RANK=str(rank),
-    )
+    ddp_environment(rank, world, port)
     torch.set_num_threads(1)
     x, y = blobs(90)  # 45 per rank: batches of 16, 16, 13 (an uneven last batch)
     xt, yt = blobs(40, seed=1)
@@ -71,12 +63,6 @@ def _worker(rank: int, world: int, port: int, directory: str) -> None:
     ).fit(TinyClassifier(), loader(x, y), ckpt_path=last)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _load(path):
     return torch.load(path, weights_only=True)
 
@@ -90,7 +76,7 @@ def _assert_same(a, b):
 @pytest.mark.slow
 def test_ddp_ranks_write_identical_complete_memories_test_and_resume(tmp_path):
     mp.start_processes(
-        _worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, start_method="spawn"
+        _worker, args=(2, free_port(), str(tmp_path)), nprocs=2, start_method="spawn"
     )
     _, y = blobs(90)
     xt, yt = blobs(40, seed=1)

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from examples import classifier, continual, sweep
+from examples import classifier, continual, drift, sweep
 
 CONFIGS = Path(__file__).resolve().parent.parent / "examples" / "configs"
 TINY = [
@@ -105,3 +105,16 @@ def test_sweep_smoke(capsys: pytest.CaptureFixture[str]) -> None:
     sweep.main(["--streams", "class_incremental", "--grid", "smoke", "--", *TINY])
     out = capsys.readouterr().out
     assert "summary: best on validation" in out and "class_incremental" in out
+
+
+def test_drift_smoke(tmp_path: Path) -> None:
+    drift.main(["--streams", "imbalanced", "--grid", "smoke", "--out", str(tmp_path), "--", *TINY])
+    rows = json.loads((tmp_path / "drift.json").read_text())["imbalanced"]
+    names = [row["variant"] for row in rows]
+    assert names[:2] == ["hidden keys, stale", "hidden keys, refreshed"]
+    assert names[-1] == "pixel keys (YAML)" and any("replay" in name for name in names)
+    # storing inputs and refreshing keys change no weight: the same base model
+    assert rows[0]["base_test"] == rows[1]["base_test"]
+    for row in rows:
+        assert len(row["test"]) == 2 and all(0 <= a <= 1 for a in row["test"])
+        assert row["fit_s"] > 0 and row["test_s"] >= 0
