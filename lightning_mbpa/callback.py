@@ -53,12 +53,14 @@ from lightning_mbpa.batches import (
     slice_inputs,
     split_inputs,
 )
-from lightning_mbpa.memory import EpisodicMemory
+from lightning_mbpa.memory import EXACT_INDEX, EpisodicMemory
 
 Stage = Literal["validate", "test", "predict"]
 _STAGES: tuple[str, ...] = ("validate", "test", "predict")
 _REFRESH: tuple[str, ...] = ("never", "on_test", "epoch_end")
 _IGNORE_INDEX = -100
+# Training writes are staged in a buffer of about this size and written to the memory in bulk.
+_WRITE_BUFFER_BYTES = 1 << 20
 #: Memories at least this large say when their keys are being refreshed and how long it took.
 _ANNOUNCE_REFRESH = 50_000
 
@@ -123,6 +125,10 @@ class MbPA(Callback):
             writes nothing to the memory.
         replay_batch_size: Stored examples per replay step (MbPA++ replays about 1% of the
             examples seen: ``replay_batch_size / (replay_every_n_steps * batch size)``).
+
+    Training writes are staged in a small buffer and reach the memory in bulk; reading
+    ``mbpa.memory`` (and every epoch end, checkpoint and stage start) writes what is staged, so
+    whoever looks sees every finished batch.
 
     Example::
 
@@ -292,6 +298,9 @@ class MbPA(Callback):
         self._head_called_in_stage = False
         self._adapting_stage: str | None = None
         self._slot_outputs: Tensor | None = None
+        self._slot_row: Tensor | None = None  # CPU: row of each slot in _slot_outputs, or -1
+        self._slot_rows_used = 0
+        self._slot_version = -1  # the memory's version the cache was made for
         self._base_acc: torchmetrics.Metric | None = None
         self._adapted_acc: torchmetrics.Metric | None = None
         self._queries = 0
@@ -303,10 +312,38 @@ class MbPA(Callback):
         self._warnings = WarningCache()
         self._replay_slots: Tensor | None = None  # the slots the last replay step used
         self._last_refresh_seconds: float | None = None
+        # Write buffer: rows staged by `_add`, written to the memory in bulk by `_flush_writes`.
+        self._pending_keys: Tensor | None = None
+        self._pending_values: Tensor | None = None
+        self._pending_rows = 0
+        self._pending_sizes: list[int] = []  # rows of each staged `_add` call
+
+    @property
+    def memory(self) -> EpisodicMemory:
+        """The episodic memory, with every write made so far in it.
+
+        Training writes are staged and reach the memory in bulk (one ``add`` per few thousand
+        rows instead of one per batch); reading this attribute writes what is staged first, and
+        so do epoch ends, checkpoints and the start of validate/test/predict.
+        """
+        self._flush_writes()
+        return self._memory
+
+    @memory.setter
+    def memory(self, memory: EpisodicMemory) -> None:
+        if getattr(self, "_pending_sizes", None):
+            self._flush_writes()
+        self._memory = memory
 
     def __getstate__(self) -> dict[str, Any]:
+        self._flush_writes()
         state = self.__dict__.copy()
         for transient in (
+            "_memory",
+            "_pending_keys",
+            "_pending_values",
+            "_pending_rows",
+            "_pending_sizes",
             "_module_ref",
             "_strategy",
             "_head_module",
@@ -315,6 +352,7 @@ class MbPA(Callback):
             "_captured",
             "_adapted_calls",
             "_slot_outputs",
+            "_slot_row",
             "_base_acc",
             "_adapted_acc",
             "_warnings",
@@ -338,8 +376,10 @@ class MbPA(Callback):
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        saved = torch.load(io.BytesIO(state["memory"]), weights_only=True)
+        state = dict(state)
+        saved = torch.load(io.BytesIO(state.pop("memory")), weights_only=True)
         self.__dict__.update(state)
+        self._init_runtime_state()
         self.memory = EpisodicMemory(
             capacity=self.memory_size, eviction=self.eviction, index=self.index, seed=self.seed
         )
@@ -348,13 +388,16 @@ class MbPA(Callback):
         self._write_generator.set_state(saved["write_generator"])
         self._replay_generator = torch.Generator()
         self._replay_generator.set_state(saved["replay_generator"])
-        self._init_runtime_state()
 
     @property
     def state_key(self) -> str:
         """Checkpoint key: depends only on ``head``, so changing the adaptation settings between
         fit and test still restores the memory."""
-        return self._generate_state_key(head=self.head)
+        # Lightning reads it for every hook call of every callback: build the string once per head.
+        cached = self.__dict__.get("_state_key_for")
+        if cached is None or cached[0] != self.head:
+            cached = self._state_key_for = (self.head, self._generate_state_key(head=self.head))
+        return cached[1]
 
     @property
     def head_name(self) -> str | None:
@@ -499,6 +542,8 @@ class MbPA(Callback):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._remove_capture_hooks()
         self._remove_adapt_hook()
+        self._flush_writes()
+        self._pending_keys = self._pending_values = None
 
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
@@ -506,6 +551,12 @@ class MbPA(Callback):
         self._remove_capture_hooks()
         self._captured.clear()
         self._stop_adapting()
+        # The batches that finished before the exception are in the memory, as without the
+        # write buffer; a failing write must not hide the original exception.
+        try:
+            self._flush_writes()
+        except ValueError as err:
+            rank_zero_warn(f"MbPA: staged writes could not be written after an exception: {err}")
 
     # ---- fit: writing
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -514,6 +565,7 @@ class MbPA(Callback):
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._remove_capture_hooks()
+        self._flush_writes()
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
@@ -523,6 +575,7 @@ class MbPA(Callback):
             self._replay(trainer, pl_module, optimizer)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._flush_writes()
         if self.refresh_keys == "epoch_end" and len(self.memory) > 0:
             self._refresh(pl_module, trainer)
             pl_module.log("mbpa/refresh_s", float(self._last_refresh_seconds or 0.0))
@@ -1135,8 +1188,8 @@ class MbPA(Callback):
                 keys, values, *rows = self._gather(keys.float(), values, *payload.values())
                 pairs, payload = [(keys, values)], dict(zip(payload, rows, strict=True))
         self._check_pairs(pairs, where)
-        bad = [~_finite_rows(keys) for keys, _ in pairs]
-        if any(bool(rows.any()) for rows in bad):
+        if not all(_keys_finite(keys) for keys, _ in pairs):
+            bad = [~_finite_rows(keys) for keys, _ in pairs]
             count = sum(int(rows.sum()) for rows in bad)
             total = sum(keys.shape[0] for keys, _ in pairs)
             self._refused_batches += 1
@@ -1154,7 +1207,11 @@ class MbPA(Callback):
 
     def _check_pairs(self, pairs: list[tuple[Tensor, Tensor]], where: str) -> None:
         """Refuse keys whose width differs from the memory's and labels the head cannot predict."""
-        dim = self.memory.dim if len(self.memory) > 0 else None
+        # `_memory`, not `memory`: reading the latter would write the staged rows every batch
+        if len(self._memory) > 0:
+            dim = self._memory.dim
+        else:  # the staged rows (if any) fix the width until they are written
+            dim = self._pending_keys.shape[1] if self._pending_rows else None
         for keys, values in pairs:
             dim = keys.shape[1] if dim is None else dim
             if keys.shape[1] != dim:
@@ -1177,8 +1234,10 @@ class MbPA(Callback):
         """Match a head input ``[*lead, D]`` with labels ``[*lead]``; drop ignore_index."""
         if inputs.dim() < 2 or tuple(inputs.shape[:-1]) != tuple(labels.shape):
             return None, labels
-        keys = inputs.reshape(-1, inputs.shape[-1])
+        keys = inputs.reshape(-1, inputs.shape[-1]) if inputs.dim() > 2 else inputs
         values = labels.reshape(-1).to(keys.device)
+        if _small_cpu(values) and _IGNORE_INDEX not in values.tolist():
+            return keys, values  # the common case, without tensor ops (run for every batch)
         keep = values != _IGNORE_INDEX
         if not bool(keep.all()):
             keys, values = keys[keep], values[keep]
@@ -1206,8 +1265,79 @@ class MbPA(Callback):
                 payload = {name: t[chosen.to(t.device)] for name, t in payload.items()}
         if keys.shape[0] == 0:
             return
-        self.memory.add(keys.float(), values, payload)
-        self._slot_outputs = None
+        if payload is not None:  # stored inputs (store_inputs=True) are written unstaged
+            self._flush_writes()
+            self._memory.add(keys.float(), values, payload)
+            return
+        self._stage(keys, values)
+
+    def _stage(self, keys: Tensor, values: Tensor) -> None:
+        """Copy rows into the write buffer (about 1 MiB of float32 keys), which is written to the
+        memory in bulk when full. The copy is made now, so nothing of the batch is held on to; a
+        batch as large as the buffer is written directly."""
+        n, dim = keys.shape
+        if n * dim * 4 >= _WRITE_BUFFER_BYTES:
+            self._flush_writes()
+            self._write(keys, values, [n])
+            return
+        buffer = self._pending_keys
+        if (
+            buffer is None
+            or buffer.shape[1] != dim
+            or buffer.device != keys.device
+            or self._pending_rows + n > buffer.shape[0]
+        ):
+            self._flush_writes()
+            if buffer is None or buffer.shape[1] != dim or buffer.device != keys.device:
+                rows = _WRITE_BUFFER_BYTES // (4 * dim)
+                with torch.inference_mode(False):  # online writes happen under inference mode
+                    self._pending_keys = keys.new_empty((rows, dim), dtype=torch.float32)
+                    self._pending_values = values.new_empty((rows,), dtype=torch.int64)
+        assert self._pending_keys is not None and self._pending_values is not None
+        start = self._pending_rows
+        if (
+            keys.device.type == "cpu"
+            and keys.dtype == torch.float32
+            and values.device.type == "cpu"
+        ):
+            # numpy slice assignment: a few µs less per batch than two torch copies
+            self._pending_keys.numpy()[start : start + n] = keys.numpy()
+            self._pending_values.numpy()[start : start + n] = values.numpy()
+        else:
+            self._pending_keys[start : start + n].copy_(keys)
+            self._pending_values[start : start + n].copy_(values)
+        self._pending_rows += n
+        self._pending_sizes.append(n)
+
+    def _flush_writes(self) -> None:
+        """Writes the staged rows to the memory."""
+        rows, sizes = self._pending_rows, self._pending_sizes
+        if not sizes:
+            return
+        self._pending_rows, self._pending_sizes = 0, []
+        assert self._pending_keys is not None and self._pending_values is not None
+        self._write(self._pending_keys[:rows], self._pending_values[:rows], sizes)
+
+    def _write(self, keys: Tensor, values: Tensor, sizes: list[int]) -> None:
+        """Writes rows staged by ``len(sizes)`` calls of ``_add`` (``sizes`` rows each).
+
+        One ``add`` for all of them, which leaves the memory exactly as one ``add`` per call
+        would (FIFO and reservoir slots follow the row order). An approximate index gets one
+        ``add`` per call, since when it trains and compacts depends on those boundaries. If a
+        write is refused, the calls before the refused one are written and its error is raised,
+        as without the buffer.
+        """
+        memory = self._memory
+        if len(sizes) > 1 and memory.index_string == EXACT_INDEX:
+            try:
+                memory.add(keys, values)
+                return
+            except ValueError:
+                pass  # nothing was written: find the refused call below
+        start = 0
+        for n in sizes:
+            memory.add(keys[start : start + n], values[start : start + n])
+            start += n
 
     def _gather(self, *tensors: Tensor) -> tuple[Tensor, ...]:
         """Rows of every rank (keys, labels, stored inputs), in rank order, so all ranks hold
@@ -1308,24 +1438,73 @@ class MbPA(Callback):
         self.populate(pl_module, loader)
 
     def _neighbour_outputs(self, indices: Tensor, mask: Tensor) -> Tensor | None:
-        """For a Linear head, the trained head's outputs on every memory, computed once per run."""
+        """For a Linear head, the trained head's outputs on the neighbours, cached per memory slot
+        for the rest of the run (any change of the memory clears the cache).
+
+        On the CPU a slot's output is computed the first time a query retrieves it and appended
+        to a dense table (``_slot_row`` maps slots to its rows), so a run never computes more
+        than ``min(len(memory), queries · k)`` of them: computing all of a large memory up front
+        costs more than a test set of fewer than ``len / k`` queries needs, and a sparse
+        ``[len, C]`` table would page-fault once per retrieved slot. On a GPU all of them are
+        computed at once: no per-batch synchronisation.
+        """
         head = self._head_module
         if not isinstance(head, nn.Linear):
             return None
-        if self._slot_outputs is None:
-            keys = self.memory.keys
-            if keys.shape[0] * head.out_features * 4 > 512 * 2**20:  # too large to cache
-                return None
-            with torch.autocast(keys.device.type, enabled=False):
-                weight = head.weight.detach().to(device=keys.device, dtype=torch.float32)
-                bias = (
-                    None
-                    if head.bias is None
-                    else head.bias.detach().to(device=keys.device, dtype=torch.float32)
-                )
-                self._slot_outputs = torch.nn.functional.linear(keys, weight, bias)
+        memory = self.memory
+        keys = memory.keys
+        if keys.shape[0] * head.out_features * 4 > 512 * 2**20:  # too large to cache
+            return None
+        lazy = keys.device.type == "cpu"
+        if self._slot_outputs is None or self._slot_version != memory._version:
+            self._slot_version = memory._version
+            with torch.inference_mode(False):
+                if lazy:
+                    rows = min(keys.shape[0], 4096)
+                    self._slot_outputs = keys.new_empty((rows, head.out_features))
+                    self._slot_row = torch.full((keys.shape[0],), -1, dtype=torch.int32)
+                    self._slot_rows_used = 0
+                else:
+                    self._slot_outputs = self._head_outputs(head, keys)
         safe = indices.clamp_min(0).to(self._slot_outputs.device)
-        return self._slot_outputs[safe].to(indices.device)
+        if not lazy:
+            return self._slot_outputs[safe].to(indices.device)
+        assert self._slot_row is not None
+        flat = safe.reshape(-1)
+        rows = self._slot_row[flat]
+        missing = rows < 0
+        if bool(missing.any()):
+            new = torch.unique(flat[missing])
+            start = self._slot_rows_used
+            stop = start + new.numel()
+            if stop > self._slot_outputs.shape[0]:  # grow the table by doubling
+                with torch.inference_mode(False):
+                    grown = self._slot_outputs.new_empty(
+                        (
+                            min(keys.shape[0], max(stop, 2 * self._slot_outputs.shape[0])),
+                            head.out_features,
+                        )
+                    )
+                grown[:start] = self._slot_outputs[:start]
+                self._slot_outputs = grown
+            self._slot_outputs[start:stop] = self._head_outputs(head, keys[new])
+            self._slot_row[new] = torch.arange(start, stop, dtype=torch.int32)
+            self._slot_rows_used = stop
+            rows = self._slot_row[flat]
+        table = self._slot_outputs[rows.long()]
+        return table.view(*indices.shape, table.shape[-1]).to(indices.device)
+
+    @staticmethod
+    def _head_outputs(head: nn.Linear, keys: Tensor) -> Tensor:
+        """``head(keys)`` in float32 with the trained weights, autocast off."""
+        with torch.autocast(keys.device.type, enabled=False):
+            weight = head.weight.detach().to(device=keys.device, dtype=torch.float32)
+            bias = (
+                None
+                if head.bias is None
+                else head.bias.detach().to(device=keys.device, dtype=torch.float32)
+            )
+            return torch.nn.functional.linear(keys, weight, bias)
 
     @torch.compiler.disable
     def _adapt_hook(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
@@ -1535,9 +1714,28 @@ def _finite_rows(keys: Tensor) -> Tensor:
     return torch.isfinite(keys.float() if keys.dtype == torch.float64 else keys).all(-1)
 
 
+def _small_cpu(values: Tensor) -> bool:
+    """A CPU tensor small enough that Python on ``tolist()`` beats tensor ops (~10 µs each
+    between two training steps, when caches are cold)."""
+    return values.device.type == "cpu" and values.numel() <= 1024
+
+
+def _keys_finite(keys: Tensor) -> bool:
+    """``_finite_rows(keys).all()``, in one reduction when it holds (run for every batch): a NaN
+    or inf anywhere makes the sum non-finite; only a sum that overflows needs the row check."""
+    keys = keys if keys.dtype == torch.float32 else keys.float()
+    return math.isfinite(keys.sum().item()) or bool(torch.isfinite(keys).all())
+
+
 def _labels_outside(values: Tensor, classes: int | None) -> tuple[str, list[int]] | None:
     """``(what the labels must be, up to 5 offending values)`` if the head cannot predict some."""
     high = None if classes is None else (2 if classes == 1 else classes)
+    if values.numel() == 0:
+        return None
+    if _small_cpu(values) and not values.is_floating_point():  # every batch: no tensor ops
+        listed = values.tolist()
+        if min(listed) >= 0 and (high is None or max(listed) < high):
+            return None
     bad = values < 0 if high is None else (values < 0) | (values >= high)
     if not bool(bad.any()):
         return None

@@ -149,16 +149,17 @@ def free_port() -> int:
 
 
 def count_writes_and_adaptations(monkeypatch) -> dict[str, int]:
-    """Counts calls of ``EpisodicMemory.add`` and of the callback's ``local_adapt``."""
+    """Counts rows written by ``EpisodicMemory.add`` (rows, not calls: the callback writes
+    training batches in bulk) and calls of the callback's ``local_adapt``."""
     import lightning_mbpa.adaptation as adaptation_module
     from lightning_mbpa.memory import EpisodicMemory
 
     calls = {"add": 0, "adapt": 0}
     real_add, real_adapt = EpisodicMemory.add, adaptation_module.local_adapt
 
-    def counting_add(self, *args, **kwargs):
-        calls["add"] += 1
-        return real_add(self, *args, **kwargs)
+    def counting_add(self, keys, *args, **kwargs):
+        calls["add"] += keys.shape[0]
+        return real_add(self, keys, *args, **kwargs)
 
     def counting_adapt(*args, **kwargs):
         calls["adapt"] += 1

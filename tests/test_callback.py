@@ -107,19 +107,19 @@ def test_hook_counts_write_only_in_fit_adapt_only_where_asked(data, monkeypatch)
     cb = MbPA(k=4, adapt_on=["predict"], **ADAPT)
     t = trainer(callbacks=[cb], max_epochs=2, limit_val_batches=2, num_sanity_val_steps=1)
     t.fit(model, loader(x, y), loader(xt, yt))
-    assert calls == {"add": 2 * 6, "adapt": 0}  # 6 batches of 16 per epoch; no writes in validation
+    assert calls == {"add": 2 * 96, "adapt": 0}  # 96 examples per epoch; no writes in validation
     t.test(model, loader(xt, yt))
-    assert calls == {"add": 12, "adapt": 0}  # test not in adapt_on
+    assert calls == {"add": 192, "adapt": 0}  # test not in adapt_on
     t.predict(model, loader(xt, yt))
-    assert calls == {"add": 12, "adapt": 3}  # 40 queries in batches of 16
+    assert calls == {"add": 192, "adapt": 3}  # 40 queries in batches of 16
 
     cb2 = MbPA(k=4, adapt_on=["validate", "test"], **ADAPT)
     cb2.memory.load_state_dict(cb.memory.state_dict())
     t2 = trainer(callbacks=[cb2])
     t2.validate(model, loader(xt, yt))
-    assert calls["adapt"] == 6 and calls["add"] == 12
+    assert calls["adapt"] == 6 and calls["add"] == 192
     t2.test(model, loader(xt, yt))
-    assert calls["adapt"] == 9 and calls["add"] == 12
+    assert calls["adapt"] == 9 and calls["add"] == 192
     t2.predict(model, loader(xt, yt))
     assert calls["adapt"] == 9
 

@@ -259,6 +259,53 @@ def test_fifo_wraps_and_keeps_the_tail_of_an_oversized_batch() -> None:
     assert memory.values.tolist() == [15, 16, 17, 18, 14]
 
 
+@pytest.mark.parametrize("eviction", ["fifo", "reservoir"])
+def test_one_bulk_add_leaves_the_memory_of_one_add_per_batch(eviction: str) -> None:
+    # The callback writes training batches in bulk: the memory must be bit-identical, squared
+    # norms included (the torch backend ranks by them).
+    g = torch.Generator().manual_seed(0)
+    sizes = [3, 17, 1, 40, 9, 25, 64, 2]  # wraps the ring, straddles the reservoir's capacity
+    batches = [
+        (torch.randn(n, 6, generator=g), torch.randint(0, 5, (n,), generator=g)) for n in sizes
+    ]
+    per_batch = EpisodicMemory(50, eviction=eviction, seed=4)
+    returned = torch.cat([per_batch.add(x, y) for x, y in batches])
+    bulk = EpisodicMemory(50, eviction=eviction, seed=4)
+    got = bulk.add(torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches]))
+    assert_same_state(snapshot(bulk), snapshot(per_batch))
+    assert torch.equal(bulk._norms[: len(bulk)], per_batch._norms[: len(per_batch)])
+    reference = (bulk.keys.double() ** 2).sum(1).float()
+    torch.testing.assert_close(bulk._norms[: len(bulk)], reference)
+    kept = got >= 0  # -1: overwritten later in the same call
+    assert int(kept.sum()) == len(bulk)
+    if eviction == "fifo":  # reservoir: a row may win a slot in its call and lose it later
+        assert torch.equal(got[kept], returned[kept])
+
+
+def test_keys_whose_squares_overflow_are_finite_and_accepted() -> None:
+    # Finiteness is read off the squared norms; an overflowing square must not reject a key.
+    memory = EpisodicMemory(4, dim=2)
+    memory.add(torch.tensor([[1e20, 0.0], [0.0, 1.0]]), torch.tensor([0, 1]))
+    assert len(memory) == 2
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="finite"):
+            memory.add(torch.tensor([[1e20, bad]]), torch.tensor([0]))
+    assert len(memory) == 2
+
+
+def test_gather_reorders_candidates_that_come_unsorted() -> None:
+    x, y = clustered(200, 8, seed=0)
+    memory = EpisodicMemory(200, backend="torch")
+    memory.add(x, y)
+    q, _ = clustered(12, 8, seed=1)
+    found = memory.search(q, 9)
+    shuffled = found.indices.numpy()[:, np.random.default_rng(0).permutation(9)]
+    again = memory._gather_cpu(q.numpy(), shuffled, 9, q)
+    for name in Neighbours._fields:
+        assert torch.equal(getattr(again, name), getattr(found, name)), name
+    assert_exact_knn(found, x.numpy(), q.numpy(), 9)
+
+
 # ---------------------------------------------------------------------- reservoir
 
 
@@ -433,6 +480,30 @@ def recall(found: Neighbours, exact: Neighbours) -> float:
         got = set(found.indices[row][found.mask[row]].tolist())
         hits += len(got & set(exact.indices[row][exact.mask[row]].tolist()))
     return hits / exact.mask.sum().item()
+
+
+@pytest.mark.parametrize(("index", "params"), [("HNSW32", ""), ("IVF16,Flat", "nprobe=4")])
+def test_approximate_search_without_dead_rows_equals_the_filtered_search(
+    index: str, params: str
+) -> None:
+    # While nothing was overwritten the liveness selector is skipped and faiss' own distances
+    # are kept: the results must be those of the filtered search with recomputed distances.
+    x, y = clustered(900, 16, seed=0)
+    memory = EpisodicMemory(1000, index=index, index_params=params)
+    memory.add(x, y)
+    ann = memory._ann
+    assert ann is not None and ann.active and ann.dead == 0 and ann.exact_distances
+    q, _ = clustered(30, 16, seed=1)
+    fast = memory.search(q, 10)
+    ann.dead, ann.exact_distances = 1, False  # force the selector and the recomputation
+    try:
+        slow = memory.search(q, 10)
+    finally:
+        ann.dead, ann.exact_distances = 0, True
+    assert torch.equal(fast.indices, slow.indices)
+    assert torch.equal(fast.keys, slow.keys) and torch.equal(fast.values, slow.values)
+    torch.testing.assert_close(fast.distances, slow.distances, rtol=1e-5, atol=1e-5)
+    assert_consistent(fast, memory)
 
 
 @pytest.mark.parametrize("eviction", ["fifo", "reservoir"])
@@ -687,7 +758,7 @@ def test_load_state_dict_rejects_and_leaves_memory_unchanged(
 
 def test_to_cpu_is_a_no_op_and_faiss_stays_on_cpu() -> None:
     memory = _filled()
-    assert memory.to("cpu") is memory and memory.backend == "faiss"
+    assert memory.to("cpu") is memory and memory.backend == "torch"  # "auto": exact search
     pinned = EpisodicMemory(6, backend="faiss")
     assert pinned.to("cuda").device.type == "cpu"
 
@@ -759,7 +830,7 @@ def test_cuda_storage_uses_the_torch_backend_and_matches_cpu() -> None:
     assert moved.backend == "torch" and moved.keys.is_cuda
     assert torch.equal(moved.search(q, 7).indices, ref.indices)
     moved.to("cpu")
-    assert moved.backend == "faiss"
+    assert moved.backend == "torch" and not moved.keys.is_cuda
     restored = pickle.loads(pickle.dumps(gpu))
     assert restored.device.type == "cuda"
     assert torch.equal(restored.search(q, 7).indices, ref.indices)

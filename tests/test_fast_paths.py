@@ -1,0 +1,217 @@
+"""The callback's fast paths give the results of the straightforward ones.
+
+Training writes are staged and reach the memory in bulk; the memory must then be bit-identical to
+one ``EpisodicMemory.add`` per batch (built here from head inputs recorded by an independent hook)
+and current whenever anyone reads it. The per-slot cache of the head's base outputs must equal a
+recomputation.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+from lightning_mbpa import MbPA
+from lightning_mbpa.memory import EpisodicMemory
+from tests.helpers import TinyClassifier, blobs, loader, trainer
+
+ADAPT = dict(adaptation_steps=3, adaptation_lr=0.5, beta=0.1)
+
+
+class Recorder(Callback):
+    """Records, per training batch, the head's input (its own hook) and the batch's labels."""
+
+    def __init__(self) -> None:
+        self.batches: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._handle = pl_module.head.register_forward_pre_hook(self._hook)
+
+    def _hook(self, module, args) -> None:
+        self._inputs = args[0].detach().clone()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.batches.append((self._inputs, batch[1].clone()))
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._handle.remove()
+
+
+def one_add_per_batch(batches, capacity, eviction="fifo", index="Flat", write_fraction=1.0):
+    """The memory the callback must hold: the recorded rows, written batch by batch."""
+    memory = EpisodicMemory(capacity, eviction=eviction, index=index, seed=0)
+    draws = torch.Generator().manual_seed(0)
+    for inputs, labels in batches:
+        keys, values = inputs.reshape(-1, inputs.shape[-1]), labels.reshape(-1)
+        keys, values = keys[values != -100], values[values != -100]
+        if write_fraction < 1.0 and len(values):
+            chosen = torch.rand(len(values), generator=draws) < write_fraction
+            keys, values = keys[chosen], values[chosen]
+        if len(values):
+            memory.add(keys.float(), values)
+    return memory
+
+
+class SequenceTagger(TinyClassifier):
+    """Token classification with -100 padding: the head sees [B, T, D]."""
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self(x).flatten(0, 1), y.flatten(), ignore_index=-100)
+
+
+def assert_same_memory(got: EpisodicMemory, expected: EpisodicMemory) -> None:
+    a, b = got.state_dict(), expected.state_dict()
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    assert torch.equal(got._norms[: len(got)], expected._norms[: len(expected)])
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        dict(memory_size=40),  # the ring wraps within and across flushes
+        dict(memory_size=40, eviction="reservoir"),
+        dict(memory_size=500, write_fraction=0.5),
+        dict(memory_size=300, index="IVF4,Flat"),  # trains at 156 keys, mid-epoch
+        dict(memory_size=500, sequence=True),  # 80 rows a batch: written directly, unstaged
+    ],
+    ids=["fifo", "reservoir", "write_fraction", "ivf", "sequence"],
+)
+def test_buffered_writes_equal_one_add_per_batch(config, monkeypatch):
+    config = dict(config)
+    sequence = config.pop("sequence", False)
+    monkeypatch.setattr("lightning_mbpa.callback._WRITE_BUFFER_BYTES", 3 * 16 * 16 * 4)
+    torch.manual_seed(0)
+    if sequence:
+        g = torch.Generator().manual_seed(0)
+        x, y = torch.randn(48, 5, 8, generator=g), torch.randint(0, 4, (48, 5), generator=g)
+        y[::3, 2:] = -100
+        y[5] = -100  # a sequence with no labelled token
+        model = SequenceTagger()
+    else:
+        x, y = blobs(192, seed=0)
+        y[7::11] = -100
+        model = TinyClassifier()
+    cb, recorder = MbPA(k=4, **ADAPT, **config), Recorder()
+    trainer(callbacks=[cb, recorder], max_epochs=2).fit(model, loader(x, y, shuffle=True))
+    expected = one_add_per_batch(
+        recorder.batches,
+        config["memory_size"],
+        eviction=config.get("eviction", "fifo"),
+        index=config.get("index", "Flat"),
+        write_fraction=config.get("write_fraction", 1.0),
+    )
+    assert len(recorder.batches) == 2 * len(x) // 16
+    assert_same_memory(cb.memory, expected)
+    q = torch.randn(10, 16)
+    found, ref = cb.memory.search(q, 5), expected.search(q, 5)
+    assert torch.equal(found.indices, ref.indices) and torch.equal(found.keys, ref.keys)
+
+
+class ReadsTheMemory(Callback):
+    """After MbPA's own hook: the memory must hold every row of the finished batches."""
+
+    def __init__(self, mbpa: MbPA) -> None:
+        self.mbpa, self.seen = mbpa, []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.seen.append(self.mbpa.memory.num_seen)
+
+
+def test_the_memory_is_current_whenever_it_is_read_during_fit(tmp_path, monkeypatch):
+    monkeypatch.setattr("lightning_mbpa.callback._WRITE_BUFFER_BYTES", 1 << 30)  # never full
+    x, y = blobs(96, seed=0)
+    cb = MbPA(k=4, memory_size=1000, **ADAPT)
+    reader = ReadsTheMemory(cb)
+    every_two = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=2, save_top_k=-1)
+    trainer(callbacks=[cb, reader, every_two], max_epochs=2, enable_checkpointing=True).fit(
+        TinyClassifier(), loader(x, y)
+    )
+    assert reader.seen == [16 * (step + 1) for step in range(12)]
+    saved = sorted(tmp_path.glob("*.ckpt"), key=lambda p: int(p.stem.split("step=")[1]))
+    assert len(saved) == 6
+    for path in saved:
+        step = int(path.stem.split("step=")[1])
+        state = torch.load(path, weights_only=True)["callbacks"][cb.state_key]["memory"]
+        assert int(state["num_seen"]) == 16 * step
+    assert not cb._pending_sizes  # fit end flushed
+
+
+def test_a_refused_bulk_write_writes_the_batches_before_the_refused_one():
+    # The callback refuses bad batches itself (test_reliability); should the memory still refuse
+    # a staged batch, the bulk write falls back to one add per batch and stops at that one.
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(16, 8, generator=g), torch.randint(0, 4, (16,), generator=g))]
+    batches += [(torch.randn(16, 8, generator=g), torch.full((16,), -5)), batches[0]]
+    cb = MbPA(k=4, memory_size=1000, **ADAPT)
+    for keys, labels in batches:
+        cb._stage(keys, labels)
+    with pytest.raises(ValueError, match="non-negative"):
+        len(cb.memory)
+    assert cb.memory.num_seen == 16 and torch.equal(cb.memory.keys, batches[0][0])
+    assert not cb._pending_sizes
+
+
+def test_a_refused_batch_leaves_the_staged_ones_to_be_written():
+    x, y = blobs(64, seed=0)
+    model = TinyClassifier()
+    bad = y.clone()
+    bad[40] = -5  # the third batch of 16
+    cb = MbPA(k=4, memory_size=1000, **ADAPT)
+    with pytest.raises(ValueError, match="labels"):
+        cb.populate(model, loader(x, bad))
+    assert cb.memory.num_seen == 32  # the two batches before the refused one
+    assert torch.equal(cb.memory.values, y[:32])
+    with torch.no_grad():
+        torch.testing.assert_close(cb.memory.keys, model.encoder(x[:32]))
+
+
+def test_lazy_output_cache_equals_a_recomputation():
+    x, y = blobs(200, seed=0)
+    model = TinyClassifier()
+    cb = MbPA(k=6, memory_size=1000, **ADAPT)
+    cb.populate(model, loader(x, y))
+    cb._set_head(model, "head")
+    g = torch.Generator().manual_seed(0)
+    first = torch.randint(0, 200, (7, 6), generator=g)
+    second = torch.cat([first[:3], torch.randint(0, 200, (4, 6), generator=g)])  # overlaps
+    second[0, 0] = -1  # a masked neighbour
+    with torch.no_grad():
+        expected = model.head(cb.memory.keys)
+    for indices in (first, second):
+        got = cb._neighbour_outputs(indices, indices >= 0)
+        torch.testing.assert_close(got, expected[indices.clamp_min(0)], rtol=1e-6, atol=1e-6)
+    touched = torch.unique(torch.cat([first.flatten(), second.flatten()]).clamp_min(0))
+    computed = cb._slot_row >= 0
+    assert computed.sum() == cb._slot_rows_used == len(touched)
+    assert torch.equal(computed.nonzero().squeeze(1), touched)  # nothing else computed
+    cb.memory.add(torch.randn(1, 16), torch.tensor([0]))  # any change clears the cache
+    with torch.no_grad():
+        expected = model.head(cb.memory.keys)
+    got = cb._neighbour_outputs(second, second >= 0)
+    torch.testing.assert_close(got, expected[second.clamp_min(0)], rtol=1e-6, atol=1e-6)
+    assert (cb._slot_row >= 0).sum() == len(torch.unique(second.clamp_min(0)))
+    last = torch.full((1, 6), 200)  # the new slot
+    torch.testing.assert_close(cb._neighbour_outputs(last, last >= 0), expected[last])
+
+
+def test_lazy_output_cache_grows_past_its_first_table():
+    x, y = blobs(5000, seed=0)
+    model = TinyClassifier()
+    cb = MbPA(k=6, memory_size=5000, **ADAPT)
+    cb.populate(model, loader(x, y, batch_size=1000))
+    cb._set_head(model, "head")
+    with torch.no_grad():
+        expected = model.head(cb.memory.keys)
+    order = torch.randperm(5000, generator=torch.Generator().manual_seed(0))
+    for part in (order[:3000], order[3000:], order[::7]):  # 3000 + 2000 new rows, then hits
+        indices = (
+            part.reshape(-1, 5) if len(part) % 5 == 0 else part[: len(part) // 5 * 5].reshape(-1, 5)
+        )
+        got = cb._neighbour_outputs(indices, indices >= 0)
+        torch.testing.assert_close(got, expected[indices], rtol=1e-6, atol=1e-6)
+    assert cb._slot_rows_used == 5000 and bool((cb._slot_row >= 0).all())
