@@ -18,6 +18,7 @@ from lightning_mbpa import MbPA
 from tests.helpers import TinyClassifier, blobs, ddp_environment, free_port, loader, trainer
 
 ADAPT = dict(k=8, adaptation_steps=3, adaptation_lr=0.5, beta=0.1)
+RANK_ROWS = (45, 40)  # training rows of rank 0 and rank 1
 
 
 class DumpMemory(Callback):
@@ -37,8 +38,11 @@ class DumpMemory(Callback):
 def _worker(rank: int, world: int, port: int, directory: str) -> None:
     ddp_environment(rank, world, port)
     torch.set_num_threads(1)
-    x, y = blobs(90)  # 45 per rank: batches of 16, 16, 13 (an uneven last batch)
+    x, y = blobs(90)
     xt, yt = blobs(40, seed=1)
+    # fit on rank-own shards of different sizes (no distributed sampler): rank 0 has batches of
+    # 16, 16, 13 and rank 1 of 16, 16, 8, so the gather pads the last batch of rank 1
+    mine = slice(0, RANK_ROWS[0]) if rank == 0 else slice(RANK_ROWS[0], sum(RANK_ROWS))
     ddp = dict(strategy="ddp", devices=world)
     last = os.path.join(directory, "last.ckpt")
 
@@ -47,8 +51,9 @@ def _worker(rank: int, world: int, port: int, directory: str) -> None:
     trainer(
         callbacks=[MbPA(**ADAPT), DumpMemory(directory, "fit"), ckpt],
         enable_checkpointing=True,
+        use_distributed_sampler=False,
         **ddp,
-    ).fit(TinyClassifier(), loader(x, y))
+    ).fit(TinyClassifier(), loader(x[mine], y[mine]))
     result = trainer(callbacks=[MbPA(**ADAPT)], **ddp).test(
         TinyClassifier(), loader(xt, yt), ckpt_path=last, verbose=False
     )[0]
@@ -83,7 +88,10 @@ def test_ddp_ranks_write_identical_complete_memories_test_and_resume(tmp_path):
 
     rank0, rank1 = _load(tmp_path / "fit-rank0.pt"), _load(tmp_path / "fit-rank1.pt")
     _assert_same(rank0, rank1)
-    assert sorted(rank0["values"].tolist()) == sorted(y.tolist())  # every example of every rank
+    # every example of every rank, step by step in rank order (rank 1's short batch unpadded)
+    shards = y[: RANK_ROWS[0]].split(16), y[RANK_ROWS[0] : sum(RANK_ROWS)].split(16)
+    expected = torch.cat([torch.cat(step) for step in zip(*shards, strict=True)])
+    assert torch.equal(rank0["values"], expected)
     saved = _load(tmp_path / "last.ckpt")["callbacks"][MbPA(**ADAPT).state_key]["memory"]
     _assert_same(saved, rank0)  # rank 0's checkpoint holds the complete memory
 
@@ -98,5 +106,6 @@ def test_ddp_ranks_write_identical_complete_memories_test_and_resume(tmp_path):
 
     rank0, rank1 = _load(tmp_path / "resume-rank0.pt"), _load(tmp_path / "resume-rank1.pt")
     _assert_same(rank0, rank1)
-    assert torch.equal(rank0["keys"][:90], saved["keys"])  # the memory continued
-    assert 90 + 20 <= len(rank0["values"]) <= 90 + 70
+    fitted = sum(RANK_ROWS)
+    assert torch.equal(rank0["keys"][:fitted], saved["keys"])  # the memory continued
+    assert fitted + 20 <= len(rank0["values"]) <= fitted + 70
