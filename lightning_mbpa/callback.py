@@ -34,6 +34,7 @@ import torchmetrics
 from lightning.fabric.plugins.precision.amp import _optimizer_handles_unscaling
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -208,10 +209,13 @@ class MbPA(Callback):
         if isinstance(adapt_on, str):
             adapt_on = (adapt_on,)
         _check(
-            isinstance(adapt_on, Iterable) and all(stage in _STAGES for stage in adapt_on),
+            isinstance(adapt_on, Iterable)
+            and len(adapt_on := list(adapt_on)) > 0
+            and all(stage in _STAGES for stage in adapt_on),
             "adapt_on",
             adapt_on,
-            f"a list of stages from {list(_STAGES)}",
+            f"a non-empty list of stages from {list(_STAGES)} (without adaptation the callback "
+            "only fills a memory that nothing reads)",
         )
         _check(isinstance(online_writes, bool), "online_writes", online_writes, "a bool")
         _check(isinstance(save_memory, bool), "save_memory", save_memory, "a bool")
@@ -303,9 +307,11 @@ class MbPA(Callback):
         self._slot_version = -1  # the memory's version the cache was made for
         self._base_acc: torchmetrics.Metric | None = None
         self._adapted_acc: torchmetrics.Metric | None = None
+        self._metric_classes = 0  # outputs of the head the metrics were made for
         self._queries = 0
         self._adapt_seconds = 0.0
         self._classes_seen: int | None = None  # outputs of the head, once it ran adapted
+        self._index_checked_dim: int | None = None  # key width the index was checked to take
         self._labels_checked: int | None = None  # memory labels verified for this many classes
         self._refused_batches = 0
         self._refused_rows = 0
@@ -429,7 +435,9 @@ class MbPA(Callback):
             return as_label_tensor(labels)
         except ValueError as err:
             raise ValueError(
-                f"MbPA: the batch's labels under {name!r} are unusable: {err}"
+                f"MbPA: the batch's labels under {name!r} are unusable: {err} MbPA needs one "
+                "integer class index per example: point `label_key=...` at the class labels, or "
+                "override `MbPA.extract_labels` to return them."
             ) from err
 
     def extract_inputs(self, batch: Any) -> Any:
@@ -861,7 +869,19 @@ class MbPA(Callback):
                 f"({math.ceil(n / size)} forward passes of up to {size})."
             )
         device = _module_device(model)
-        with torch.no_grad(), self._hooks_paused(), _eval_mode(model), _forward_context(trainer):
+        show_bar = (
+            n >= _ANNOUNCE_REFRESH
+            and (self._strategy is None or self._strategy.global_rank == 0)
+            and (trainer is None or trainer.progress_bar_callback is not None)
+        )
+        bar = Tqdm(total=n, desc="MbPA refresh", unit="keys", leave=False) if show_bar else None
+        with (
+            torch.no_grad(),
+            self._hooks_paused(),
+            _eval_mode(model),
+            _forward_context(trainer),
+            bar if bar is not None else contextlib.nullcontext(),
+        ):
             for first in range(0, n, size):
                 last = min(n, first + size)
                 inputs = join_inputs([leaf[first:last] for leaf in leaves], structure)
@@ -880,6 +900,8 @@ class MbPA(Callback):
                         f"MbPA(refresh_keys={self.refresh_keys!r}): the recomputed keys cannot be "
                         f"stored: {err}"
                     ) from err
+                if bar is not None:
+                    bar.update(last - first)
         self._slot_outputs = None
         self._last_refresh_seconds = time.perf_counter() - start
         self.refresh_seconds += self._last_refresh_seconds
@@ -1163,9 +1185,23 @@ class MbPA(Callback):
         self._write_pairs(pairs, where, gather, payload)
 
     def _pairs(self, inputs: list[Tensor], labels: Tensor) -> list[tuple[Tensor, Tensor]]:
-        """The ``(keys, labels)`` of every head input that matches the labels."""
+        """The ``(keys, labels)`` of every head input that matches the labels.
+
+        A head called several times per step writes every call whose input matches the labels;
+        calls that do not match (a head reused on other data) are skipped with a warning, once.
+        """
         pairs = [self._pair(batch_inputs, labels) for batch_inputs in inputs]
-        return [(keys, values) for keys, values in pairs if keys is not None]
+        kept = [(keys, values) for keys, values in pairs if keys is not None]
+        if kept and len(kept) < len(pairs):
+            shapes = [tuple(x.shape) for x in inputs]
+            self._warnings.warn(
+                f"MbPA: the head {self._head_name!r} ran {len(pairs)} times in one step with "
+                f"inputs of shapes {shapes}; only the {len(kept)} call(s) whose rows match the "
+                f"labels (shape {tuple(labels.shape)}) are written to memory. If that is not "
+                "what you want, name the module whose inputs match the labels with `head=...`.",
+                category=UserWarning,
+            )
+        return kept
 
     def _write_pairs(
         self,
@@ -1212,6 +1248,24 @@ class MbPA(Callback):
             dim = self._memory.dim
         else:  # the staged rows (if any) fix the width until they are written
             dim = self._pending_keys.shape[1] if self._pending_rows else None
+        if (
+            dim is None
+            and pairs
+            and self._memory.dim is None
+            and self._index_checked_dim != pairs[0][0].shape[1]
+        ):
+            # the first key fixes the width: an index that cannot take it fails now, not at the
+            # first bulk write of the staged rows (an epoch later)
+            width = pairs[0][0].shape[1]
+            try:
+                self._memory.check_dim(width)
+            except ValueError as err:
+                raise MisconfigurationException(
+                    f"MbPA(index={self.index!r}) cannot index the keys of the head "
+                    f"{self._head_name!r}, which are {width} wide: {err} Choose an index for "
+                    "that width (for 'PQm' and 'IVFn,PQm', m must divide it) or 'Flat'."
+                ) from err
+            self._index_checked_dim = width
         for keys, values in pairs:
             dim = keys.shape[1] if dim is None else dim
             if keys.shape[1] != dim:
@@ -1602,6 +1656,7 @@ class MbPA(Callback):
             if flat.numel() == 0:
                 continue
             if self._base_acc is None:
+                self._metric_classes = base.shape[-1]
                 self._base_acc, self._adapted_acc = self._make_metrics(base.shape[-1], base.device)
             self._base_acc.update(self._predictions(base), flat)
             self._adapted_acc.update(self._predictions(adapted), flat)
@@ -1610,12 +1665,22 @@ class MbPA(Callback):
     def _log_epoch(self, pl_module: pl.LightningModule) -> None:
         """Log the stage's metrics once, at epoch end (``compute()`` syncs across processes)."""
         pl_module.log("mbpa/memory_size", float(len(self.memory)), sync_dist=True, reduce_fx="max")
-        if self._adapt_seconds > 0:
-            pl_module.log("mbpa/queries_per_s", self._queries / self._adapt_seconds, sync_dist=True)
-        if self._base_acc is not None and self._adapted_acc is not None:
-            pl_module.log(
-                "mbpa/base_acc", self._base_acc.compute(), sync_dist=True
-            )  # equal on all ranks
+        # Every rank makes the same calls, whatever its own batches held: each synced log and
+        # each `compute()` is a collective, and a call one rank skips would hang the others.
+        classes = 0 if self._base_acc is None else self._metric_classes
+        adapted = self._adapt_seconds > 0
+        if self._strategy is not None:
+            flags = torch.tensor([classes, int(adapted)], device=pl_module.device)
+            classes, adapted = (int(v) for v in self._strategy.reduce(flags, reduce_op="max"))
+        if adapted:
+            rate = self._queries / self._adapt_seconds if self._adapt_seconds > 0 else 0.0
+            pl_module.log("mbpa/queries_per_s", rate, sync_dist=True, reduce_fx="sum")
+        if classes > 0:
+            if self._base_acc is None:  # this rank saw no labelled batch: it adds nothing
+                self._base_acc, self._adapted_acc = self._make_metrics(classes, pl_module.device)
+            assert self._adapted_acc is not None
+            # compute() syncs the metric states, so both values are equal on all ranks
+            pl_module.log("mbpa/base_acc", self._base_acc.compute(), sync_dist=True)
             pl_module.log("mbpa/adapted_acc", self._adapted_acc.compute(), sync_dist=True)
             self._base_acc.reset()
             self._adapted_acc.reset()

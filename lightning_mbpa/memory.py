@@ -91,9 +91,9 @@ class Neighbours(NamedTuple):
 class EpisodicMemory:
     """A fixed-capacity memory of float32 keys and int64 labels with exact or approximate K-NN.
 
-    Keys live in a preallocated ``[capacity, D]`` float32 buffer made with ``torch.empty``, so the
-    operating system only backs the pages that have been written: resident memory grows with the
-    fill, not with the capacity.
+    Keys live in a preallocated, uninitialised ``[capacity, D]`` float32 buffer (``numpy.empty``
+    on the CPU, ``torch.empty`` on a GPU), so the operating system only backs the pages that have
+    been written: resident memory grows with the fill, not with the capacity.
 
     Eviction once the memory is full:
 
@@ -347,6 +347,25 @@ class EpisodicMemory:
             f" eviction={self._eviction!r}, index={self._index_string!r}, backend={self.backend!r},"
             f" device={str(self._device)!r})"
         )
+
+    def check_dim(self, dim: int) -> None:
+        """Raises if keys of width ``dim`` cannot be written; changes nothing.
+
+        Lets a caller that buffers writes find out at the first key, not at the first ``add``.
+
+        Raises:
+            ValueError: ``dim`` differs from the memory's fixed width, or the approximate index
+                cannot index vectors of that width (``"PQ3"`` needs a width divisible by 3).
+        """
+        if self._dim is not None:
+            if dim != self._dim:
+                raise ValueError(
+                    f"keys of width {dim} cannot be written: the memory holds keys of width "
+                    f"{self._dim}."
+                )
+            return
+        if self._index_string != EXACT_INDEX:
+            _LiveRowIndex(self._index_string, dim, self._index_params, self._capacity)
 
     # ------------------------------------------------------------------ writing
 

@@ -130,6 +130,8 @@ def test_test_step_sees_adapted_predictions_equal_to_a_per_query_reference(data)
     expected = reference_logits(model, cb, xt)
     preds = torch.cat(trainer(callbacks=[cb]).predict(model, loader(xt, yt)))
     torch.testing.assert_close(preds, expected, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        assert not torch.allclose(preds, model(xt), atol=1e-3)  # the comparison is not trivial
 
     results = trainer(callbacks=[cb]).test(model, loader(xt, yt), verbose=False)[0]
     reference_acc = (expected.argmax(1) == yt).float().mean().item()

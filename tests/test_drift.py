@@ -218,6 +218,24 @@ def test_epoch_end_refresh_equals_a_fresh_embedding_and_keeps_modes_and_stats(da
     assert_bit_identical(stats, model)
 
 
+def test_a_large_refresh_shows_a_progress_bar_and_a_small_one_does_not(data, capsys, monkeypatch):
+    import lightning_mbpa.callback as callback
+
+    x, y, _, _ = data
+    model = TinyClassifier()
+    cb = MbPA(store_inputs=True, refresh_batch_size=10, **ADAPT)
+    trainer(callbacks=[cb]).fit(model, loader(x, y))
+    n = len(cb.memory)
+    capsys.readouterr()
+    assert cb.refresh(model) == n
+    assert "MbPA refresh" not in capsys.readouterr().err
+    monkeypatch.setattr(callback, "_ANNOUNCE_REFRESH", 10)
+    assert cb.refresh(model) == n
+    err = capsys.readouterr().err
+    assert "MbPA refresh" in err and f"/{n} [" in err
+    assert torch.equal(cb.memory.keys, encode(model, cb.memory.payload["0"]))
+
+
 def test_on_test_refresh_makes_test_equal_to_a_memory_populated_with_final_weights(data):
     x, y, xt, yt = data
     torch.manual_seed(0)

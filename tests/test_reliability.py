@@ -131,9 +131,18 @@ def mbpa_warnings(record) -> list[str]:
         ("index", "NoSuchIndex", "not a valid faiss index_factory string"),
         ("write_fraction", 0.0, r"a float in \(0, 1\]"),
         ("write_fraction", 1.5, r"a float in \(0, 1\]"),
-        ("adapt_on", ["train"], r"a list of stages from \['validate', 'test', 'predict'\]"),
-        ("adapt_on", "fit", r"a list of stages from \['validate', 'test', 'predict'\]"),
-        ("adapt_on", None, r"a list of stages from \['validate', 'test', 'predict'\]"),
+        (
+            "adapt_on",
+            ["train"],
+            r"a non-empty list of stages from \['validate', 'test', 'predict'\]",
+        ),
+        ("adapt_on", "fit", r"a non-empty list of stages from \['validate', 'test', 'predict'\]"),
+        ("adapt_on", None, r"a non-empty list of stages from \['validate', 'test', 'predict'\]"),
+        (
+            "adapt_on",
+            [],
+            r"`adapt_on`=\[\]\) is invalid: expected a non-empty list of stages.*nothing reads",
+        ),
         ("online_writes", 1, "a bool"),
         ("save_memory", "yes", "a bool"),
         ("seed", 1.5, "an int"),
@@ -333,7 +342,8 @@ def test_batch_without_labels_is_refused_showing_what_it_contains():
             lambda y: y.float() + 0.5,
             ValueError,
             r"labels under 1 are unusable: `labels` must be integer class labels; got "
-            r"non-integral values \[",
+            r"non-integral values \[.*point `label_key=\.\.\.` at the class labels, or override "
+            r"`MbPA.extract_labels`",
         ),
         (
             lambda y: [f"class{int(v)}" for v in y],
@@ -504,6 +514,57 @@ def test_head_called_with_varying_widths_is_refused_in_fit_and_in_predict():
         trainer(callbacks=[cb]).predict(model, loader(x[:15], y[:15]))
     assert_bit_identical(before, model)
     assert_memory_is(cb, memory)
+
+
+def test_an_index_that_cannot_take_the_key_width_is_refused_at_the_first_batch(data):
+    """PQ3 cannot split 16-wide keys into 3 sub-vectors. Writes are buffered and reach the
+    index in bulk, so without an eager check this failed at the end of the epoch."""
+    x, y, _, _ = data
+    model = TinyClassifier()
+    seen = []
+
+    class CountBatches(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.append(batch_idx)
+
+    cb = MbPA(head="head", index="PQ3", k=4, **ADAPT)
+    with pytest.raises(
+        MisconfigurationException,
+        match=r"MbPA\(index='PQ3'\) cannot index the keys of the head 'head', which are 16 wide:"
+        r".*multiple of the number of subquantizers.*m must divide it\) or 'Flat'",
+    ):
+        trainer(callbacks=[CountBatches(), cb]).fit(model, loader(x, y))
+    assert seen == [0]
+    assert len(cb.memory) == 0 and cb.memory.dim is None
+    # a width it can take is written as usual
+    cb = MbPA(head="head", index="PQ4", k=4, **ADAPT)
+    trainer(callbacks=[cb]).fit(TinyClassifier(), loader(x, y))
+    assert len(cb.memory) == 48 and cb.memory.dim == 16
+
+
+class HeadTwice(Frozen):
+    """The head also scores a second, differently shaped input every step (say a prototype
+    bank): only the call whose rows match the labels is a memory."""
+
+    def training_step(self, batch, batch_idx):
+        self.head(torch.zeros(3, 16))
+        self(batch[0])
+
+
+def test_head_calls_that_do_not_match_the_labels_are_skipped_with_one_warning(data):
+    x, y, _, _ = data
+    torch.manual_seed(0)
+    model = HeadTwice()
+    cb = MbPA(head="head", k=4, **ADAPT)
+    with pytest.warns(UserWarning) as record:
+        trainer(callbacks=[cb]).fit(model, loader(x, y))
+    warned = [m for m in mbpa_warnings(record) if "ran 2 times in one step" in m]
+    assert len(warned) == 1, warned
+    assert "shapes [(3, 16), (16, 16)]" in warned[0] and "`head=...`" in warned[0]
+    with torch.no_grad():
+        expected = model.encoder(x)
+    torch.testing.assert_close(cb.memory.keys, expected, rtol=0, atol=0)
+    assert torch.equal(cb.memory.values, y)
 
 
 # ====================================================================== runs
