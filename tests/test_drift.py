@@ -219,7 +219,7 @@ def test_epoch_end_refresh_equals_a_fresh_embedding_and_keeps_modes_and_stats(da
 
 
 def test_a_large_refresh_shows_a_progress_bar_and_a_small_one_does_not(data, capsys, monkeypatch):
-    import lightning_mbpa.callback as callback
+    import lightning_mbpa._drift as drift
 
     x, y, _, _ = data
     model = TinyClassifier()
@@ -229,7 +229,7 @@ def test_a_large_refresh_shows_a_progress_bar_and_a_small_one_does_not(data, cap
     capsys.readouterr()
     assert cb.refresh(model) == n
     assert "MbPA refresh" not in capsys.readouterr().err
-    monkeypatch.setattr(callback, "_ANNOUNCE_REFRESH", 10)
+    monkeypatch.setattr(drift, "_ANNOUNCE_REFRESH", 10)
     assert cb.refresh(model) == n
     err = capsys.readouterr().err
     assert "MbPA refresh" in err and f"/{n} [" in err

@@ -84,7 +84,7 @@ def assert_same_memory(got: EpisodicMemory, expected: EpisodicMemory) -> None:
 def test_buffered_writes_equal_one_add_per_batch(config, monkeypatch):
     config = dict(config)
     sequence = config.pop("sequence", False)
-    monkeypatch.setattr("lightning_mbpa.callback._WRITE_BUFFER_BYTES", 3 * 16 * 16 * 4)
+    monkeypatch.setattr("lightning_mbpa._writes._WRITE_BUFFER_BYTES", 3 * 16 * 16 * 4)
     torch.manual_seed(0)
     if sequence:
         g = torch.Generator().manual_seed(0)
@@ -123,7 +123,7 @@ class ReadsTheMemory(Callback):
 
 
 def test_the_memory_is_current_whenever_it_is_read_during_fit(tmp_path, monkeypatch):
-    monkeypatch.setattr("lightning_mbpa.callback._WRITE_BUFFER_BYTES", 1 << 30)  # never full
+    monkeypatch.setattr("lightning_mbpa._writes._WRITE_BUFFER_BYTES", 1 << 30)  # never full
     x, y = blobs(96, seed=0)
     cb = MbPA(k=4, memory_size=1000, **ADAPT)
     reader = ReadsTheMemory(cb)
