@@ -89,6 +89,24 @@ def dual_split(adapt: Callable[[], Tensor]) -> dict[str, float]:
     return {label: totals.get(key, 0.0) for key, label in DUAL_PARTS.items()}
 
 
+MATMUL_OPS = ("aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm", "aten::addbmm")
+
+
+def generic_split(adapt: Callable[[], Tensor], top: int = 4) -> str:
+    """Where the generic (torch.func) path spends its time: the share of self CPU time in matrix
+    products, and the ops with the most self time (torch.profiler)."""
+    adapt()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(3):
+            adapt()
+    events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
+    total = sum(e.self_cpu_time_total for e in events)
+    matmul = sum(e.self_cpu_time_total for e in events if e.key in MATMUL_OPS)
+    events.sort(key=lambda e: e.self_cpu_time_total, reverse=True)
+    ops = ", ".join(f"{e.key} {100 * e.self_cpu_time_total / total:.0f}%" for e in events[:top])
+    return f"matrix products {100 * matmul / total:.0f}% of self CPU time; top ops: {ops}"
+
+
 def bench_one(num_classes: int, loop_queries: int, profile_dual: bool, device: str) -> str:
     head = nn.Linear(DIM, num_classes, device=device)
     generic_head = nn.Sequential(head)
@@ -126,6 +144,7 @@ def bench_one(num_classes: int, loop_queries: int, profile_dual: bool, device: s
         total = sum(parts.values())
         text = ", ".join(f"{k} {1e3 * v:.2f} ms ({100 * v / total:.0f}%)" for k, v in parts.items())
         line += f"\n  dual path split, C={num_classes}, per batch of {BATCH}: {text}"
+        line += f"\n  generic path, C={num_classes}: {generic_split(lambda: run(generic_head))}"
     return line
 
 
@@ -144,8 +163,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
     parser.add_argument("--loop-queries", type=int, default=32, help="queries timed in the loop")
     parser.add_argument("--classes", type=int, nargs="+", default=[10, 100, 1000])
-    parser.add_argument("--profile", action="store_true", help="print the dual path's time split")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda (the split is CPU-only)")
+    parser.add_argument("--profile", action="store_true", help="print where the time goes")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (the splits are CPU-only)")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
