@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_mbpa import MbPA
 from tests.helpers import TinyClassifier, blobs, ddp_environment, free_port, loader, trainer
@@ -33,6 +35,13 @@ class DumpMemory(Callback):
             mbpa.memory.state_dict(),
             os.path.join(self.directory, f"{self.tag}-rank{trainer.global_rank}.pt"),
         )
+
+
+class LabelOptional(TinyClassifier):
+    """A test step that works on batches with or without labels."""
+
+    def test_step(self, batch, batch_idx):
+        self(batch[0])
 
 
 def _worker(rank: int, world: int, port: int, directory: str) -> None:
@@ -60,6 +69,15 @@ def _worker(rank: int, world: int, port: int, directory: str) -> None:
     if rank == 0:
         with open(os.path.join(directory, "ddp-test.json"), "w") as f:
             json.dump(result, f)
+    # only rank 0's test batches carry labels: rank 1 has no accuracy to compute, yet must take
+    # part in every collective of the epoch-end logs (or rank 0 waits for it forever)
+    mixed = loader(xt[:20], yt[:20]) if rank == 0 else DataLoader(TensorDataset(xt[20:]), 16)
+    result = trainer(callbacks=[MbPA(**ADAPT)], use_distributed_sampler=False, **ddp).test(
+        LabelOptional(), mixed, ckpt_path=last, verbose=False
+    )[0]
+    if rank == 0:
+        with open(os.path.join(directory, "ddp-mixed.json"), "w") as f:
+            json.dump(result, f)
     # resume from rank 0's checkpoint, now storing a random half: same choice on every rank
     trainer(
         callbacks=[MbPA(write_fraction=0.5, **ADAPT), DumpMemory(directory, "resume")],
@@ -80,9 +98,15 @@ def _assert_same(a, b):
 
 @pytest.mark.slow
 def test_ddp_ranks_write_identical_complete_memories_test_and_resume(tmp_path):
-    mp.start_processes(
-        _worker, args=(2, free_port(), str(tmp_path)), nprocs=2, start_method="spawn"
+    context = mp.start_processes(
+        _worker, args=(2, free_port(), str(tmp_path)), nprocs=2, start_method="spawn", join=False
     )
+    deadline = time.monotonic() + 600  # a rank left waiting in a collective would hang forever
+    while not context.join(timeout=5):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail("the DDP ranks did not finish: a collective was not called on every rank")
     _, y = blobs(90)
     xt, yt = blobs(40, seed=1)
 
@@ -103,6 +127,14 @@ def test_ddp_ranks_write_identical_complete_memories_test_and_resume(tmp_path):
     both = json.loads((tmp_path / "ddp-test.json").read_text())
     for key in ("test_acc", "mbpa/base_acc", "mbpa/adapted_acc", "mbpa/memory_size"):
         assert both[key] == pytest.approx(single[key]), key
+    # with labels on rank 0 only, the accuracies are those of rank 0's batches
+    mixed = json.loads((tmp_path / "ddp-mixed.json").read_text())
+    rank0_only = trainer(callbacks=[MbPA(**ADAPT)]).test(
+        TinyClassifier(), loader(xt[:20], yt[:20]), ckpt_path=tmp_path / "last.ckpt", verbose=False
+    )[0]
+    for key in ("mbpa/base_acc", "mbpa/adapted_acc", "mbpa/memory_size"):
+        assert mixed[key] == pytest.approx(rank0_only[key]), key
+    assert mixed["mbpa/queries_per_s"] > 0
 
     rank0, rank1 = _load(tmp_path / "resume-rank0.pt"), _load(tmp_path / "resume-rank1.pt")
     _assert_same(rank0, rank1)
