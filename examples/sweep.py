@@ -14,7 +14,7 @@ Two key choices (the memory key is the input of the module named by ``head``):
 * pixel keys, ``head: net``: the whole MLP is the "head", so the key is the image itself and
   the whole MLP is adapted per query (``torch.func`` path, slower).
 
-    python examples/sweep.py                       # all three streams, ~10 minutes on 2 cores
+    python examples/sweep.py                       # all three streams, ~28 minutes on 1 thread
     python examples/sweep.py --streams permuted
 
 Tables printed per stream:
@@ -402,7 +402,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, object]]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--streams", nargs="+", default=list(STREAMS), choices=STREAMS)
     parser.add_argument("--grid", default="full", choices=sorted(GRIDS))
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: see the README)")
     parser.add_argument(
         "overrides", nargs="*", help="LightningCLI arguments for every stream, after --"
     )
