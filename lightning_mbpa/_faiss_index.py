@@ -41,20 +41,7 @@ class _LiveRowIndex:
     """
 
     def __init__(self, factory: str, dim: int, params: str, capacity: int) -> None:
-        try:
-            index = faiss.index_factory(dim, factory)
-        except RuntimeError as exc:
-            raise ValueError(
-                f"`index`={factory!r} is not a valid faiss index_factory string for dim={dim}: {exc}"
-            ) from exc
-        _search_params(index, None, factory)  # raises ValueError for index kinds that cannot filter
-        if params:
-            try:
-                faiss.ParameterSpace().set_index_parameters(index, params)
-            except RuntimeError as exc:
-                raise ValueError(
-                    f"`index_params`={params!r} cannot be applied to `index`={factory!r}: {exc}"
-                ) from exc
+        index = _new_index(factory, dim, params)
         self.index = index
         self.capacity = capacity
         # HNSW and IVF over uncompressed vectors compute L2 by difference from the stored
@@ -144,6 +131,30 @@ class _LiveRowIndex:
         live = np.zeros(grown, dtype=bool)
         live[: self.rows] = self.live[: self.rows]
         self.row_to_slot, self.live = row_to_slot, live
+
+
+def _new_index(factory: str, dim: int, params: str) -> Any:
+    """An empty faiss index for ``dim``-wide vectors, with ``params`` applied.
+
+    Raises:
+        ValueError: ``factory`` cannot index that width, cannot filter out overwritten rows,
+            or ``params`` do not apply to it.
+    """
+    try:
+        index = faiss.index_factory(dim, factory)
+    except RuntimeError as exc:
+        raise ValueError(
+            f"`index`={factory!r} is not a valid faiss index_factory string for dim={dim}: {exc}"
+        ) from exc
+    _search_params(index, None, factory)  # raises ValueError for index kinds that cannot filter
+    if params:
+        try:
+            faiss.ParameterSpace().set_index_parameters(index, params)
+        except RuntimeError as exc:
+            raise ValueError(
+                f"`index_params`={params!r} cannot be applied to `index`={factory!r}: {exc}"
+            ) from exc
+    return index
 
 
 def _search_params(index: Any, selector: Any, factory: str) -> tuple[Any, Any]:

@@ -133,7 +133,8 @@ class _MemoryWrites:
         """
         pairs = [self._pair(batch_inputs, labels) for batch_inputs in inputs]
         kept = [(keys, values) for keys, values in pairs if keys is not None]
-        if kept and len(kept) < len(pairs):
+        if kept and len(kept) < len(pairs) and not self._warned_unmatched_calls:
+            self._warned_unmatched_calls = True
             shapes = [tuple(x.shape) for x in inputs]
             self._warnings.warn(
                 f"MbPA: the head {self._head_name!r} ran {len(pairs)} times in one step with "
@@ -184,17 +185,13 @@ class _MemoryWrites:
 
     def _check_pairs(self, pairs: list[tuple[Tensor, Tensor]], where: str) -> None:
         """Refuse keys whose width differs from the memory's and labels the head cannot predict."""
-        # `_memory`, not `memory`: reading the latter would write the staged rows every batch
-        if len(self._memory) > 0:
-            dim = self._memory.dim
-        else:  # the staged rows (if any) fix the width until they are written
-            dim = self._pending_keys.shape[1] if self._pending_rows else None
-        if (
-            dim is None
-            and pairs
-            and self._memory.dim is None
-            and self._index_checked_dim != pairs[0][0].shape[1]
-        ):
+        # `_memory`, not `memory`: reading the latter would write the staged rows every batch.
+        # The width is fixed by the memory (also once cleared), else by the staged rows.
+        dim = self._memory.dim
+        if dim is None and self._pending_rows:
+            assert self._pending_keys is not None
+            dim = self._pending_keys.shape[1]
+        if dim is None and pairs and self._index_checked_dim != pairs[0][0].shape[1]:
             # the first key fixes the width: an index that cannot take it fails now, not at the
             # first bulk write of the staged rows (an epoch later)
             width = pairs[0][0].shape[1]
@@ -203,8 +200,8 @@ class _MemoryWrites:
             except ValueError as err:
                 raise MisconfigurationException(
                     f"MbPA(index={self.index!r}) cannot index the keys of the head "
-                    f"{self._head_name!r}, which are {width} wide: {err} Choose an index for "
-                    "that width (for 'PQm' and 'IVFn,PQm', m must divide it) or 'Flat'."
+                    f"{self._head_name!r}, which are {width} wide: {_sentence(err)} Choose an "
+                    "index for that width (for 'PQm' and 'IVFn,PQm', m must divide it) or 'Flat'."
                 ) from err
             self._index_checked_dim = width
         for keys, values in pairs:
@@ -368,6 +365,12 @@ class _MemoryWrites:
             where = "test batch (online_writes)"
             payload = self._stored_inputs(batch, inputs[0], labels, len(inputs), where)
             self._write_pairs(pairs, where, gather=True, payload=payload)
+
+
+def _sentence(err: BaseException) -> str:
+    """An error's message ending with a full stop, to be followed by another sentence."""
+    text = str(err).rstrip()
+    return text if text.endswith((".", "!", "?")) else f"{text}."
 
 
 def _finite_rows(keys: Tensor) -> Tensor:

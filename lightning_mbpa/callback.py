@@ -42,7 +42,7 @@ from torch.utils.hooks import RemovableHandle
 
 from lightning_mbpa._adapting import _AdaptsPredictions
 from lightning_mbpa._drift import _KeyDrift, _module_device
-from lightning_mbpa._writes import _labels_outside, _MemoryWrites
+from lightning_mbpa._writes import _labels_outside, _MemoryWrites, _sentence
 from lightning_mbpa.batches import (
     as_label_tensor,
     describe,
@@ -93,7 +93,7 @@ class MbPA(_MemoryWrites, _KeyDrift, _AdaptsPredictions, Callback):
         write_fraction: Fraction of training examples written to memory, chosen at random
             (MbPA++ stores 10–50% with little loss).
         adapt_on: Stages whose predictions are adapted (any of ``"validate"``, ``"test"``,
-            ``"predict"``).
+            ``"predict"``). Empty only with ``replay_every_n_steps`` (replay alone).
         online_writes: During ``test``, write each labelled batch to memory after predicting
             it (the paper's fast learning during evaluation).
         save_memory: Put the memory into checkpoints (``trainer.test(ckpt_path=...)`` then
@@ -203,14 +203,12 @@ class MbPA(_MemoryWrites, _KeyDrift, _AdaptsPredictions, Callback):
         if isinstance(adapt_on, str):
             adapt_on = (adapt_on,)
         _check(
-            isinstance(adapt_on, Iterable)
-            and len(adapt_on := list(adapt_on)) > 0
-            and all(stage in _STAGES for stage in adapt_on),
+            isinstance(adapt_on, Iterable) and all(stage in _STAGES for stage in adapt_on),
             "adapt_on",
             adapt_on,
-            f"a non-empty list of stages from {list(_STAGES)} (without adaptation the callback "
-            "only fills a memory that nothing reads)",
+            f"a list of stages from {list(_STAGES)}",
         )
+        adapt_on = list(adapt_on)
         _check(isinstance(online_writes, bool), "online_writes", online_writes, "a bool")
         _check(isinstance(save_memory, bool), "save_memory", save_memory, "a bool")
         _check(_is_int(seed), "seed", seed, "an int")
@@ -234,6 +232,13 @@ class MbPA(_MemoryWrites, _KeyDrift, _AdaptsPredictions, Callback):
             "replay_batch_size",
             replay_batch_size,
             "an int >= 1",
+        )
+        _check(
+            len(adapt_on) > 0 or replay_every_n_steps is not None,
+            "adapt_on",
+            adapt_on,
+            f"a non-empty list of stages from {list(_STAGES)}, unless replay_every_n_steps is "
+            "set (without adaptation or replay nothing reads the memory)",
         )
         for name, value, off in (
             ("refresh_keys", refresh_keys, "'never'"),
@@ -306,6 +311,7 @@ class MbPA(_MemoryWrites, _KeyDrift, _AdaptsPredictions, Callback):
         self._adapt_seconds = 0.0
         self._classes_seen: int | None = None  # outputs of the head, once it ran adapted
         self._index_checked_dim: int | None = None  # key width the index was checked to take
+        self._warned_unmatched_calls = False  # head calls skipped for not matching the labels
         self._labels_checked: int | None = None  # memory labels verified for this many classes
         self._refused_batches = 0
         self._refused_rows = 0
@@ -334,6 +340,7 @@ class MbPA(_MemoryWrites, _KeyDrift, _AdaptsPredictions, Callback):
         if getattr(self, "_pending_sizes", None):
             self._flush_writes()
         self._memory = memory
+        self._index_checked_dim = None
 
     def __getstate__(self) -> dict[str, Any]:
         self._flush_writes()
@@ -429,7 +436,7 @@ class MbPA(_MemoryWrites, _KeyDrift, _AdaptsPredictions, Callback):
             return as_label_tensor(labels)
         except ValueError as err:
             raise ValueError(
-                f"MbPA: the batch's labels under {name!r} are unusable: {err} MbPA needs one "
+                f"MbPA: the batch's labels under {name!r} are unusable: {_sentence(err)} MbPA needs one "
                 "integer class index per example: point `label_key=...` at the class labels, or "
                 "override `MbPA.extract_labels` to return them."
             ) from err

@@ -41,7 +41,7 @@ from torch import Tensor
 # cores (see the thread table of benchmarks/memory.py). No thread setting is changed here.
 import faiss
 
-from lightning_mbpa._faiss_index import _check_index_syntax, _LiveRowIndex
+from lightning_mbpa._faiss_index import _check_index_syntax, _LiveRowIndex, _new_index
 
 __all__ = ["EpisodicMemory", "Neighbours"]
 
@@ -362,7 +362,7 @@ class EpisodicMemory:
                 )
             return
         if self._index_string != EXACT_INDEX:
-            _LiveRowIndex(self._index_string, dim, self._index_params, self._capacity)
+            _new_index(self._index_string, dim, self._index_params)
 
     # ------------------------------------------------------------------ writing
 

@@ -134,10 +134,10 @@ def mbpa_warnings(record) -> list[str]:
         (
             "adapt_on",
             ["train"],
-            r"a non-empty list of stages from \['validate', 'test', 'predict'\]",
+            r"a list of stages from \['validate', 'test', 'predict'\]",
         ),
-        ("adapt_on", "fit", r"a non-empty list of stages from \['validate', 'test', 'predict'\]"),
-        ("adapt_on", None, r"a non-empty list of stages from \['validate', 'test', 'predict'\]"),
+        ("adapt_on", "fit", r"a list of stages from \['validate', 'test', 'predict'\]"),
+        ("adapt_on", None, r"a list of stages from \['validate', 'test', 'predict'\]"),
         (
             "adapt_on",
             [],
@@ -542,6 +542,47 @@ def test_an_index_that_cannot_take_the_key_width_is_refused_at_the_first_batch(d
     assert len(cb.memory) == 48 and cb.memory.dim == 16
 
 
+class WideHead(TinyClassifier):
+    """A non-Linear head (its input width is unknown until it runs) fed 12-wide inputs."""
+
+    def __init__(self):
+        super().__init__(hidden=12)
+        self.head = nn.Sequential(nn.Linear(12, 4))
+
+
+def test_a_cleared_memory_keeps_its_width_and_refuses_others_at_the_first_batch(data):
+    x, y, _, _ = data
+    cb = MbPA(head="head", k=4, **ADAPT)
+    trainer(callbacks=[cb]).fit(TinyClassifier(), loader(x, y))
+    cb.memory.clear()
+    assert len(cb.memory) == 0 and cb.memory.dim == 16
+    seen = []
+
+    class CountBatches(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.append(batch_idx)
+
+    with pytest.raises(
+        MisconfigurationException,
+        match=r"called with inputs of width 12 in the training batch, but the memory holds keys "
+        r"of width 16",
+    ):
+        trainer(callbacks=[CountBatches(), cb]).fit(WideHead(), loader(x, y))
+    assert seen == [0] and len(cb.memory) == 0 and cb.memory.dim == 16
+
+
+def test_adapt_on_may_be_empty_for_replay_alone(data):
+    x, y, xt, yt = data
+    torch.manual_seed(0)
+    model = TinyClassifier()
+    cb = MbPA(adapt_on=[], store_inputs=True, replay_every_n_steps=1, replay_batch_size=8, **ADAPT)
+    trainer(callbacks=[cb]).fit(model, loader(x, y))
+    assert len(cb.memory) == 48 and cb._replay_slots is not None  # replay ran
+    with torch.no_grad():
+        base = model(xt)
+    assert torch.equal(torch.cat(trainer(callbacks=[cb]).predict(model, loader(xt, yt))), base)
+
+
 class HeadTwice(Frozen):
     """The head also scores a second, differently shaped input every step (say a prototype
     bank): only the call whose rows match the labels is a memory."""
@@ -556,15 +597,15 @@ def test_head_calls_that_do_not_match_the_labels_are_skipped_with_one_warning(da
     torch.manual_seed(0)
     model = HeadTwice()
     cb = MbPA(head="head", k=4, **ADAPT)
-    with pytest.warns(UserWarning) as record:
-        trainer(callbacks=[cb]).fit(model, loader(x, y))
+    with pytest.warns(UserWarning) as record:  # batches of 16, 16 and 10: shapes vary
+        trainer(callbacks=[cb]).fit(model, loader(x[:42], y[:42]))
     warned = [m for m in mbpa_warnings(record) if "ran 2 times in one step" in m]
     assert len(warned) == 1, warned
     assert "shapes [(3, 16), (16, 16)]" in warned[0] and "`head=...`" in warned[0]
     with torch.no_grad():
-        expected = model.encoder(x)
+        expected = model.encoder(x[:42])
     torch.testing.assert_close(cb.memory.keys, expected, rtol=0, atol=0)
-    assert torch.equal(cb.memory.values, y)
+    assert torch.equal(cb.memory.values, y[:42])
 
 
 # ====================================================================== runs
