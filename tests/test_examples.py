@@ -19,6 +19,7 @@ TINY = [
     "--trainer.enable_progress_bar", "false",
     "--data.max_train", "150",
     "--data.max_eval", "60",
+    "--threads", "1",
 ]  # fmt: skip
 
 
