@@ -146,7 +146,14 @@ def _new_index(factory: str, dim: int, params: str) -> Any:
         raise ValueError(
             f"`index`={factory!r} is not a valid faiss index_factory string for dim={dim}: {exc}"
         ) from exc
-    _search_params(index, None, factory)  # raises ValueError for index kinds that cannot filter
+    _check_usable(index, factory, params)
+    return index
+
+
+def _check_usable(index: Any, factory: str, params: str) -> None:
+    """Raises ValueError if the index cannot filter out overwritten rows or ``params`` do not
+    apply to it (applying them)."""
+    _search_params(index, None, factory)
     if params:
         try:
             faiss.ParameterSpace().set_index_parameters(index, params)
@@ -154,7 +161,6 @@ def _new_index(factory: str, dim: int, params: str) -> Any:
             raise ValueError(
                 f"`index_params`={params!r} cannot be applied to `index`={factory!r}: {exc}"
             ) from exc
-    return index
 
 
 def _search_params(index: Any, selector: Any, factory: str) -> tuple[Any, Any]:
@@ -234,11 +240,4 @@ def _check_index_syntax(factory: str, params: str) -> None:
                 f"`index`={factory!r} is not a valid faiss index_factory string: {exc}"
             ) from exc
         return  # may depend on the dimension: checked again at the first write
-    _search_params(index, None, factory)
-    if params:
-        try:
-            faiss.ParameterSpace().set_index_parameters(index, params)
-        except RuntimeError as exc:
-            raise ValueError(
-                f"`index_params`={params!r} cannot be applied to `index`={factory!r}: {exc}"
-            ) from exc
+    _check_usable(index, factory, params)
