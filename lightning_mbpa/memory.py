@@ -41,7 +41,7 @@ from torch import Tensor
 # cores (see the thread table of benchmarks/memory.py). No thread setting is changed here.
 import faiss
 
-from lightning_mbpa._faiss_index import _check_index_syntax, _LiveRowIndex, _new_index
+from lightning_mbpa._faiss_index import Int64Array, _check_index_syntax, _LiveRowIndex, _new_index
 
 __all__ = ["EpisodicMemory", "Neighbours"]
 
@@ -58,8 +58,6 @@ STATE_KEYS = ("keys", "values", "capacity", "dim", "cursor", "num_seen", "genera
 PAYLOAD_KEY = "payload"
 # Elements of one [B, chunk] distance block in the torch backend.
 _TORCH_BLOCK_ELEMENTS = {"cpu": 1 << 24, "other": 1 << 27}
-
-Int64Array = npt.NDArray[np.int64]
 
 
 class Neighbours(NamedTuple):
