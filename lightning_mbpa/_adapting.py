@@ -108,8 +108,8 @@ class _AdaptsPredictions:
         if keys.shape[0] * head.out_features * 4 > 512 * 2**20:  # too large to cache
             return None
         lazy = keys.device.type == "cpu"
-        if self._slot_outputs is None or self._slot_version != memory._version:
-            self._slot_version = memory._version
+        if self._slot_outputs is None or self._slot_version != memory.version:
+            self._slot_version = memory.version
             with torch.inference_mode(False):
                 if lazy:
                     rows = min(keys.shape[0], 4096)
@@ -254,7 +254,6 @@ class _AdaptsPredictions:
             if flat.numel() == 0:
                 continue
             if self._base_acc is None:
-                self._metric_classes = base.shape[-1]
                 self._base_acc, self._adapted_acc = self._make_metrics(base.shape[-1], base.device)
             self._base_acc.update(self._predictions(base), flat)
             self._adapted_acc.update(self._predictions(adapted), flat)
@@ -265,7 +264,7 @@ class _AdaptsPredictions:
         pl_module.log("mbpa/memory_size", float(len(self.memory)), sync_dist=True, reduce_fx="max")
         # Every rank makes the same calls, whatever its own batches held: each synced log and
         # each `compute()` is a collective, and a call one rank skips would hang the others.
-        classes = 0 if self._base_acc is None else self._metric_classes
+        classes = 0 if self._base_acc is None else getattr(self._base_acc, "num_classes", 1)
         adapted = self._adapt_seconds > 0
         if self._strategy is not None:
             flags = torch.tensor([classes, int(adapted)], device=pl_module.device)

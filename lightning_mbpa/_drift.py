@@ -43,7 +43,6 @@ class _KeyDrift:
     """The key-drift options of :class:`~lightning_mbpa.MbPA` (a mixin: the state it uses is
     set up in ``MbPA.__init__`` and ``MbPA._init_runtime_state``)."""
 
-    @torch.no_grad()
     def refresh(self, model: nn.Module) -> int:
         """Recompute every stored key from its stored input with the model's current weights.
 

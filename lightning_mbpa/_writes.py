@@ -181,7 +181,7 @@ class _MemoryWrites:
             )
             return
         for keys, values in pairs:
-            self._add(keys, values, gather=False, payload=payload)
+            self._add(keys, values, payload)
 
     def _check_pairs(self, pairs: list[tuple[Tensor, Tensor]], where: str) -> None:
         """Refuse keys whose width differs from the memory's and labels the head cannot predict."""
@@ -235,17 +235,9 @@ class _MemoryWrites:
             keys, values = keys[keep], values[keep]
         return keys, values
 
-    def _add(
-        self,
-        keys: Tensor,
-        values: Tensor,
-        gather: bool = True,
-        payload: dict[str, Tensor] | None = None,
-    ) -> None:
-        names = list(payload or {})
-        if gather and self._strategy is not None:
-            keys, values, *rows = self._gather(keys.float(), values, *(payload or {}).values())
-            payload = dict(zip(names, rows, strict=True)) if payload is not None else None
+    def _add(self, keys: Tensor, values: Tensor, payload: dict[str, Tensor] | None = None) -> None:
+        """Stage (or, with stored inputs, write) rows that passed every check; under DDP they
+        were gathered from every rank already."""
         if self.write_fraction < 1.0 and keys.shape[0] > 0:
             # after the gather, so every rank makes the same choice from the same generator
             chosen = (

@@ -306,7 +306,6 @@ class MbPA(_MemoryWrites, _KeyDrift, _AdaptsPredictions, Callback):
         self._slot_version = -1  # the memory's version the cache was made for
         self._base_acc: torchmetrics.Metric | None = None
         self._adapted_acc: torchmetrics.Metric | None = None
-        self._metric_classes = 0  # outputs of the head the metrics were made for
         self._queries = 0
         self._adapt_seconds = 0.0
         self._classes_seen: int | None = None  # outputs of the head, once it ran adapted

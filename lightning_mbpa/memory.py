@@ -315,6 +315,12 @@ class EpisodicMemory:
         return {name: buffer[: self._size] for name, buffer in self._payload.items()}
 
     @property
+    def version(self) -> int:
+        """A counter that every change of the stored entries (write, key update, clear, load,
+        move to another device) increases: a cache of anything computed from the keys is current while it holds."""
+        return self._version
+
+    @property
     def num_seen(self) -> int:
         """How many rows were ever offered to :meth:`add` (kept or not) since the last clear."""
         return self._num_seen

@@ -447,6 +447,30 @@ def test_state_of_an_unfixed_memory_and_partial_fill() -> None:
     assert fresh.add(*tagged(2, 1, d=4)).tolist() == [2]
 
 
+def test_version_increases_with_every_change_of_the_entries_and_only_then() -> None:
+    memory = EpisodicMemory(capacity=8)
+    seen = [memory.version]
+
+    def changed() -> None:
+        assert memory.version > seen[-1]
+        seen.append(memory.version)
+
+    memory.add(torch.randn(5, 3), torch.arange(5))
+    changed()
+    memory.search(torch.randn(2, 3), k=2)
+    len(memory), memory.state_dict()
+    assert memory.version == seen[-1]  # reads change nothing
+    memory.update_keys(torch.tensor([1, 3]), torch.randn(2, 3))
+    changed()
+    state = memory.state_dict()
+    memory.clear()
+    changed()
+    memory.load_state_dict(state)
+    changed()
+    memory.to("cpu")  # already there: nothing moves
+    assert memory.version == seen[-1]
+
+
 def test_clear_resets_to_a_fresh_memory() -> None:
     memory = EpisodicMemory(5, eviction="reservoir", seed=1)
     memory.add(*tagged(0, 30))
