@@ -9,7 +9,7 @@ All paths run under ``torch.inference_mode()``, as in Lightning's test/predict l
 
 Usage::
 
-    python benchmarks/adaptation.py [--threads 1] [--profile]
+    python benchmarks/adaptation.py [--threads 1] [--profile] [--steps 5 20]
 """
 
 from __future__ import annotations
@@ -26,18 +26,18 @@ from torch.profiler import ProfilerActivity, profile
 
 from lightning_mbpa.adaptation import kernel_weights, local_adapt
 
-BATCH, DIM, NEIGHBOURS, STEPS = 256, 512, 32, 5
+BATCH, DIM, NEIGHBOURS = 256, 512, 32
 LR, BETA = 0.01, 1e-3
 DUAL_PARTS = {
     "mbpa.dual.gram": "Gram H·Hᵀ (+H·q)",
     "mbpa.dual.neighbour_logits": "Z0 = H·W0ᵀ+b0",
-    "mbpa.dual.steps": f"{STEPS} steps",
+    "mbpa.dual.steps": "steps",
     "mbpa.dual.query_output": "query output",
 }
 
 
 def loop_reference(
-    head: nn.Module, queries: Tensor, keys: Tensor, labels: Tensor, weights: Tensor
+    head: nn.Module, queries: Tensor, keys: Tensor, labels: Tensor, weights: Tensor, steps: int
 ) -> Tensor:
     """One deep copy and one fresh SGD optimiser per query, as public reimplementations do."""
     outputs = []
@@ -45,7 +45,7 @@ def loop_reference(
         model = copy.deepcopy(head)
         theta = [p.detach().clone() for p in model.parameters()]
         opt = torch.optim.SGD(model.parameters(), lr=LR)
-        for _ in range(STEPS):
+        for _ in range(steps):
             before = [p.detach().clone() for p in model.parameters()]
             opt.zero_grad()
             losses = F.cross_entropy(model(keys[b]), labels[b], reduction="none")
@@ -107,7 +107,9 @@ def generic_split(adapt: Callable[[], Tensor], top: int = 4) -> str:
     return f"matrix products {100 * matmul / total:.0f}% of self CPU time; top ops: {ops}"
 
 
-def bench_one(num_classes: int, loop_queries: int, profile_dual: bool, device: str) -> str:
+def bench_one(
+    num_classes: int, steps: int, loop_queries: int, profile_dual: bool, device: str
+) -> str:
     head = nn.Linear(DIM, num_classes, device=device)
     generic_head = nn.Sequential(head)
     queries = torch.randn(BATCH, DIM, device=device)
@@ -122,10 +124,10 @@ def bench_one(num_classes: int, loop_queries: int, profile_dual: bool, device: s
 
     def run(module: nn.Module, **kw: Tensor) -> Tensor:
         with torch.inference_mode():
-            return local_adapt(module, queries, keys, labels, weights, STEPS, LR, BETA, **kw)
+            return local_adapt(module, queries, keys, labels, weights, steps, LR, BETA, **kw)
 
-    reference = loop_reference(head, *subset)
-    t_loop = best_time(lambda: loop_reference(head, *subset), 3) / n
+    reference = loop_reference(head, *subset, steps)
+    t_loop = best_time(lambda: loop_reference(head, *subset, steps), 3) / n
     dual = run(head)
     t_dual = best_time(lambda: run(head), 5, 0.5) / BATCH
     t_nb = best_time(lambda: run(head, neighbour_outputs=neighbour_outputs), 5, 0.5) / BATCH
@@ -135,7 +137,7 @@ def bench_one(num_classes: int, loop_queries: int, profile_dual: bool, device: s
     err_dual = (dual[:n] - reference).abs().max().item()
     err_generic = (generic[:n] - reference).abs().max().item()
     line = (
-        f"| {num_classes:>5} | {1 / t_loop:>8.0f} | {1 / t_dual:>8.0f} | {t_loop / t_dual:>5.0f}x "
+        f"| {steps:>5} | {num_classes:>5} | {1 / t_loop:>8.0f} | {1 / t_dual:>8.0f} | {t_loop / t_dual:>5.0f}x "
         f"| {1 / t_nb:>8.0f} | {t_loop / t_nb:>5.0f}x | {1 / t_generic:>8.0f} "
         f"| {t_loop / t_generic:>5.1f}x | {err_dual:.1e} | {err_generic:.1e} | {scale:>6.1f} |"
     )
@@ -163,6 +165,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
     parser.add_argument("--loop-queries", type=int, default=32, help="queries timed in the loop")
     parser.add_argument("--classes", type=int, nargs="+", default=[10, 100, 1000])
+    parser.add_argument("--steps", type=int, nargs="+", default=[5], help="adaptation steps")
     parser.add_argument("--profile", action="store_true", help="print where the time goes")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (the splits are CPU-only)")
     args = parser.parse_args()
@@ -171,17 +174,19 @@ def main() -> None:
     torch.manual_seed(0)
     print(
         f"torch {torch.__version__}, torch.get_num_threads()={torch.get_num_threads()}, "
-        f"B={BATCH} D={DIM} K={NEIGHBOURS} steps={STEPS} lr={LR} beta={BETA}, float32 on "
+        f"B={BATCH} D={DIM} K={NEIGHBOURS} lr={LR} beta={BETA}, float32 on "
         f"{args.device} ({device_name(args.device)}), "
         f"loop timed on {args.loop_queries} queries"
     )
     print(
-        "|     C | loop q/s | dual q/s | xloop | +nb q/s | xloop | gen. q/s | xloop "
+        "| steps |     C | loop q/s | dual q/s | xloop | +nb q/s | xloop | gen. q/s | xloop "
         "| dual max|Δ| | gen. max|Δ| | max|out| |"
     )
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for num_classes in args.classes:
-        print(bench_one(num_classes, args.loop_queries, args.profile, args.device), flush=True)
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for steps in args.steps:
+        for num_classes in args.classes:
+            line = bench_one(num_classes, steps, args.loop_queries, args.profile, args.device)
+            print(line, flush=True)
     print("+nb: neighbour_outputs given (the trained head's logits on the keys, precomputed).")
 
 
