@@ -311,78 +311,77 @@ def _adapt_linear_dual(
     logits) the step is ``A ← (1 - beta)·A - lr·Gᵀ`` and ``δb ← (1 - beta)·δb - lr·Σ_k G_k``:
     the same recursion as the row sums of ``A``, so ``δb = A·1`` at every step. The bias is
     thus the weight of a constant feature 1, and both are handled by adding 1 to the Gram
-    matrix ``M = H·Hᵀ`` and to ``H·q``: logits ``Z0 + (M + 1)·Aᵀ``, output
-    ``base + A·(H·q + 1)``. ``A`` is stored transposed (``coef``, ``[B, K, C]``).
+    matrix ``M = H·Hᵀ`` and to ``H·q``: neighbour logits ``Z0 + (M + 1)·Aᵀ``, output
+    ``base + A·(H·q + 1)``.
+
+    With few classes a step's ``[K, C]`` tensors are held transposed, ``[C, K]``: the softmax
+    then reduces over a middle dimension with the K neighbours contiguous, which is vectorised
+    (over a last dimension of 10 it is ~20x slower); with many classes the last dimension is
+    the faster one.
     """
+    num_classes = base.shape[1]
+    class_major = num_classes < _CLASS_MAJOR_BELOW
     with record_function("mbpa.dual.gram"):
-        gram = torch.bmm(keys, keys.transpose(1, 2))  # [B, K, K]
+        gram = torch.bmm(keys, keys.transpose(1, 2))  # M, [B, K, K], symmetric
         key_dot_query = torch.bmm(queries[:, None, :], keys.transpose(1, 2))  # [B, 1, K]
         if head.bias is not None:
             gram += 1.0
             key_dot_query += 1.0
     with record_function("mbpa.dual.neighbour_logits"):
-        if neighbour_outputs is None:
+        if neighbour_outputs is not None:
+            logits0 = neighbour_outputs
+            if class_major:
+                logits0 = logits0.transpose(1, 2).contiguous()
+        else:
             weight0 = head.weight.detach().to(keys.dtype)
             bias0 = None if head.bias is None else head.bias.detach().to(keys.dtype)
-            logits0 = _linear(keys, weight0, bias0)  # Z0, [B, K, C]
-        else:
-            logits0 = neighbour_outputs
+            if class_major:  # Z0ᵀ = W0·Hᵀ + b0
+                logits0 = torch.matmul(weight0, keys.transpose(1, 2))
+                if bias0 is not None:
+                    logits0 += bias0[:, None]
+            else:
+                logits0 = F.linear(keys, weight0, bias0)
+    # per neighbour: [B, 1, K] class-major, [B, K, 1] otherwise
+    along = (lambda t: t[:, None, :]) if class_major else (lambda t: t[:, :, None])
     if not bool(valid.all()):
-        # Masked neighbours never move A (their rows of G are 0). Zeroing what they touch
+        # Masked neighbours never move A (their entries of G are 0). Zeroing what they touch
         # keeps padding garbage (inf/NaN keys) from leaking through 0·NaN.
-        pair = valid[:, :, None] & valid[:, None, :]
-        gram = torch.where(pair, gram, 0.0)
+        gram = torch.where(valid[:, :, None] & valid[:, None, :], gram, 0.0)
         key_dot_query = torch.where(valid[:, None, :], key_dot_query, 0.0)
-        logits0 = torch.where(valid[..., None], logits0, 0.0)
-    binary = base.shape[1] == 1
-    targets = labels.to(keys.dtype)[..., None] if binary else labels[..., None]
-    minus_ones = torch.full(targets.shape, -1.0, dtype=keys.dtype, device=keys.device)
-    scaled_weights = (-lr * weights)[..., None]  # [B, K, 1]
+        logits0 = torch.where(along(valid), logits0, 0.0)
+    binary = num_classes == 1
+    class_dim = 1 if class_major else 2
+    targets = along(labels)
+    if binary:
+        targets = targets.to(keys.dtype)
+    else:
+        minus_ones = torch.full(targets.shape, -1.0, dtype=keys.dtype, device=keys.device)
+    scaled_weights = along(-lr * weights)
     keep = 1.0 - beta
-    # Three [B, K, C] buffers are recycled across steps: a fresh large CPU allocation is
-    # page-faulted in on every step, which costs as much as the arithmetic.
-    # (Fresh contiguous buffers: `*_like` would copy the strides of a transposed Z0.)
-    coef = logits0.new_zeros(logits0.shape)
-    logits = logits0.new_empty(logits0.shape)
-    fused = not binary and base.shape[1] >= _SMALL_SOFTMAX
-    spare = logits0.new_empty(logits0.shape) if fused else logits
+    coef = torch.zeros_like(logits0)  # A, or Aᵀ with many classes
+    logits = torch.empty_like(logits0)
+    probs = torch.empty_like(logits0)
+    # the logits are Z0 + A·M (class-major) or Z0 + M·Aᵀ
+    operands = (coef, gram) if class_major else (gram, coef)
     with record_function("mbpa.dual.steps"):
         for _ in range(steps):
-            torch.baddbmm(logits0, gram, coef, out=logits)
-            # -lr·G = -lr·w·(softmax(z) - onehot(y)), built in `spare` (or in `logits`).
+            torch.baddbmm(logits0, *operands, out=logits)
             if binary:
-                step = logits.sigmoid_().sub_(targets)
-            elif fused:
-                step = torch.softmax(logits, dim=-1, out=spare)
+                torch.sigmoid(logits, out=probs).sub_(targets)
             else:
-                step = _small_softmax_(logits)
-            if not binary:
-                step.scatter_add_(-1, targets, minus_ones)
-            step.mul_(scaled_weights).add_(coef, alpha=keep)
-            coef, spare = step, coef
-            if not fused:
-                logits = spare
+                torch.softmax(logits, dim=class_dim, out=probs)
+                probs.scatter_add_(class_dim, targets, minus_ones)
+            if keep != 1.0:
+                coef.mul_(keep)
+            coef.addcmul_(probs, scaled_weights)  # A ← keep·A - lr·G
     with record_function("mbpa.dual.query_output"):
+        if class_major:
+            return torch.baddbmm(base[:, :, None], coef, key_dot_query.transpose(1, 2))[:, :, 0]
         return torch.baddbmm(base[:, None, :], key_dot_query, coef)[:, 0, :]
 
 
-def _linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """``F.linear`` on ``[B, K, D]``; with few outputs, ``W·Xᵀ`` is the faster GEMM shape."""
-    if weight.shape[0] >= _SMALL_SOFTMAX or x.device.type != "cpu":
-        return F.linear(x, weight, bias)
-    flat = x.reshape(-1, x.shape[-1])
-    out = torch.mm(weight, flat.T) if bias is None else torch.addmm(bias[:, None], weight, flat.T)
-    return out.T.contiguous().view(*x.shape[:-1], weight.shape[0])
-
-
-# Below this many classes, an unfused in-place softmax beats the fused kernel's per-row cost.
-_SMALL_SOFTMAX = 64
-
-
-def _small_softmax_(logits: Tensor) -> Tensor:
-    """Softmax over the last dim, in place."""
-    logits.sub_(logits.amax(dim=-1, keepdim=True)).exp_()
-    return logits.div_(logits.sum(dim=-1, keepdim=True))
+# Below this many classes, the dual path's steps run class-major (see `_adapt_linear_dual`).
+_CLASS_MAJOR_BELOW = 64
 
 
 # ------------------------------------------------------------------------ generic form

@@ -259,7 +259,7 @@ def test_generic_path_matches_reference(problem: Problem) -> None:
 
 @pytest.mark.parametrize("kind", ["linear", "linear_nobias"])
 def test_dual_path_with_many_classes_matches_reference(kind: str) -> None:
-    # Many classes take the fused-softmax branch of the dual path.
+    # Many classes (>= 64) take the keys-major layout of the dual path, few the class-major one.
     head = make_head(kind, 6, 80, seed=31)
     p = make_problem(head, 4, 6, 6, 80, steps=5, lr=0.5, beta=0.2, seed=32, nan_padding=True)
     expected = reference_adapt(*p.to(torch.float64).args())
