@@ -19,7 +19,9 @@ Two exact implementations are chosen automatically:
   the KxK Gram matrix ``H·Hᵀ``: ``O(B·K²·C)`` per step for a batch of ``B`` queries, no
   per-query weight copy and no autograd.
 * **Generic form** for any other head: ``torch.func`` (``functional_call`` + ``vmap`` over the
-  queries + ``grad`` of the weighted loss), in chunks of queries sized to a memory budget.
+  queries + ``grad`` of the weighted loss), in chunks of queries sized to a memory budget. When
+  the head is an ``nn.Sequential`` opening with an ``nn.Linear`` (an MLP head), that first
+  layer stays in the same dual form and only the layers after it are copied per query.
 
 Both are pure torch functions of the module's parameters: the module is never mutated, no
 state is kept between calls, and they run unchanged under ``torch.inference_mode()`` (which
@@ -121,9 +123,10 @@ def local_adapt(
     adapted head is applied to ``queries[b]``. The loss is cross-entropy on class indices, or
     binary cross-entropy with logits on labels ``{0, 1}`` when the head has a single output.
 
-    An exact type ``nn.Linear`` head uses the closed dual form (no autograd); any other head
-    (e.g. ``nn.Sequential`` of Linear / LayerNorm / activations / Dropout / BatchNorm) goes
-    through ``torch.func`` in eval mode. All floating-point parameters are adapted (including
+    An exact type ``nn.Linear`` head (alone or as the only layer of an ``nn.Sequential``) uses
+    the closed dual form (no autograd); any other head (e.g. ``nn.Sequential`` of Linear /
+    LayerNorm / activations / Dropout / BatchNorm) goes through ``torch.func`` in eval mode,
+    with an opening ``nn.Linear`` of an ``nn.Sequential`` kept in dual form. All floating-point parameters are adapted (including
     ones with ``requires_grad=False``, so ``LightningModule.freeze()`` does not switch MbPA
     off); buffers are read, never written. Computation runs in float32 (float64 for a float64
     head) with autocast disabled; the result has the dtype of the head's plain forward on
@@ -173,7 +176,8 @@ def local_adapt(
     """
     _check_arguments(head, queries, keys, labels, weights, steps, lr, beta, memory_budget_bytes)
     num_queries, num_neighbours = labels.shape
-    dual = type(head) is nn.Linear
+    linear = _linear_head(head)
+    dual = linear is not None
     with contextlib.ExitStack() as stack:
         if not dual:
             stack.enter_context(_eval_mode(head))
@@ -185,7 +189,7 @@ def local_adapt(
                     "`head` must map `queries` [B, D] to a tensor [B, C], got "
                     f"{_describe(base_outputs)}."
                 )
-        classes = head.out_features if dual else None
+        classes = None if linear is None else linear.out_features
         _check_shape("base_outputs", base_outputs, (num_queries, classes))
         num_classes = base_outputs.shape[1]
         if neighbour_outputs is not None:
@@ -211,7 +215,7 @@ def local_adapt(
         if dual:
             with torch.no_grad():
                 adapted = _adapt_linear_dual_chunked(
-                    head,
+                    linear,
                     queries.to(compute_dtype),
                     keys.to(compute_dtype),
                     labels,
@@ -412,10 +416,20 @@ def _adapt_generic(
     dtype: torch.dtype,
     memory_budget_bytes: int,
 ) -> Tensor:
-    """Per-query adaptation of any head with ``torch.func``, ``vmap``-ed over query chunks."""
-    wrapper = _HookFreeForward(head)
+    """Per-query adaptation of any head with ``torch.func``, ``vmap``-ed over query chunks.
+
+    A head that is an ``nn.Sequential`` opening with an ``nn.Linear`` keeps that layer in dual
+    form, as :func:`_adapt_linear_dual` does for a whole linear head: its weight gradients are
+    sums of ``g_k·h_kᵀ`` over the neighbour keys, so the adapted layer is ``W1 + Cᵀ·H`` (``b1 +
+    Cᵀ·1``) with a ``[K, H1]`` coefficient ``C`` per query; its outputs on the keys are
+    ``U0 + (M + 1)·C`` and a step is ``C ← keep·C - lr·∂loss/∂U``. The rest of the head is
+    adapted through ``torch.func`` on those outputs. No per-query copy of ``W1`` is made.
+    """
+    first, rest = _leading_linear(head)
+    wrapper = _HookFreeForward(head if first is None else rest)
     with torch.inference_mode(False), torch.enable_grad():
         # Inference tensors cannot be saved for backward: work on normal copies.
+        slots = _tensor_slots(wrapper)
         params = {
             n: _as_normal(p.detach(), dtype)
             for n, p in wrapper.named_parameters()
@@ -433,14 +447,22 @@ def _adapt_generic(
         queries = _as_normal(queries, dtype)
         weights = _as_normal(weights, dtype)
         labels = _as_normal(labels, None)
+        if first is None:
+            inputs, query_inputs, dual = keys, queries, ()
+        else:
+            with torch.no_grad():
+                inputs, query_inputs, dual = _first_layer(first, queries, keys, valid, dtype)
 
         def forward(theta: dict[str, Tensor], x: Tensor) -> Tensor:
-            return functional_call(wrapper, (theta, fixed), (x,))
+            tensors = {**fixed, **theta}
+            return functional_call(
+                wrapper, {slot: tensors[n] for slot, n in slots.items()}, (x,), tie_weights=False
+            )
 
         def neighbour_loss(
-            theta: dict[str, Tensor], keys_q: Tensor, labels_q: Tensor, weights_q: Tensor
+            theta: dict[str, Tensor], inputs_q: Tensor, labels_q: Tensor, weights_q: Tensor
         ) -> Tensor:
-            logits = forward(theta, keys_q)
+            logits = forward(theta, inputs_q)
             if num_classes == 1:
                 losses = F.binary_cross_entropy_with_logits(
                     logits[:, 0], labels_q.to(logits.dtype), reduction="none"
@@ -449,31 +471,125 @@ def _adapt_generic(
                 losses = F.cross_entropy(logits, labels_q, reduction="none")
             return (weights_q * losses).sum()
 
-        loss_grad: Callable[..., dict[str, Tensor]] = grad(neighbour_loss)
+        # the gradients wrt the parameters and, for a dual first layer, wrt its outputs
+        loss_grad: Callable[..., Any] = grad(neighbour_loss, argnums=(0, 1) if dual else 0)
         keep = 1.0 - beta
 
-        def adapt_one(query: Tensor, keys_q: Tensor, labels_q: Tensor, weights_q: Tensor) -> Tensor:
+        def adapt_one(
+            query_inputs_q: Tensor,
+            inputs_q: Tensor,
+            labels_q: Tensor,
+            weights_q: Tensor,
+            *dual_q: Tensor,
+        ) -> Tensor:
             theta = dict(params)
+            coef = None  # C, [K, H1], of a dual first layer
             for _ in range(steps):
-                grads = loss_grad(theta, keys_q, labels_q, weights_q)
+                if not dual_q:
+                    grads = loss_grad(theta, inputs_q, labels_q, weights_q)
+                else:
+                    step_inputs = (
+                        inputs_q if coef is None else torch.addmm(inputs_q, dual_q[0], coef)
+                    )
+                    grads, input_grad = loss_grad(theta, step_inputs, labels_q, weights_q)
+                    if coef is None:
+                        coef = input_grad * -lr
+                    else:  # C ← keep·C - lr·∂loss/∂U
+                        coef = torch.add(coef if beta == 0 else coef * keep, input_grad, alpha=-lr)
                 theta = {
                     n: _sgd_pull(p, grads[n], params[n], lr, beta, keep) for n, p in theta.items()
                 }
-            return forward(theta, query[None])[0]
+            if coef is not None:
+                query_inputs_q = torch.addmv(query_inputs_q, coef.T, dual_q[1])
+            return forward(theta, query_inputs_q[None])[0]
 
         batched = vmap(adapt_one)
-        chunk = _chunk_size(params, keys, num_classes, dtype, memory_budget_bytes)
+        per_query = (
+            _PARAM_COPIES_PER_QUERY * sum(p.numel() for p in params.values())
+            + 4 * inputs.shape[1] * (inputs.shape[2] + num_classes)
+            + sum(t[0].numel() for t in dual)
+        )
+        chunk = _chunk_size(per_query, params, dtype, keys.device, memory_budget_bytes)
         outputs = [
             batched(*args)
             for args in zip(
-                queries.split(chunk),
-                keys.split(chunk),
+                query_inputs.split(chunk),
+                inputs.split(chunk),
                 labels.split(chunk),
                 weights.split(chunk),
+                *(t.split(chunk) for t in dual),
                 strict=True,
             )
         ]
         return torch.cat(outputs).detach()
+
+
+def _linear_head(head: nn.Module) -> nn.Linear | None:
+    """The ``nn.Linear`` a head is (exact type), or is the only layer of, for the dual form."""
+    if type(head) is nn.Linear:
+        return head
+    first, rest = _leading_linear(head)
+    return first if first is not None and len(rest) == 0 else None
+
+
+def _tensor_slots(module: nn.Module) -> dict[str, str]:
+    """``{slot: name}``: one dotted name per parameter/buffer attribute of each distinct module,
+    mapped to the name ``named_parameters``/``named_buffers`` give its tensor.
+
+    ``functional_call`` swaps tensors in by name and restores them afterwards; with a module
+    used twice (``nn.Sequential(layer, act, layer)``) or a tensor shared by two modules, its
+    own weight tying restores the wrong tensor and leaves the module changed (torch 2.13).
+    Setting each attribute of each distinct module exactly once avoids that.
+    """
+    canonical: dict[int, str] = {}
+    for name, t in [*module.named_parameters(), *module.named_buffers()]:
+        canonical.setdefault(id(t), name)
+    slots: dict[str, str] = {}
+    seen: set[tuple[int, str]] = set()
+    for prefix, sub in module.named_modules(remove_duplicate=False):
+        for attr, t in [*sub._parameters.items(), *sub._buffers.items()]:
+            if t is None or (id(sub), attr) in seen or id(t) not in canonical:
+                continue
+            seen.add((id(sub), attr))
+            slots[f"{prefix}.{attr}" if prefix else attr] = canonical[id(t)]
+    return slots
+
+
+def _leading_linear(head: nn.Module) -> tuple[nn.Linear | None, nn.Module]:
+    """``(first layer, the layers after it)`` of an ``nn.Sequential`` that opens with a plain
+    ``nn.Linear`` (exact type, no hooks of its own, weights not shared with later layers), whose
+    first layer can be adapted in dual form; ``(None, head)`` otherwise."""
+    if type(head) is not nn.Sequential or len(head) == 0:
+        return None, head
+    first = head[0]
+    if type(first) is not nn.Linear or first._forward_hooks or first._forward_pre_hooks:
+        return None, head
+    rest = nn.Sequential(*list(head)[1:])
+    own = {id(p) for p in first.parameters()}
+    if any(id(p) in own for p in rest.parameters()):
+        return None, head
+    return first, rest
+
+
+def _first_layer(
+    first: nn.Linear, queries: Tensor, keys: Tensor, valid: Tensor, dtype: torch.dtype
+) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor]]:
+    """Outputs of the trained first layer on the keys ``[B, K, H1]`` and queries ``[B, H1]``,
+    and the Gram matrix ``[B, K, K]`` and key-query products ``[B, 1, K]`` that move them
+    (with the constant feature 1 of the bias), zero for masked neighbours."""
+    weight = first.weight.detach().to(dtype)
+    bias = None if first.bias is None else first.bias.detach().to(dtype)
+    key_outputs = F.linear(keys, weight, bias)
+    query_outputs = F.linear(queries, weight, bias)
+    gram = torch.bmm(keys, keys.transpose(1, 2))
+    key_dot_query = torch.bmm(queries[:, None, :], keys.transpose(1, 2))
+    if bias is not None:
+        gram += 1.0
+        key_dot_query += 1.0
+    if not bool(valid.all()):
+        gram = torch.where(valid[:, :, None] & valid[:, None, :], gram, 0.0)
+        key_dot_query = torch.where(valid[:, None, :], key_dot_query, 0.0)
+    return key_outputs, query_outputs, (gram, key_dot_query[:, 0, :])
 
 
 def _sgd_pull(
@@ -487,20 +603,18 @@ def _sgd_pull(
 
 
 def _chunk_size(
+    per_query: int,
     params: dict[str, Tensor],
-    keys: Tensor,
-    num_classes: int,
     dtype: torch.dtype,
+    device: torch.device,
     memory_budget_bytes: int,
 ) -> int:
+    """Queries per ``vmap`` call: ``per_query`` elements each fit the budget and, on CPU, the
+    chunk's copies of ``params`` stay cache-sized."""
     item = torch.empty((), dtype=dtype).element_size()
+    chunk = max(1, memory_budget_bytes // (item * per_query))
     num_params = sum(p.numel() for p in params.values())
-    _, num_neighbours, dim = keys.shape
-    per_query = item * (
-        _PARAM_COPIES_PER_QUERY * num_params + 4 * num_neighbours * (dim + num_classes)
-    )
-    chunk = max(1, memory_budget_bytes // per_query)
-    if keys.device.type == "cpu":
+    if device.type == "cpu" and num_params:
         # Each step streams the chunk's parameter copies several times: keeping one copy
         # cache-sized is 2-4x faster on CPU than filling the budget (GPUs want big chunks).
         chunk = min(chunk, max(1, _CPU_CHUNK_PARAM_BYTES // (item * num_params)))

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
 
-from lightning_mbpa.adaptation import kernel_weights, local_adapt
+from lightning_mbpa.adaptation import _leading_linear, kernel_weights, local_adapt
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh}
 
@@ -102,6 +102,10 @@ class Problem:
         )
 
 
+class PlainLinear(nn.Linear):
+    """Computes what ``nn.Linear`` does, but is not of its exact type: no dual form."""
+
+
 def make_head(kind: str, dim: int, classes: int, seed: int, activation: str = "relu") -> nn.Module:
     torch.manual_seed(seed)
     if kind == "linear":
@@ -109,7 +113,9 @@ def make_head(kind: str, dim: int, classes: int, seed: int, activation: str = "r
     if kind == "linear_nobias":
         return nn.Linear(dim, classes, bias=False)
     hidden = 7
-    layers: list[nn.Module] = [nn.Linear(dim, hidden), ACTIVATIONS[activation]()]
+    # "mlp_plain_first" opens with a Linear subclass: the generic path without a dual first layer
+    first = PlainLinear if kind == "mlp_plain_first" else nn.Linear
+    layers: list[nn.Module] = [first(dim, hidden), ACTIVATIONS[activation]()]
     if kind == "mlp_dropout_bn":
         layers += [nn.Dropout(0.5), nn.BatchNorm1d(hidden)]
     layers += [nn.LayerNorm(hidden), nn.Linear(hidden, classes)]
@@ -247,7 +253,7 @@ def test_dual_path_matches_reference(problem: Problem) -> None:
 
 
 @settings(max_examples=30, deadline=None)
-@given(problems(("mlp", "mlp_dropout_bn")))
+@given(problems(("mlp", "mlp_dropout_bn", "mlp_plain_first")))
 def test_generic_path_matches_reference(problem: Problem) -> None:
     p64 = problem.to(torch.float64)
     expected = reference_adapt(*p64.args())
@@ -271,8 +277,74 @@ def test_generic_path_agrees_with_dual_path() -> None:
     head = make_head("linear", 6, 5, seed=0)
     p = make_problem(head, 8, 6, 6, 5, steps=4, lr=0.3, beta=0.2, seed=1)
     dual = local_adapt(*p.args())
-    generic = local_adapt(nn.Sequential(head), *p.args()[1:])
+    # a Sequential of one Linear is the same dual computation
+    assert torch.equal(local_adapt(nn.Sequential(head), *p.args()[1:]), dual)
+    plain = PlainLinear(6, 5)
+    plain.load_state_dict(head.state_dict())
+    generic = local_adapt(nn.Sequential(plain), *p.args()[1:])
     torch.testing.assert_close(dual, generic, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "mlp_dropout_bn"])
+@pytest.mark.parametrize("classes", [1, 5])
+def test_dual_first_layer_agrees_with_plain_generic_path(kind: str, classes: int) -> None:
+    """An MLP head's first Linear in dual form gives what per-query copies of it give."""
+    head = make_head(kind, 6, classes, seed=5).double()
+    plain = copy.deepcopy(head)
+    plain[0] = PlainLinear(6, 7).double()
+    plain[0].load_state_dict(head[0].state_dict())
+    p = make_problem(head, 9, 6, 6, classes, steps=4, lr=0.3, beta=0.2, seed=6, nan_padding=True)
+    p64 = p.to(torch.float64)
+    dual_first = local_adapt(*p64.args())
+    generic = local_adapt(plain, *p64.args()[1:])
+    torch.testing.assert_close(dual_first, generic, rtol=1e-10, atol=1e-10)
+    assert not torch.equal(dual_first, local_adapt(*p64.args()[:5], 0, 0.3, 0.2))  # it adapted
+
+
+def test_which_heads_get_a_dual_first_layer() -> None:
+    torch.manual_seed(0)
+    first = nn.Linear(4, 3)
+    assert _leading_linear(nn.Sequential(first, nn.ReLU(), nn.Linear(3, 2)))[0] is first
+    assert _leading_linear(nn.Sequential(PlainLinear(4, 3), nn.ReLU()))[0] is None
+    assert _leading_linear(nn.Sequential(nn.LayerNorm(4), nn.Linear(4, 2)))[0] is None
+    assert _leading_linear(nn.Linear(4, 2))[0] is None  # the whole head is dual already
+    tied = nn.Sequential(first, nn.Tanh(), first)  # the first layer's weights are used again
+    assert _leading_linear(tied)[0] is None
+    hooked = nn.Sequential(nn.Linear(4, 3), nn.ReLU())
+    handle = hooked[0].register_forward_hook(lambda *_: None)
+    assert _leading_linear(hooked)[0] is None
+    handle.remove()
+    assert _leading_linear(hooked)[0] is hooked[0]
+
+
+@pytest.mark.parametrize("tying", ["module_used_twice", "shared_weight"])
+def test_tied_weights_match_reference_and_stay_untouched(tying: str) -> None:
+    """torch.func's own weight tying leaves a module used twice holding plain (or vmap-batched)
+    tensors after the call; the generic path must leave the head exactly as it was."""
+    torch.manual_seed(7)
+    layer = nn.Linear(4, 4)
+    again = layer if tying == "module_used_twice" else nn.Linear(4, 4)
+    again.weight = layer.weight
+    head = nn.Sequential(layer, nn.Tanh(), again, nn.Tanh(), nn.Linear(4, 3)).double()
+    parameters = dict(head.named_parameters(remove_duplicate=False))
+    before = snapshot(head)
+    p = make_problem(head, 5, 6, 4, 3, steps=3, lr=0.3, beta=0.1, seed=8).to(torch.float64)
+    out = local_adapt(*p.args())
+    assert dict(head.named_parameters(remove_duplicate=False)) == parameters  # same objects
+    assert all(type(t) is nn.Parameter for t in parameters.values())
+    assert_unchanged(head, before)
+    assert_close_rel(out, reference_adapt(*p.args()), 1e-5)
+
+
+def test_hooks_on_the_first_layer_run_on_the_plain_generic_path() -> None:
+    head = make_head("mlp", 4, 3, seed=9)
+    calls = []
+    handle = head[0].register_forward_hook(lambda *_: calls.append("first"))
+    p = make_problem(head, 3, 5, 4, 3, steps=2, lr=0.3, beta=0.1, seed=10)
+    out = local_adapt(*p.args())
+    handle.remove()
+    assert calls  # a hook on a submodule still runs, so that layer is not in dual form
+    assert_close_rel(out, reference_adapt(*p.args()), 1e-4)
 
 
 def test_nested_linear_subclass_uses_generic_path_correctly() -> None:
