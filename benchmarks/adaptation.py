@@ -3,13 +3,18 @@
 The per-query loop is what public MbPA reimplementations do: a deep copy of the head and a
 fresh SGD optimiser for every query. It is timed on a subset of the queries and reported per
 query. "dual" is ``local_adapt`` on an ``nn.Linear`` head; "dual+nb" also gets
-``neighbour_outputs`` (the trained head's logits on the keys, which a caller can precompute once
-per memory slot); "generic" is forced by wrapping the same Linear in ``nn.Sequential``.
+``neighbour_outputs`` (the trained head's logits on the keys, which the callback caches once
+per memory slot); "generic" is the ``torch.func`` path with per-query copies of the weights,
+forced by a subclass of ``nn.Linear`` (the same arithmetic as the loop).
+
+The second table is an MLP head, ``Linear(512, 256) - ReLU - Linear(256, C)``: the loop, the
+generic path as it runs for such a head (its opening ``nn.Linear`` in dual form, the rest per
+query), and the same head with per-query copies of every layer (opening layer a subclass).
 All paths run under ``torch.inference_mode()``, as in Lightning's test/predict loops.
 
 Usage::
 
-    python benchmarks/adaptation.py [--threads 1] [--profile] [--steps 5 20]
+    python benchmarks/adaptation.py [--threads 1] [--profile] [--steps 5 20] [--no-mlp]
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from lightning_mbpa.adaptation import kernel_weights, local_adapt
 
-BATCH, DIM, NEIGHBOURS = 256, 512, 32
+BATCH, DIM, NEIGHBOURS, HIDDEN = 256, 512, 32, 256
 LR, BETA = 0.01, 1e-3
 DUAL_PARTS = {
     "mbpa.dual.gram": "Gram H·Hᵀ (+H·q)",
@@ -34,6 +39,16 @@ DUAL_PARTS = {
     "mbpa.dual.steps": "steps",
     "mbpa.dual.query_output": "query output",
 }
+
+
+class PlainLinear(nn.Linear):
+    """``nn.Linear`` under another type: ``local_adapt`` gives it no dual form."""
+
+
+def plain_copy(layer: nn.Linear) -> PlainLinear:
+    plain = PlainLinear(layer.in_features, layer.out_features, device=layer.weight.device)
+    plain.load_state_dict(layer.state_dict())
+    return plain
 
 
 def loop_reference(
@@ -111,7 +126,7 @@ def bench_one(
     num_classes: int, steps: int, loop_queries: int, profile_dual: bool, device: str
 ) -> str:
     head = nn.Linear(DIM, num_classes, device=device)
-    generic_head = nn.Sequential(head)
+    generic_head = nn.Sequential(plain_copy(head))
     queries = torch.randn(BATCH, DIM, device=device)
     keys = queries[:, None, :] + 0.5 * torch.randn(BATCH, NEIGHBOURS, DIM, device=device)
     labels = torch.randint(0, num_classes, (BATCH, NEIGHBOURS), device=device)
@@ -150,6 +165,37 @@ def bench_one(
     return line
 
 
+def bench_mlp(num_classes: int, steps: int, loop_queries: int, device: str) -> str:
+    """Loop vs the generic path on an MLP head, with and without the dual first layer."""
+    head = nn.Sequential(nn.Linear(DIM, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, num_classes)).to(
+        device
+    )
+    plain_head = nn.Sequential(plain_copy(head[0]), head[1], head[2])
+    queries = torch.randn(BATCH, DIM, device=device)
+    keys = queries[:, None, :] + 0.5 * torch.randn(BATCH, NEIGHBOURS, DIM, device=device)
+    labels = torch.randint(0, num_classes, (BATCH, NEIGHBOURS), device=device)
+    distances = ((queries[:, None, :] - keys) ** 2).sum(-1)
+    weights = kernel_weights(distances, torch.ones_like(distances, dtype=torch.bool))
+    n = loop_queries
+    subset = (queries[:n], keys[:n], labels[:n], weights[:n])
+
+    def run(module: nn.Module) -> Tensor:
+        with torch.inference_mode():
+            return local_adapt(module, queries, keys, labels, weights, steps, LR, BETA)
+
+    reference = loop_reference(head, *subset, steps)
+    t_loop = best_time(lambda: loop_reference(head, *subset, steps), 2) / n
+    dual_first, plain = run(head), run(plain_head)
+    t_dual_first = best_time(lambda: run(head), 2) / BATCH
+    t_plain = best_time(lambda: run(plain_head), 2) / BATCH
+    err = max((out[:n] - reference).abs().max().item() for out in (dual_first, plain))
+    return (
+        f"| {steps:>5} | {num_classes:>5} | {1 / t_loop:>8.0f} | {1 / t_dual_first:>8.0f} "
+        f"| {t_loop / t_dual_first:>5.1f}x | {1 / t_plain:>8.0f} | {t_loop / t_plain:>5.1f}x "
+        f"| {err:.1e} |"
+    )
+
+
 def device_name(device: str) -> str:
     if device.startswith("cuda"):
         return torch.cuda.get_device_name(device)
@@ -168,6 +214,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, nargs="+", default=[5], help="adaptation steps")
     parser.add_argument("--profile", action="store_true", help="print where the time goes")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (the splits are CPU-only)")
+    parser.add_argument("--no-mlp", action="store_true", help="skip the MLP-head table")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -188,6 +235,17 @@ def main() -> None:
             line = bench_one(num_classes, steps, args.loop_queries, args.profile, args.device)
             print(line, flush=True)
     print("+nb: neighbour_outputs given (the trained head's logits on the keys, precomputed).")
+    if args.no_mlp:
+        return
+    print(f"\nMLP head Linear({DIM}, {HIDDEN}) - ReLU - Linear({HIDDEN}, C), same problem:")
+    print(
+        "| steps |     C | loop q/s | generic q/s | xloop | per-query copies q/s | xloop | max|Δ| |"
+    )
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for steps in args.steps:
+        for num_classes in args.classes:
+            print(bench_mlp(num_classes, steps, args.loop_queries, args.device), flush=True)
+    print("generic: the opening Linear in dual form; per-query copies: of every layer.")
 
 
 if __name__ == "__main__":

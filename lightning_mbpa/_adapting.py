@@ -20,7 +20,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor, nn
 
 from lightning_mbpa._writes import _IGNORE_INDEX, _finite_rows, _labels_outside
-from lightning_mbpa.adaptation import kernel_weights, local_adapt
+from lightning_mbpa.adaptation import _linear_head, kernel_weights, local_adapt
 
 
 class _AdaptsPredictions:
@@ -90,8 +90,9 @@ class _AdaptsPredictions:
         self.populate(pl_module, loader)
 
     def _neighbour_outputs(self, indices: Tensor, mask: Tensor) -> Tensor | None:
-        """For a Linear head, the trained head's outputs on the neighbours, cached per memory slot
-        for the rest of the run (any change of the memory clears the cache).
+        """For a head adapted in dual form (an ``nn.Linear``), the trained head's outputs on the
+        neighbours, cached per memory slot for the rest of the run (any change of the memory
+        clears the cache).
 
         On the CPU a slot's output is computed the first time a query retrieves it and appended
         to a dense table (``_slot_row`` maps slots to its rows), so a run never computes more
@@ -100,8 +101,8 @@ class _AdaptsPredictions:
         ``[len, C]`` table would page-fault once per retrieved slot. On a GPU all of them are
         computed at once: no per-batch synchronisation.
         """
-        head = self._head_module
-        if not isinstance(head, nn.Linear):
+        head = _linear_head(self._head_module)
+        if head is None:  # the generic path would ignore them
             return None
         memory = self.memory
         keys = memory.keys

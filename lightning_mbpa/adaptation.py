@@ -524,7 +524,7 @@ def _adapt_generic(
         return torch.cat(outputs).detach()
 
 
-def _linear_head(head: nn.Module) -> nn.Linear | None:
+def _linear_head(head: nn.Module | None) -> nn.Linear | None:
     """The ``nn.Linear`` a head is (exact type), or is the only layer of, for the dual form."""
     if type(head) is nn.Linear:
         return head
