@@ -126,9 +126,9 @@ def local_adapt(
     An exact type ``nn.Linear`` head (alone or as the only layer of an ``nn.Sequential``) uses
     the closed dual form (no autograd); any other head (e.g. ``nn.Sequential`` of Linear /
     LayerNorm / activations / Dropout / BatchNorm) goes through ``torch.func`` in eval mode,
-    with an opening ``nn.Linear`` of an ``nn.Sequential`` kept in dual form. All floating-point parameters are adapted (including
-    ones with ``requires_grad=False``, so ``LightningModule.freeze()`` does not switch MbPA
-    off); buffers are read, never written. Computation runs in float32 (float64 for a float64
+    with an opening ``nn.Linear`` of an ``nn.Sequential`` kept in dual form. All floating-point
+    parameters are adapted (including ones with ``requires_grad=False``, so
+    ``LightningModule.freeze()`` does not switch MbPA off); buffers are read, never written. Computation runs in float32 (float64 for a float64
     head) with autocast disabled; the result has the dtype of the head's plain forward on
     ``queries``. Forward hooks registered on ``head`` itself are not run (so the function can
     be called from inside such a hook); hooks on its submodules are.
@@ -326,11 +326,7 @@ def _adapt_linear_dual(
     num_classes = base.shape[1]
     class_major = num_classes < _CLASS_MAJOR_BELOW
     with record_function("mbpa.dual.gram"):
-        gram = torch.bmm(keys, keys.transpose(1, 2))  # M, [B, K, K], symmetric
-        key_dot_query = torch.bmm(queries[:, None, :], keys.transpose(1, 2))  # [B, 1, K]
-        if head.bias is not None:
-            gram += 1.0
-            key_dot_query += 1.0
+        gram, key_dot_query = _key_products(queries, keys, valid, head.bias is not None)
     with record_function("mbpa.dual.neighbour_logits"):
         if neighbour_outputs is not None:
             logits0 = neighbour_outputs
@@ -347,11 +343,7 @@ def _adapt_linear_dual(
                 logits0 = F.linear(keys, weight0, bias0)
     # per neighbour: [B, 1, K] class-major, [B, K, 1] otherwise
     along = (lambda t: t[:, None, :]) if class_major else (lambda t: t[:, :, None])
-    if not bool(valid.all()):
-        # Masked neighbours never move A (their entries of G are 0). Zeroing what they touch
-        # keeps padding garbage (inf/NaN keys) from leaking through 0·NaN.
-        gram = torch.where(valid[:, :, None] & valid[:, None, :], gram, 0.0)
-        key_dot_query = torch.where(valid[:, None, :], key_dot_query, 0.0)
+    if not bool(valid.all()):  # as in `_key_products`
         logits0 = torch.where(along(valid), logits0, 0.0)
     binary = num_classes == 1
     class_dim = 1 if class_major else 2
@@ -362,9 +354,11 @@ def _adapt_linear_dual(
         minus_ones = torch.full(targets.shape, -1.0, dtype=keys.dtype, device=keys.device)
     scaled_weights = along(-lr * weights)
     keep = 1.0 - beta
-    coef = torch.zeros_like(logits0)  # A, or Aᵀ with many classes
-    logits = torch.empty_like(logits0)
-    probs = torch.empty_like(logits0)
+    # Three buffers recycled across steps (a fresh large CPU allocation is page-faulted in on
+    # every step, which costs as much as the arithmetic), contiguous whatever Z0's strides.
+    coef = logits0.new_zeros(logits0.shape)  # A, or Aᵀ with many classes
+    logits = logits0.new_empty(logits0.shape)
+    probs = logits0.new_empty(logits0.shape)
     # the logits are Z0 + A·M (class-major) or Z0 + M·Aᵀ
     operands = (coef, gram) if class_major else (gram, coef)
     with record_function("mbpa.dual.steps"):
@@ -386,6 +380,25 @@ def _adapt_linear_dual(
 
 # Below this many classes, the dual path's steps run class-major (see `_adapt_linear_dual`).
 _CLASS_MAJOR_BELOW = 64
+
+
+def _key_products(
+    queries: Tensor, keys: Tensor, valid: Tensor, bias: bool
+) -> tuple[Tensor, Tensor]:
+    """The Gram matrix of each query's neighbour keys ``M = H·Hᵀ`` ``[B, K, K]`` and their
+    products with the query ``H·q`` ``[B, 1, K]``, with 1 added for a layer with a bias (its
+    constant feature). Entries of masked neighbours are 0: they never move the coefficients
+    (their gradients are 0), and zeroing what they touch keeps padding garbage (inf/NaN keys)
+    from leaking through 0·NaN."""
+    gram = torch.bmm(keys, keys.transpose(1, 2))
+    key_dot_query = torch.bmm(queries[:, None, :], keys.transpose(1, 2))
+    if bias:
+        gram += 1.0
+        key_dot_query += 1.0
+    if not bool(valid.all()):
+        gram = torch.where(valid[:, :, None] & valid[:, None, :], gram, 0.0)
+        key_dot_query = torch.where(valid[:, None, :], key_dot_query, 0.0)
+    return gram, key_dot_query
 
 
 # ------------------------------------------------------------------------ generic form
@@ -575,20 +588,12 @@ def _first_layer(
     first: nn.Linear, queries: Tensor, keys: Tensor, valid: Tensor, dtype: torch.dtype
 ) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor]]:
     """Outputs of the trained first layer on the keys ``[B, K, H1]`` and queries ``[B, H1]``,
-    and the Gram matrix ``[B, K, K]`` and key-query products ``[B, 1, K]`` that move them
-    (with the constant feature 1 of the bias), zero for masked neighbours."""
+    and the :func:`_key_products` that move them (``[B, K, K]`` and ``[B, K]``)."""
     weight = first.weight.detach().to(dtype)
     bias = None if first.bias is None else first.bias.detach().to(dtype)
+    gram, key_dot_query = _key_products(queries, keys, valid, bias is not None)
     key_outputs = F.linear(keys, weight, bias)
     query_outputs = F.linear(queries, weight, bias)
-    gram = torch.bmm(keys, keys.transpose(1, 2))
-    key_dot_query = torch.bmm(queries[:, None, :], keys.transpose(1, 2))
-    if bias is not None:
-        gram += 1.0
-        key_dot_query += 1.0
-    if not bool(valid.all()):
-        gram = torch.where(valid[:, :, None] & valid[:, None, :], gram, 0.0)
-        key_dot_query = torch.where(valid[:, None, :], key_dot_query, 0.0)
     return key_outputs, query_outputs, (gram, key_dot_query[:, 0, :])
 
 
