@@ -179,7 +179,7 @@ def local_adapt(
     linear = _linear_head(head)
     dual = linear is not None
     with contextlib.ExitStack() as stack:
-        if not dual:
+        if type(head) is not nn.Linear:
             stack.enter_context(_eval_mode(head))
         if base_outputs is None:
             with torch.no_grad():
@@ -538,7 +538,8 @@ def _adapt_generic(
 
 
 def _linear_head(head: nn.Module | None) -> nn.Linear | None:
-    """The ``nn.Linear`` a head is (exact type), or is the only layer of, for the dual form."""
+    """The ``nn.Linear`` a head is (exact type), or is the only layer of (see
+    :func:`_leading_linear`), for the dual form."""
     if type(head) is nn.Linear:
         return head
     first, rest = _leading_linear(head)
@@ -568,20 +569,49 @@ def _tensor_slots(module: nn.Module) -> dict[str, str]:
     return slots
 
 
-def _leading_linear(head: nn.Module) -> tuple[nn.Linear | None, nn.Module]:
-    """``(first layer, the layers after it)`` of an ``nn.Sequential`` that opens with a plain
-    ``nn.Linear`` (exact type, no hooks of its own, weights not shared with later layers), whose
-    first layer can be adapted in dual form; ``(None, head)`` otherwise."""
-    if type(head) is not nn.Sequential or len(head) == 0:
+def _leading_linear(head: nn.Module | None) -> tuple[nn.Linear | None, nn.Module | None]:
+    """``(first layer, the layers after it)`` of an ``nn.Sequential`` head whose first layer
+    can be adapted in dual form: a plain ``nn.Linear`` (exact type, no hooks of its own, weights
+    not shared with later layers), possibly inside nested ``nn.Sequential`` containers and after
+    layers that are the identity on ``[N, D]`` rows in eval mode (``nn.Identity``, ``nn.Dropout``,
+    ``nn.Flatten()``). ``(None, head)`` otherwise. Hooks on ``head`` itself do not matter:
+    they are never run by the adaptation."""
+    if type(head) is not nn.Sequential:
         return None, head
-    first = head[0]
+    layers = _sequential_layers(head)
+    start = 0
+    while start < len(layers) and _is_row_identity(layers[start]):
+        start += 1
+    if start == len(layers):
+        return None, head
+    first = layers[start]
     if type(first) is not nn.Linear or first._forward_hooks or first._forward_pre_hooks:
         return None, head
-    rest = nn.Sequential(*list(head)[1:])
+    rest = nn.Sequential(*layers[start + 1 :])
     own = {id(p) for p in first.parameters()}
     if any(id(p) in own for p in rest.parameters()):
         return None, head
     return first, rest
+
+
+def _sequential_layers(container: nn.Sequential) -> list[nn.Module]:
+    """The layers of an ``nn.Sequential``, nested hook-free ``nn.Sequential`` flattened."""
+    layers: list[nn.Module] = []
+    for layer in container:
+        if type(layer) is nn.Sequential and not (layer._forward_hooks or layer._forward_pre_hooks):
+            layers += _sequential_layers(layer)
+        else:
+            layers.append(layer)
+    return layers
+
+
+def _is_row_identity(layer: nn.Module) -> bool:
+    """A layer that returns its ``[N, D]`` input unchanged in eval mode (and has no hooks)."""
+    if layer._forward_hooks or layer._forward_pre_hooks:
+        return False
+    if type(layer) is nn.Flatten:
+        return layer.start_dim == 1 and layer.end_dim == -1
+    return type(layer) in (nn.Identity, nn.Dropout, nn.AlphaDropout)
 
 
 def _first_layer(

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
 
-from lightning_mbpa.adaptation import _leading_linear, kernel_weights, local_adapt
+from lightning_mbpa.adaptation import _leading_linear, _linear_head, kernel_weights, local_adapt
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh}
 
@@ -315,6 +315,41 @@ def test_which_heads_get_a_dual_first_layer() -> None:
     assert _leading_linear(hooked)[0] is None
     handle.remove()
     assert _leading_linear(hooked)[0] is hooked[0]
+    handle = hooked.register_forward_hook(lambda *_: None)  # MbPA's own hook sits on the head
+    assert _leading_linear(hooked)[0] is hooked[0]
+    handle.remove()
+    # nested containers are looked into, and layers that return [N, D] rows unchanged skipped
+    inner = nn.Linear(4, 3)
+    nested = nn.Sequential(nn.Sequential(nn.Flatten(), nn.Dropout(0.5), inner, nn.ReLU()), first)
+    found, rest = _leading_linear(nested)
+    assert found is inner
+    assert [type(m) for m in rest] == [nn.ReLU, nn.Linear]
+    assert _linear_head(nn.Sequential(nn.Identity(), nn.Sequential(first))) is first
+    assert _leading_linear(nn.Sequential(nn.Flatten(0), first))[0] is None
+    assert _leading_linear(nn.Sequential(nn.ReLU(), first))[0] is None
+    handle = nested[0].register_forward_pre_hook(lambda *_: None)  # a hook: not looked into
+    assert _leading_linear(nested)[0] is None
+    handle.remove()
+
+
+@pytest.mark.parametrize("classes", [1, 4])
+def test_nested_head_in_train_mode_matches_reference(classes: int) -> None:
+    """The demos' head shape (``net = Sequential(encoder=Sequential(Flatten, Linear, ReLU, ...),
+    classifier=Linear)``), left in train mode: adapted in eval mode, dual first layer."""
+    torch.manual_seed(11)
+    encoder = nn.Sequential(nn.Flatten(), nn.Dropout(0.5), nn.Linear(6, 5), nn.ReLU())
+    head = nn.Sequential(encoder, nn.Dropout(0.5), nn.Linear(5, classes)).double().train()
+    assert _leading_linear(head)[0] is encoder[2]
+    p = make_problem(head, 5, 6, 6, classes, steps=3, lr=0.3, beta=0.1, seed=12)
+    p64 = p.to(torch.float64)
+    out = local_adapt(*p64.args())
+    assert head.training and all(m.training for m in head.modules())
+    assert_close_rel(out, reference_adapt(*p64.args()), 1e-5)
+    # a Sequential that is a Linear after identity layers takes the dual path, in eval mode
+    linear = nn.Sequential(nn.Dropout(0.5), nn.Linear(6, classes)).double().train()
+    assert_close_rel(
+        local_adapt(linear, *p64.args()[1:]), reference_adapt(linear, *p64.args()[1:]), 1e-5
+    )
 
 
 @pytest.mark.parametrize("tying", ["module_used_twice", "shared_weight"])
