@@ -86,9 +86,9 @@ class Neighbours(NamedTuple):
 class EpisodicMemory:
     """A fixed-capacity memory of float32 keys and int64 labels with exact or approximate K-NN.
 
-    Keys live in a preallocated, uninitialised ``[capacity, D]`` float32 buffer (``numpy.empty``
-    on the CPU, ``torch.empty`` on a GPU), so the operating system only backs the pages that have
-    been written: resident memory grows with the fill, not with the capacity.
+    Keys live in a preallocated, uninitialised ``[capacity, D]`` float32 buffer (``torch.empty``),
+    so the operating system only backs the pages that have been written: resident memory grows
+    with the fill, not with the capacity.
 
     Eviction once the memory is full:
 
@@ -1147,13 +1147,17 @@ def _any_negative(x: Tensor) -> bool:
 
 
 def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
-    """An uninitialised tensor; on the CPU allocated by numpy, which asks Linux for transparent
-    huge pages for large arrays: the first write to each part of a big memory then costs one
-    page fault per 2 MiB instead of one per 4 KiB (torch's allocator), ~10x less time spent
-    faulting in a memory being filled (training writes land on fresh pages until it is full)."""
-    if device.type != "cpu":
-        return torch.empty(shape, dtype=dtype, device=device)
-    return torch.from_numpy(np.empty(shape, dtype=torch.empty((), dtype=dtype).numpy().dtype))
+    """An uninitialised tensor, its pages backed by the operating system as they are written.
+
+    On the CPU this deliberately does not ask for transparent huge pages (``numpy.empty`` does,
+    through ``madvise``, for large arrays): the system's THP setting decides. A huge page is
+    faulted in 2 MiB at a time, which is cheap where free memory is backed already; but on a
+    virtual machine that hands freed memory back to its host (virtio-balloon free page
+    reporting) each fresh huge page cost ~5 ms. The bulk writes that fill a 10 MB memory during
+    one epoch (``benchmarks/end_to_end.py``'s MLP) took 6-29 ms in four runs with huge pages,
+    7.6-8.0 ms with 4 KiB pages.
+    """
+    return torch.empty(shape, dtype=dtype, device=device)
 
 
 def _is_int(x: object) -> bool:

@@ -8,10 +8,15 @@ recomputation.
 
 from __future__ import annotations
 
+import math
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch.utils.data import DataLoader
 
 from lightning_mbpa import MbPA
 from lightning_mbpa.memory import EpisodicMemory
@@ -139,6 +144,168 @@ def test_the_memory_is_current_whenever_it_is_read_during_fit(tmp_path, monkeypa
         state = torch.load(path, weights_only=True)["callbacks"][cb.state_key]["memory"]
         assert int(state["num_seen"]) == 16 * step
     assert not cb._pending_sizes  # fit end flushed
+
+
+_STAGE_CHECKED = MbPA._stage_checked
+
+
+class StagedBy:
+    """Spies on ``MbPA._stage_checked`` (the common case's one-pass staging): records, per
+    training batch, whether it staged the batch; with ``fast=False`` it never does, so every
+    batch takes the general path (pairing, ``_check_pairs``, ``_keys_finite``, ``_stage``)."""
+
+    def __init__(self, monkeypatch, fast: bool) -> None:
+        self.calls: list[bool] = []
+
+        def spy(cb, keys, labels):
+            staged = fast and _STAGE_CHECKED(cb, keys, labels)
+            self.calls.append(staged)
+            return staged
+
+        monkeypatch.setattr(MbPA, "_stage_checked", spy)
+
+
+def test_the_one_pass_staging_writes_what_the_general_path_writes(monkeypatch):
+    monkeypatch.setattr("lightning_mbpa._writes._WRITE_BUFFER_BYTES", 5 * 16 * 16 * 4)
+    x, y = blobs(192, seed=0)
+    memories = []
+    for fast in (True, False):
+        staged = StagedBy(monkeypatch, fast)
+        torch.manual_seed(0)
+        cb, recorder = MbPA(k=4, memory_size=150, **ADAPT), Recorder()  # the ring wraps
+        trainer(callbacks=[cb, recorder], max_epochs=2).fit(
+            TinyClassifier(), loader(x, y, shuffle=True)
+        )
+        assert_same_memory(cb.memory, one_add_per_batch(recorder.batches, 150))
+        memories.append(cb.memory)
+        # declined only where the general path must allocate or flush the buffer: the first
+        # batch and every fifth after it (the buffer holds five); epoch ends flush it too
+        assert sum(staged.calls) == (19 if fast else 0) and len(staged.calls) == 24
+    assert_same_memory(*memories)
+
+
+class Frozen(TinyClassifier):
+    """Forward passes only (no optimiser step): a bad batch cannot change later keys."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        self(batch[0])
+
+
+def _labels(values):
+    return lambda x, y: (x, values(y))
+
+
+def _keys(change):
+    def bad(x, y):
+        x = x.clone()
+        change(x)
+        return x, y
+
+    return bad
+
+
+def _nan(x):
+    x[3, 0] = math.nan
+
+
+def _inf(x):
+    x[0, 1], x[9, 2] = math.inf, -math.inf
+
+
+def _huge(x):
+    x.mul_(1e37)  # finite keys whose float32 sum overflows
+
+
+@pytest.mark.parametrize(
+    ("third_batch", "fast"),
+    [
+        (_keys(_nan), False),
+        (_keys(_inf), False),
+        (_keys(_huge), True),
+        (_labels(lambda y: y + 3), False),  # beyond the head's 4 outputs
+        (_labels(lambda y: torch.where(y == 0, 4, y)), False),  # one past the last class
+        (_labels(lambda y: torch.where(y == 0, -1, y)), False),
+        (_labels(lambda y: torch.where(y == 1, -100, y)), False),  # rows to skip
+        (_labels(lambda y: torch.full_like(y, -100)), False),  # nothing to write
+        (_labels(lambda y: y.int()), True),  # cast by extract_labels
+        (_labels(lambda y: y[:, None]), True),  # squeezed by extract_labels
+        (_labels(lambda y: y.float()), True),
+    ],
+    ids=[
+        "nan",
+        "inf",
+        "huge",
+        "above-range",
+        "one-past",
+        "negative",
+        "ignore-index",
+        "all-ignored",
+        "int32",
+        "column",
+        "float",
+    ],
+)
+def test_the_one_pass_staging_refuses_and_skips_exactly_like_the_general_path(
+    third_batch, fast, monkeypatch
+):
+    x, y = blobs(80)
+    pairs = [(x[i : i + 16], y[i : i + 16]) for i in range(0, 80, 16)]
+    pairs[2] = third_batch(*pairs[2])
+    outcomes = []
+    for one_pass in (True, False):
+        staged = StagedBy(monkeypatch, one_pass)
+        torch.manual_seed(0)
+        cb = MbPA(k=4, **ADAPT)
+        error = None
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            try:
+                trainer(callbacks=[cb]).fit(Frozen(), DataLoader(pairs, batch_size=None))
+            except (ValueError, RuntimeError) as err:
+                error = (type(err), str(err))
+        said = [str(w.message) for w in record if str(w.message).startswith("MbPA")]
+        outcomes.append((cb.memory.state_dict(), said, error))
+        if one_pass:
+            # the first batch allocates the buffer; the bad one is left to the general path
+            assert staged.calls[:3] == [False, True, fast]
+    (memory, said, error), (expected_memory, expected_said, expected_error) = outcomes
+    assert error == expected_error and said == expected_said
+    assert memory.keys() == expected_memory.keys()
+    for name in memory:
+        assert torch.equal(memory[name], expected_memory[name]), name
+
+
+class SwapsTheMemory(Callback):
+    """Gives MbPA a new memory before the third batch (the write buffer stays allocated)."""
+
+    def __init__(self, mbpa: MbPA, memory: EpisodicMemory) -> None:
+        self.mbpa, self.memory = mbpa, memory
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if batch_idx == 2:
+            self.mbpa.memory = self.memory
+
+
+@pytest.mark.parametrize(
+    ("memory", "message"),
+    [
+        (lambda: EpisodicMemory(1000, dim=12), "called with inputs of width 16"),
+        (lambda: EpisodicMemory(1000, index="PQ3"), "cannot index the keys of the head"),
+    ],
+    ids=["other-width", "index-cannot-take-the-width"],
+)
+def test_the_one_pass_staging_checks_the_width_of_a_new_memory(memory, message, monkeypatch):
+    x, y = blobs(80)
+    for one_pass in (True, False):
+        staged = StagedBy(monkeypatch, one_pass)
+        cb = MbPA(k=4, **ADAPT)
+        with pytest.raises(MisconfigurationException, match=message):
+            trainer(callbacks=[SwapsTheMemory(cb, memory()), cb]).fit(Frozen(), loader(x, y))
+        assert staged.calls == [False, one_pass, False] and len(cb.memory) == 0
 
 
 def test_a_refused_bulk_write_writes_the_batches_before_the_refused_one():
