@@ -337,14 +337,16 @@ class _MemoryWrites:
                 )
         assert self._pending_keys is not None and self._pending_values is not None
         start = self._pending_rows
+        arrays = self._pending_arrays
         if (
-            keys.device.type == "cpu"
+            arrays is not None
+            and keys.device.type == "cpu"
             and keys.dtype == torch.float32
             and values.device.type == "cpu"
         ):
             # numpy slice assignment: a few µs less per batch than two torch copies
-            self._pending_keys.numpy()[start : start + n] = keys.numpy()
-            self._pending_values.numpy()[start : start + n] = values.numpy()
+            arrays[0][start : start + n] = keys.numpy()
+            arrays[1][start : start + n] = values.numpy()
         else:
             self._pending_keys[start : start + n].copy_(keys)
             self._pending_values[start : start + n].copy_(values)

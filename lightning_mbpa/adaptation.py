@@ -128,8 +128,8 @@ def local_adapt(
     LayerNorm / activations / Dropout / BatchNorm) goes through ``torch.func`` in eval mode,
     with an opening ``nn.Linear`` of an ``nn.Sequential`` kept in dual form. All floating-point
     parameters are adapted (including ones with ``requires_grad=False``, so
-    ``LightningModule.freeze()`` does not switch MbPA off); buffers are read, never written. Computation runs in float32 (float64 for a float64
-    head) with autocast disabled; the result has the dtype of the head's plain forward on
+    ``LightningModule.freeze()`` does not switch MbPA off); buffers are read, never written.
+    Computation runs in float32 (float64 for a float64 head) with autocast disabled; the result has the dtype of the head's plain forward on
     ``queries``. Forward hooks registered on ``head`` itself are not run (so the function can
     be called from inside such a hook); hooks on its submodules are.
 
@@ -176,14 +176,16 @@ def local_adapt(
     """
     _check_arguments(head, queries, keys, labels, weights, steps, lr, beta, memory_budget_bytes)
     num_queries, num_neighbours = labels.shape
-    linear = _linear_head(head)
+    first, rest = _leading_linear(head)
+    linear = _linear_head(head, (first, rest))
     dual = linear is not None
     with contextlib.ExitStack() as stack:
         if type(head) is not nn.Linear:
             stack.enter_context(_eval_mode(head))
         if base_outputs is None:
-            with torch.no_grad():
-                base_outputs = head.forward(queries)  # bypasses hooks on `head` itself
+            with torch.no_grad():  # `head.forward` bypasses hooks on `head` itself; a copy,
+                # as an in-place first layer (ReLU(inplace=True)) would change the queries
+                base_outputs = head.forward(queries if linear is head else queries.clone())
             if not isinstance(base_outputs, Tensor) or base_outputs.dim() != 2:
                 raise ValueError(
                     "`head` must map `queries` [B, D] to a tensor [B, C], got "
@@ -229,8 +231,10 @@ def local_adapt(
                     memory_budget_bytes,
                 )
         else:
+            assert rest is not None
             adapted = _adapt_generic(
-                head,
+                first,
+                rest,
                 queries,
                 keys,
                 labels,
@@ -416,7 +420,8 @@ class _HookFreeForward(nn.Module):
 
 
 def _adapt_generic(
-    head: nn.Module,
+    first: nn.Linear | None,
+    rest: nn.Module,
     queries: Tensor,
     keys: Tensor,
     labels: Tensor,
@@ -437,9 +442,10 @@ def _adapt_generic(
     Cᵀ·1``) with a ``[K, H1]`` coefficient ``C`` per query; its outputs on the keys are
     ``U0 + (M + 1)·C`` and a step is ``C ← keep·C - lr·∂loss/∂U``. The rest of the head is
     adapted through ``torch.func`` on those outputs. No per-query copy of ``W1`` is made.
+    ``(first, rest)`` is :func:`_leading_linear`'s split of the head: ``(None, head)``, or its
+    first layer and the layers after it.
     """
-    first, rest = _leading_linear(head)
-    wrapper = _HookFreeForward(head if first is None else rest)
+    wrapper = _HookFreeForward(rest)
     with torch.inference_mode(False), torch.enable_grad():
         # Inference tensors cannot be saved for backward: work on normal copies.
         slots = _tensor_slots(wrapper)
@@ -460,16 +466,19 @@ def _adapt_generic(
         queries = _as_normal(queries, dtype)
         weights = _as_normal(weights, dtype)
         labels = _as_normal(labels, None)
-        if first is None:
-            inputs, query_inputs, dual = keys, queries, ()
-        else:
-            with torch.no_grad():
-                inputs, query_inputs, dual = _first_layer(first, queries, keys, valid, dtype)
+        dual = first is not None
+
+        # an in-place first layer (ReLU(inplace=True)) must not write into the caller's
+        # queries and keys, nor into the inputs a gradient is taken for: it gets a copy
+        copy_input = _may_write_its_input(rest)
 
         def forward(theta: dict[str, Tensor], x: Tensor) -> Tensor:
             tensors = {**fixed, **theta}
             return functional_call(
-                wrapper, {slot: tensors[n] for slot, n in slots.items()}, (x,), tie_weights=False
+                wrapper,
+                {slot: tensors[n] for slot, n in slots.items()},
+                (x.clone() if copy_input else x,),
+                tie_weights=False,
             )
 
         def neighbour_loss(
@@ -517,33 +526,37 @@ def _adapt_generic(
             return forward(theta, query_inputs_q[None])[0]
 
         batched = vmap(adapt_one)
+        num_neighbours = keys.shape[1]
+        width = keys.shape[2] if first is None else first.out_features
         per_query = (
             _PARAM_COPIES_PER_QUERY * sum(p.numel() for p in params.values())
-            + 4 * inputs.shape[1] * (inputs.shape[2] + num_classes)
-            + sum(t[0].numel() for t in dual)
+            + 4 * num_neighbours * (width + num_classes)
+            + (num_neighbours * (num_neighbours + 1) if dual else 0)
         )
         chunk = _chunk_size(per_query, params, dtype, keys.device, memory_budget_bytes)
-        outputs = [
-            batched(*args)
-            for args in zip(
-                query_inputs.split(chunk),
-                inputs.split(chunk),
-                labels.split(chunk),
-                weights.split(chunk),
-                *(t.split(chunk) for t in dual),
-                strict=True,
-            )
-        ]
+        outputs = []
+        for start in range(0, keys.shape[0], chunk):
+            part = slice(start, start + chunk)
+            if first is None:
+                inputs, query_inputs, products = keys[part], queries[part], ()
+            else:  # per chunk: the first layer's outputs count against the budget too
+                with torch.no_grad():
+                    inputs, query_inputs, products = _first_layer(
+                        first, queries[part], keys[part], valid[part], dtype
+                    )
+            outputs.append(batched(query_inputs, inputs, labels[part], weights[part], *products))
         return torch.cat(outputs).detach()
 
 
-def _linear_head(head: nn.Module | None) -> nn.Linear | None:
-    """The ``nn.Linear`` a head is (exact type), or is the only layer of (see
-    :func:`_leading_linear`), for the dual form."""
+def _linear_head(
+    head: nn.Module | None, split: tuple[nn.Linear | None, nn.Module | None] | None = None
+) -> nn.Linear | None:
+    """The ``nn.Linear`` a head is (exact type), or is the only layer of, for the dual form
+    (``split``: :func:`_leading_linear`'s result for ``head``, if computed already)."""
     if type(head) is nn.Linear:
         return head
-    first, rest = _leading_linear(head)
-    return first if first is not None and len(rest) == 0 else None
+    first, rest = _leading_linear(head) if split is None else split
+    return first if first is not None and isinstance(rest, nn.Sequential) and not rest else None
 
 
 def _tensor_slots(module: nn.Module) -> dict[str, str]:
@@ -575,8 +588,9 @@ def _leading_linear(head: nn.Module | None) -> tuple[nn.Linear | None, nn.Module
     not shared with later layers), possibly inside nested ``nn.Sequential`` containers and after
     layers that are the identity on ``[N, D]`` rows in eval mode (``nn.Identity``, ``nn.Dropout``,
     ``nn.Flatten()``). ``(None, head)`` otherwise. Hooks on ``head`` itself do not matter:
-    they are never run by the adaptation."""
-    if type(head) is not nn.Sequential:
+    they are never run by the adaptation. (Global hooks, ``register_module_forward_hook``,
+    are not run for a layer in dual form either.)"""
+    if type(head) is not nn.Sequential or "forward" in vars(head):
         return None, head
     layers = _sequential_layers(head)
     start = 0
@@ -585,7 +599,7 @@ def _leading_linear(head: nn.Module | None) -> tuple[nn.Linear | None, nn.Module
     if start == len(layers):
         return None, head
     first = layers[start]
-    if type(first) is not nn.Linear or first._forward_hooks or first._forward_pre_hooks:
+    if type(first) is not nn.Linear or not _is_plain(first):
         return None, head
     rest = nn.Sequential(*layers[start + 1 :])
     own = {id(p) for p in first.parameters()}
@@ -595,19 +609,41 @@ def _leading_linear(head: nn.Module | None) -> tuple[nn.Linear | None, nn.Module
 
 
 def _sequential_layers(container: nn.Sequential) -> list[nn.Module]:
-    """The layers of an ``nn.Sequential``, nested hook-free ``nn.Sequential`` flattened."""
+    """The layers of an ``nn.Sequential``, nested plain ``nn.Sequential``s flattened."""
     layers: list[nn.Module] = []
     for layer in container:
-        if type(layer) is nn.Sequential and not (layer._forward_hooks or layer._forward_pre_hooks):
+        if type(layer) is nn.Sequential and _is_plain(layer):
             layers += _sequential_layers(layer)
         else:
             layers.append(layer)
     return layers
 
 
+def _is_plain(module: nn.Module) -> bool:
+    """No hooks of its own and no ``forward`` patched onto the instance: calling it does
+    exactly what its class's ``forward`` does."""
+    return not (module._forward_hooks or module._forward_pre_hooks or "forward" in vars(module))
+
+
+def _may_write_its_input(module: nn.Module) -> bool:
+    """``False`` only where the layers that see the input are plain ``torch.nn`` layers that do
+    not work in place (an identity layer hands the input on to the next one)."""
+    layers = _sequential_layers(module) if type(module) is nn.Sequential else [module]
+    for layer in layers:
+        if (
+            not type(layer).__module__.startswith("torch.nn.modules.")
+            or not _is_plain(layer)
+            or getattr(layer, "inplace", False)
+        ):
+            return True
+        if not _is_row_identity(layer):
+            return False
+    return False
+
+
 def _is_row_identity(layer: nn.Module) -> bool:
-    """A layer that returns its ``[N, D]`` input unchanged in eval mode (and has no hooks)."""
-    if layer._forward_hooks or layer._forward_pre_hooks:
+    """A layer that returns its ``[N, D]`` input unchanged in eval mode (and is plain)."""
+    if not _is_plain(layer):
         return False
     if type(layer) is nn.Flatten:
         return layer.start_dim == 1 and layer.end_dim == -1

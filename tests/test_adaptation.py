@@ -12,7 +12,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
 
-from lightning_mbpa.adaptation import _leading_linear, _linear_head, kernel_weights, local_adapt
+from lightning_mbpa.adaptation import (
+    _leading_linear,
+    _linear_head,
+    _may_write_its_input,
+    kernel_weights,
+    local_adapt,
+)
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh}
 
@@ -330,6 +336,55 @@ def test_which_heads_get_a_dual_first_layer() -> None:
     handle = nested[0].register_forward_pre_hook(lambda *_: None)  # a hook: not looked into
     assert _leading_linear(nested)[0] is None
     handle.remove()
+
+
+@pytest.mark.parametrize(
+    "layers",
+    [
+        lambda: [nn.Linear(5, 6), nn.ReLU(inplace=True), nn.Linear(6, 3)],
+        lambda: [nn.Linear(5, 6), nn.Dropout(), nn.LeakyReLU(0.1, inplace=True), nn.Linear(6, 3)],
+        lambda: [nn.ReLU(inplace=True), nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)],
+    ],
+    ids=["after_dual_first", "after_dropout", "first_layer"],
+)
+def test_in_place_layers_match_reference_and_leave_inputs_alone(layers) -> None:
+    torch.manual_seed(13)
+    head = nn.Sequential(*layers()).double()
+    p = make_problem(head, 4, 5, 5, 3, steps=3, lr=0.5, beta=0.1, seed=14).to(torch.float64)
+    queries, keys = p.queries.clone(), p.keys.clone()
+    out = local_adapt(*p.args())
+    assert torch.equal(p.queries, queries) and torch.equal(p.keys, keys)
+    expected = reference_adapt(head, queries, keys, *p.args()[3:])
+    assert_close_rel(out, expected, 1e-5)
+
+
+def test_which_heads_get_a_copy_of_their_input() -> None:
+    class Custom(nn.Module):
+        def forward(self, x: Tensor) -> Tensor:
+            return x
+
+    assert not _may_write_its_input(nn.Sequential(nn.Linear(2, 2), nn.ReLU(inplace=True)))
+    assert not _may_write_its_input(nn.Sequential(nn.ReLU(), nn.ReLU(inplace=True)))
+    assert _may_write_its_input(nn.Sequential(nn.ReLU(inplace=True), nn.Linear(2, 2)))
+    assert _may_write_its_input(nn.Sequential(nn.Dropout(), nn.Sequential(nn.SiLU(inplace=True))))
+    assert _may_write_its_input(nn.Sequential(Custom(), nn.Linear(2, 2)))
+    assert _may_write_its_input(Custom())
+    assert not _may_write_its_input(nn.LayerNorm(2))
+
+
+def test_forward_patched_on_an_instance_is_respected() -> None:
+    """A Sequential whose ``forward`` was replaced on the instance is not looked into."""
+    for patched in ("head", "nested", "first"):
+        torch.manual_seed(15)
+        head = nn.Sequential(nn.Sequential(nn.Linear(4, 3)), nn.ReLU(), nn.Linear(3, 2))
+        module = {"head": head, "nested": head[0], "first": head[0][0]}[patched]
+        original = module.forward
+        module.forward = lambda x, original=original: original(x) * 2.0
+        assert _leading_linear(head)[0] is None, patched
+        p = make_problem(head, 3, 4, 4, 2, steps=2, lr=0.3, beta=0.0, seed=16)
+        with torch.no_grad():
+            expected_base = head(p.queries)
+        assert torch.equal(local_adapt(*p.args()[:5], 0, 0.3, 0.0), expected_base), patched
 
 
 @pytest.mark.parametrize("classes", [1, 4])
