@@ -805,10 +805,11 @@ def test_head_must_return_a_matrix() -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("kind", ["linear", "mlp_dropout_bn"])
-def test_cuda_matches_the_cpu_reference(kind: str) -> None:
-    head = make_head(kind, 6, 5, seed=29)
-    p = make_problem(head, 8, 6, 6, 5, steps=4, lr=0.3, beta=0.1, seed=30, nan_padding=True)
+@pytest.mark.parametrize("kind", ["linear", "mlp_dropout_bn", "mlp_plain_first"])
+@pytest.mark.parametrize("classes", [5, 80])  # class-major and keys-major dual steps
+def test_cuda_matches_the_cpu_reference(kind: str, classes: int) -> None:
+    head = make_head(kind, 6, classes, seed=29)
+    p = make_problem(head, 8, 6, 6, classes, steps=4, lr=0.3, beta=0.1, seed=30, nan_padding=True)
     expected = reference_adapt(*p.to(torch.float64).args())
     gpu = Problem(
         copy.deepcopy(head).cuda(),
