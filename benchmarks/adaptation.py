@@ -122,6 +122,26 @@ def generic_split(adapt: Callable[[], Tensor], top: int = 4) -> str:
     return f"matrix products {100 * matmul / total:.0f}% of self CPU time; top ops: {ops}"
 
 
+def gram_and_softmax(device: str) -> str:
+    """What bounds the dual path: the Gram matrix's GEMM rate in the keys' layout and in the
+    transposed one (and what the transpose costs), and the softmax's cost per element."""
+    keys = torch.randn(BATCH, NEIGHBOURS, DIM, device=device)
+    transposed = keys.transpose(1, 2).contiguous()  # [B, D, K]
+    flop = 2 * BATCH * NEIGHBOURS**2 * DIM
+    t_gram = best_time(lambda: torch.bmm(keys, keys.transpose(1, 2)), 20)
+    t_gram_t = best_time(lambda: torch.bmm(transposed.transpose(1, 2), transposed), 20)
+    t_transpose = best_time(lambda: keys.transpose(1, 2).contiguous(), 20)
+    logits = torch.randn(BATCH, NEIGHBOURS, 100, device=device)
+    t_softmax = best_time(lambda: torch.softmax(logits, dim=-1), 20)
+    return (
+        f"  Gram H·Hᵀ: {1e6 * t_gram / BATCH:.1f} µs/query ({flop / t_gram / 1e9:.0f} GFLOP/s); "
+        f"keys laid out [B, D, K]: {1e6 * t_gram_t / BATCH:.1f} µs/query "
+        f"({flop / t_gram_t / 1e9:.0f} GFLOP/s), but the transpose costs "
+        f"{1e6 * t_transpose / BATCH:.1f} µs/query; softmax over [B, K, 100]: "
+        f"{1e9 * t_softmax / logits.numel():.2f} ns/element"
+    )
+
+
 def bench_one(
     num_classes: int, steps: int, loop_queries: int, profile_dual: bool, device: str
 ) -> str:
@@ -235,6 +255,8 @@ def main() -> None:
             line = bench_one(num_classes, steps, args.loop_queries, args.profile, args.device)
             print(line, flush=True)
     print("+nb: neighbour_outputs given (the trained head's logits on the keys, precomputed).")
+    if args.profile:
+        print(gram_and_softmax(args.device))
     if args.no_mlp:
         return
     print(f"\nMLP head Linear({DIM}, {HIDDEN}) - ReLU - Linear({HIDDEN}, C), same problem:")

@@ -626,12 +626,12 @@ def _is_plain(module: nn.Module) -> bool:
 
 
 def _may_write_its_input(module: nn.Module) -> bool:
-    """``False`` only where the layers that see the input are plain ``torch.nn`` layers that do
-    not work in place (an identity layer hands the input on to the next one)."""
+    """``False`` only where the layers that see the input run a ``torch.nn`` layer's own
+    ``forward`` and do not work in place (an identity layer hands the input on to the next)."""
     layers = _sequential_layers(module) if type(module) is nn.Sequential else [module]
     for layer in layers:
         if (
-            not type(layer).__module__.startswith("torch.nn.modules.")
+            not type(layer).forward.__module__.startswith("torch.nn.modules.")
             or not _is_plain(layer)
             or getattr(layer, "inplace", False)
         ):

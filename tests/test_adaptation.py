@@ -370,6 +370,7 @@ def test_which_heads_get_a_copy_of_their_input() -> None:
     assert _may_write_its_input(nn.Sequential(Custom(), nn.Linear(2, 2)))
     assert _may_write_its_input(Custom())
     assert not _may_write_its_input(nn.LayerNorm(2))
+    assert not _may_write_its_input(nn.Sequential(PlainLinear(2, 2)))  # nn.Linear's forward
 
 
 def test_forward_patched_on_an_instance_is_respected() -> None:
