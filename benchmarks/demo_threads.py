@@ -1,12 +1,12 @@
 """Threads and OpenMP wait policy for the demos' slow path: adapting the whole MLP per query.
 
-The continual-learning demos key the memory by pixels (``head: net``), so every test image adapts
-the whole 784-256-256-10 MLP (``local_adapt``'s ``torch.func`` path, the first layer in dual form,
-the rest copied per query). This times one
-test batch of that work (200 queries, k = 16, 10 steps, lr 0.1, as ``examples/configs/permuted.yaml``)
-in a fresh process per setting (``OMP_WAIT_POLICY`` only works before torch is imported), on an
-idle machine and beside a busy core (a second process spinning in a Python loop), so the
-settings are compared side by side in one run::
+The continual-learning demos key the memory by pixels (``head: net``), so every test image
+adapts the whole 784-256-256-10 MLP (``local_adapt``'s ``torch.func`` path, the first layer in
+dual form, the rest copied per query). This times one test batch of that work (200 queries,
+k = 16, 10 steps, lr 0.1, as ``examples/configs/permuted.yaml``) in a fresh process per
+setting (``OMP_WAIT_POLICY`` only works before torch is imported), on an idle machine and beside
+a busy core (a second process spinning in a Python loop), so the settings are compared side by
+side in one run::
 
     python benchmarks/demo_threads.py
 """

@@ -129,9 +129,10 @@ def local_adapt(
     with an opening ``nn.Linear`` of an ``nn.Sequential`` kept in dual form. All floating-point
     parameters are adapted (including ones with ``requires_grad=False``, so
     ``LightningModule.freeze()`` does not switch MbPA off); buffers are read, never written.
-    Computation runs in float32 (float64 for a float64 head) with autocast disabled; the result has the dtype of the head's plain forward on
-    ``queries``. Forward hooks registered on ``head`` itself are not run (so the function can
-    be called from inside such a hook); hooks on its submodules are.
+    Computation runs in float32 (float64 for a float64 head) with autocast disabled; the result
+    has the dtype of the head's plain forward on ``queries``. Forward hooks registered on
+    ``head`` itself are not run (so the function can be called from inside such a hook); hooks
+    on its submodules are.
 
     Args:
         head: The trained output head ``g_θ``. Never modified (its ``training`` flags are
@@ -231,8 +232,8 @@ def local_adapt(
                     memory_budget_bytes,
                 )
         else:
-            assert rest is not None
             adapted = _adapt_generic(
+                head,
                 first,
                 rest,
                 queries,
@@ -420,8 +421,9 @@ class _HookFreeForward(nn.Module):
 
 
 def _adapt_generic(
+    head: nn.Module,
     first: nn.Linear | None,
-    rest: nn.Module,
+    rest: list[nn.Module],
     queries: Tensor,
     keys: Tensor,
     labels: Tensor,
@@ -442,10 +444,10 @@ def _adapt_generic(
     Cᵀ·1``) with a ``[K, H1]`` coefficient ``C`` per query; its outputs on the keys are
     ``U0 + (M + 1)·C`` and a step is ``C ← keep·C - lr·∂loss/∂U``. The rest of the head is
     adapted through ``torch.func`` on those outputs. No per-query copy of ``W1`` is made.
-    ``(first, rest)`` is :func:`_leading_linear`'s split of the head: ``(None, head)``, or its
-    first layer and the layers after it.
+    ``(first, rest)`` is :func:`_leading_linear`'s split of ``head``.
     """
-    wrapper = _HookFreeForward(rest)
+    module = head if first is None else nn.Sequential(*rest)
+    wrapper = _HookFreeForward(module)
     with torch.inference_mode(False), torch.enable_grad():
         # Inference tensors cannot be saved for backward: work on normal copies.
         slots = _tensor_slots(wrapper)
@@ -470,7 +472,7 @@ def _adapt_generic(
 
         # an in-place first layer (ReLU(inplace=True)) must not write into the caller's
         # queries and keys, nor into the inputs a gradient is taken for: it gets a copy
-        copy_input = _may_write_its_input(rest)
+        copy_input = _may_write_its_input(module)
 
         def forward(theta: dict[str, Tensor], x: Tensor) -> Tensor:
             tensors = {**fixed, **theta}
@@ -549,14 +551,14 @@ def _adapt_generic(
 
 
 def _linear_head(
-    head: nn.Module | None, split: tuple[nn.Linear | None, nn.Module | None] | None = None
+    head: nn.Module | None, split: tuple[nn.Linear | None, list[nn.Module]] | None = None
 ) -> nn.Linear | None:
     """The ``nn.Linear`` a head is (exact type), or is the only layer of, for the dual form
     (``split``: :func:`_leading_linear`'s result for ``head``, if computed already)."""
     if type(head) is nn.Linear:
         return head
     first, rest = _leading_linear(head) if split is None else split
-    return first if first is not None and isinstance(rest, nn.Sequential) and not rest else None
+    return first if first is not None and not rest else None
 
 
 def _tensor_slots(module: nn.Module) -> dict[str, str]:
@@ -582,29 +584,29 @@ def _tensor_slots(module: nn.Module) -> dict[str, str]:
     return slots
 
 
-def _leading_linear(head: nn.Module | None) -> tuple[nn.Linear | None, nn.Module | None]:
+def _leading_linear(head: nn.Module | None) -> tuple[nn.Linear | None, list[nn.Module]]:
     """``(first layer, the layers after it)`` of an ``nn.Sequential`` head whose first layer
     can be adapted in dual form: a plain ``nn.Linear`` (exact type, no hooks of its own, weights
     not shared with later layers), possibly inside nested ``nn.Sequential`` containers and after
     layers that are the identity on ``[N, D]`` rows in eval mode (``nn.Identity``, ``nn.Dropout``,
-    ``nn.Flatten()``). ``(None, head)`` otherwise. Hooks on ``head`` itself do not matter:
+    ``nn.Flatten()``). ``(None, [])`` otherwise. Hooks on ``head`` itself do not matter:
     they are never run by the adaptation. (Global hooks, ``register_module_forward_hook``,
     are not run for a layer in dual form either.)"""
     if type(head) is not nn.Sequential or "forward" in vars(head):
-        return None, head
+        return None, []
     layers = _sequential_layers(head)
     start = 0
     while start < len(layers) and _is_row_identity(layers[start]):
         start += 1
     if start == len(layers):
-        return None, head
+        return None, []
     first = layers[start]
     if type(first) is not nn.Linear or not _is_plain(first):
-        return None, head
-    rest = nn.Sequential(*layers[start + 1 :])
+        return None, []
+    rest = layers[start + 1 :]
     own = {id(p) for p in first.parameters()}
-    if any(id(p) in own for p in rest.parameters()):
-        return None, head
+    if any(id(p) in own for layer in rest for p in layer.parameters()):
+        return None, []
     return first, rest
 
 
