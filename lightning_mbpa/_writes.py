@@ -138,14 +138,17 @@ class _MemoryWrites:
         The common case: one head call of ``[B, D]`` float32 CPU keys, ``[B]`` int64 CPU labels,
         no label to skip, every example written, no stored inputs, and room in the write buffer
         (the general path allocates and flushes it). The label range and ignore_index checks
-        share one ``tolist()``, the finiteness check is one torch sum (an OpenBLAS ``vdot`` of
+        are ``_labels_outside``'s one ``tolist()`` (a negative label, the ignore_index included,
+        goes to the general path), the finiteness check is one torch sum (an OpenBLAS ``vdot`` of
         the staged rows, as cheap in a tight loop, made the epochs measurably slower), then two
         numpy slice copies. A batch that fails a check is left to the general path, which
         refuses it with its error or warning.
         """
-        arrays = self._pending_arrays
+        buffer, staged_labels = self._pending_keys, self._pending_values
         if (
-            arrays is None
+            buffer is None
+            or staged_labels is None
+            or not buffer.is_cpu
             or keys.dtype != torch.float32
             or labels.dtype != torch.int64
             or keys.dim() != 2
@@ -156,7 +159,6 @@ class _MemoryWrites:
             or self.store_inputs
         ):
             return False
-        buffer, staged_labels = arrays
         n, dim = keys.shape
         start = self._pending_rows
         if n == 0 or labels.shape[0] != n or buffer.shape[1] != dim or start + n > buffer.shape[0]:
@@ -165,15 +167,12 @@ class _MemoryWrites:
         memory_dim = self._memory.dim
         if memory_dim != dim and (memory_dim is not None or self._index_checked_dim != dim):
             return False
-        listed = labels.tolist()
-        classes = self._head_out_features() or self._classes_seen
-        # a negative label is out of range or the ignore_index: the general path handles both
-        if min(listed) < 0 or (classes is not None and max(listed) >= max(classes, 2)):
+        if _labels_outside(labels, self._head_out_features() or self._classes_seen) is not None:
             return False
         if not _keys_finite(keys):
             return False
-        buffer[start : start + n] = keys.numpy()
-        staged_labels[start : start + n] = labels.numpy()
+        buffer.numpy()[start : start + n] = keys.numpy()
+        staged_labels.numpy()[start : start + n] = labels.numpy()
         self._pending_rows = start + n
         self._pending_sizes.append(n)
         return True
@@ -330,23 +329,16 @@ class _MemoryWrites:
                 with torch.inference_mode(False):  # online writes happen under inference mode
                     self._pending_keys = keys.new_empty((rows, dim), dtype=torch.float32)
                     self._pending_values = values.new_empty((rows,), dtype=torch.int64)
-                self._pending_arrays = (
-                    (self._pending_keys.numpy(), self._pending_values.numpy())
-                    if self._pending_keys.is_cpu and self._pending_values.is_cpu
-                    else None
-                )
         assert self._pending_keys is not None and self._pending_values is not None
         start = self._pending_rows
-        arrays = self._pending_arrays
         if (
-            arrays is not None
-            and keys.device.type == "cpu"
+            keys.device.type == "cpu"
             and keys.dtype == torch.float32
             and values.device.type == "cpu"
         ):
             # numpy slice assignment: a few µs less per batch than two torch copies
-            arrays[0][start : start + n] = keys.numpy()
-            arrays[1][start : start + n] = values.numpy()
+            self._pending_keys.numpy()[start : start + n] = keys.numpy()
+            self._pending_values.numpy()[start : start + n] = values.numpy()
         else:
             self._pending_keys[start : start + n].copy_(keys)
             self._pending_values[start : start + n].copy_(values)

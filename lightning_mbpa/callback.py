@@ -30,7 +30,6 @@ from collections.abc import Iterable, Sequence
 from typing import Any, Literal
 
 import lightning.pytorch as pl
-import numpy as np
 import torch
 import torchmetrics
 from lightning.fabric.utilities.apply_func import move_data_to_device
@@ -321,8 +320,6 @@ class MbPA(_MemoryWrites, _KeyDrift, _AdaptsPredictions, Callback):
         # Write buffer: rows staged by `_add`, written to the memory in bulk by `_flush_writes`.
         self._pending_keys: Tensor | None = None
         self._pending_values: Tensor | None = None
-        # numpy views of the two on the CPU (the common case's staging, `_stage_checked`)
-        self._pending_arrays: tuple[np.ndarray, np.ndarray] | None = None
         self._pending_rows = 0
         self._pending_sizes: list[int] = []  # rows of each staged `_add` call
 
@@ -351,7 +348,6 @@ class MbPA(_MemoryWrites, _KeyDrift, _AdaptsPredictions, Callback):
             "_memory",
             "_pending_keys",
             "_pending_values",
-            "_pending_arrays",
             "_pending_rows",
             "_pending_sizes",
             "_module_ref",
@@ -560,7 +556,7 @@ class MbPA(_MemoryWrites, _KeyDrift, _AdaptsPredictions, Callback):
         self._remove_capture_hooks()
         self._remove_adapt_hook()
         self._flush_writes()
-        self._pending_keys = self._pending_values = self._pending_arrays = None
+        self._pending_keys = self._pending_values = None
 
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
