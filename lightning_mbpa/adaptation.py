@@ -50,9 +50,9 @@ _DEFAULT_MEMORY_BUDGET = 256 * 2**20
 _PARAM_COPIES_PER_QUERY = 6
 # On CPU, a chunk's copy of the parameters is kept near this size (cache-friendly).
 _CPU_CHUNK_PARAM_BYTES = 8 * 2**20
-# The dual path holds Z0 and three [B, K, C] step buffers. On CPU a chunk's buffers are kept
+# The dual path holds Z0 and two [B, K, C] step buffers. On CPU a chunk's buffers are kept
 # near this size: the steps then run in cache (~1.4x faster at C=1000, B=256).
-_DUAL_BUFFERS = 4
+_DUAL_BUFFERS = 3
 _CPU_DUAL_CHUNK_BYTES = 16 * 2**20
 
 
@@ -271,9 +271,9 @@ def _adapt_linear_dual_chunked(
 ) -> Tensor:
     """:func:`_adapt_linear_dual` over chunks of queries that fit the budget (and CPU caches)."""
     num_neighbours = keys.shape[1]
-    # Z0, the step buffers and the Gram matrix (the keys are the caller's).
+    # Z0, the step buffers, the Gram matrix and its scaled copy (the keys are the caller's).
     per_query = (
-        keys.element_size() * num_neighbours * (_DUAL_BUFFERS * base.shape[1] + num_neighbours)
+        keys.element_size() * num_neighbours * (_DUAL_BUFFERS * base.shape[1] + 2 * num_neighbours)
     )
     chunk = max(1, memory_budget_bytes // per_query)
     if keys.device.type == "cpu":
@@ -320,8 +320,13 @@ def _adapt_linear_dual(
     logits) the step is ``A ← (1 - beta)·A - lr·Gᵀ`` and ``δb ← (1 - beta)·δb - lr·Σ_k G_k``:
     the same recursion as the row sums of ``A``, so ``δb = A·1`` at every step. The bias is
     thus the weight of a constant feature 1, and both are handled by adding 1 to the Gram
-    matrix ``M = H·Hᵀ`` and to ``H·q``: neighbour logits ``Z0 + (M + 1)·Aᵀ``, output
+    matrix ``M = H·Hᵀ`` and to ``H·q``: neighbour logits ``Z = Z0 + (M + 1)·Aᵀ``, output
     ``base + A·(H·q + 1)``.
+
+    ``A`` itself is never formed: both of its products follow the same recursion, so each step
+    updates the neighbour logits ``Z ← (1 - beta)·Z + beta·Z0 - lr·M·diag(w)·(p - onehot(y))``
+    and the query's output offset ``u ← (1 - beta)·u - lr·(H·q)·diag(w)·(p - onehot(y))`` with
+    one in-place ``baddbmm`` each (the last step needs only ``u``).
 
     With few classes a step's ``[K, C]`` tensors are held transposed, ``[C, K]``: the softmax
     then reduces over a middle dimension with the K neighbours contiguous, which is vectorised
@@ -332,11 +337,15 @@ def _adapt_linear_dual(
     class_major = num_classes < _CLASS_MAJOR_BELOW
     with record_function("mbpa.dual.gram"):
         gram, key_dot_query = _key_products(queries, keys, valid, head.bias is not None)
+        # M·diag(-lr·w) (M is symmetric, so diag(-lr·w)·M is its transpose) and (H·q)·diag(-lr·w)
+        scaled_weights = -lr * weights
+        move_logits = gram * (
+            scaled_weights[:, :, None] if class_major else scaled_weights[:, None]
+        )
+        move_output = key_dot_query * scaled_weights[:, None]  # [B, 1, K]
     with record_function("mbpa.dual.neighbour_logits"):
         if neighbour_outputs is not None:
-            logits0 = neighbour_outputs
-            if class_major:
-                logits0 = logits0.transpose(1, 2).contiguous()
+            logits0 = neighbour_outputs.transpose(1, 2) if class_major else neighbour_outputs
         else:
             weight0 = head.weight.detach().to(keys.dtype)
             bias0 = None if head.bias is None else head.bias.detach().to(keys.dtype)
@@ -357,30 +366,37 @@ def _adapt_linear_dual(
         targets = targets.to(keys.dtype)
     else:
         minus_ones = torch.full(targets.shape, -1.0, dtype=keys.dtype, device=keys.device)
-    scaled_weights = along(-lr * weights)
     keep = 1.0 - beta
-    # Three buffers recycled across steps (a fresh large CPU allocation is page-faulted in on
-    # every step, which costs as much as the arithmetic), contiguous whatever Z0's strides.
-    coef = logits0.new_zeros(logits0.shape)  # A, or Aᵀ with many classes
-    logits = logits0.new_empty(logits0.shape)
-    probs = logits0.new_empty(logits0.shape)
-    # the logits are Z0 + A·M (class-major) or Z0 + M·Aᵀ
-    operands = (coef, gram) if class_major else (gram, coef)
+    if beta != 0:  # read every step: contiguous
+        logits0 = logits0.contiguous()
+    # Z, updated in place (never the caller's `neighbour_outputs`), and the step's
+    # p - onehot(y), both recycled across steps (a fresh large CPU allocation is page-faulted
+    # in on every step, which costs as much as the arithmetic)
+    logits = logits0.clone(memory_format=torch.contiguous_format)
+    residuals = torch.empty_like(logits)
+    output = base[:, :, None] if class_major else base[:, None, :]
+    offset = torch.zeros_like(output)
     with record_function("mbpa.dual.steps"):
-        for _ in range(steps):
-            torch.baddbmm(logits0, *operands, out=logits)
+        for step in range(steps):
             if binary:
-                torch.sigmoid(logits, out=probs).sub_(targets)
+                torch.sigmoid(logits, out=residuals).sub_(targets)
             else:
-                torch.softmax(logits, dim=class_dim, out=probs)
-                probs.scatter_add_(class_dim, targets, minus_ones)
-            if keep != 1.0:
-                coef.mul_(keep)
-            coef.addcmul_(probs, scaled_weights)  # A ← keep·A - lr·G
+                torch.softmax(logits, dim=class_dim, out=residuals)
+                residuals.scatter_add_(class_dim, targets, minus_ones)
+            if class_major:  # the transposed recursions: Zᵀ, uᵀ
+                offset.baddbmm_(residuals, move_output.transpose(1, 2), beta=keep)
+            else:
+                offset.baddbmm_(move_output, residuals, beta=keep)
+            if step + 1 == steps:
+                break
+            if class_major:
+                logits.baddbmm_(residuals, move_logits, beta=keep)
+            else:
+                logits.baddbmm_(move_logits, residuals, beta=keep)
+            if beta != 0:
+                logits.add_(logits0, alpha=beta)
     with record_function("mbpa.dual.query_output"):
-        if class_major:
-            return torch.baddbmm(base[:, :, None], coef, key_dot_query.transpose(1, 2))[:, :, 0]
-        return torch.baddbmm(base[:, None, :], key_dot_query, coef)[:, 0, :]
+        return (output + offset)[:, :, 0] if class_major else (output + offset)[:, 0, :]
 
 
 # Below this many classes, the dual path's steps run class-major (see `_adapt_linear_dual`).

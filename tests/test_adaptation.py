@@ -685,13 +685,17 @@ def test_hooks_on_the_head_itself_are_not_run(kind: str) -> None:
 
 
 @pytest.mark.parametrize("kind", ["linear", "linear_nobias", "mlp"])
-@pytest.mark.parametrize("classes", [1, 6])
-def test_base_and_neighbour_outputs_change_nothing(kind: str, classes: int) -> None:
+@pytest.mark.parametrize("classes", [1, 6, 80])  # 80: the dual path's keys-major layout
+@pytest.mark.parametrize(("beta", "mask_rate"), [(0.0, 0.0), (0.1, 0.0), (0.1, 0.3)])
+def test_base_and_neighbour_outputs_change_nothing(
+    kind: str, classes: int, beta: float, mask_rate: float
+) -> None:
     head = make_head(kind, 5, classes, seed=25)
-    p = make_problem(head, 6, 7, 5, classes, steps=4, lr=0.3, beta=0.1, seed=26)
+    p = make_problem(head, 6, 7, 5, classes, 4, 0.3, beta, seed=26, mask_rate=mask_rate)
     with torch.no_grad():
         base = head.eval()(p.queries)
         neighbour = head(p.keys)
+    given = (base.clone(), neighbour.clone())
     plain = local_adapt(*p.args())
     for kwargs in (
         {"base_outputs": base},
@@ -699,6 +703,8 @@ def test_base_and_neighbour_outputs_change_nothing(kind: str, classes: int) -> N
         {"base_outputs": base, "neighbour_outputs": neighbour},
     ):
         torch.testing.assert_close(local_adapt(*p.args(), **kwargs), plain, rtol=1e-5, atol=1e-6)
+    # the dual path updates the neighbour logits in place: in its own buffer
+    assert torch.equal(base, given[0]) and torch.equal(neighbour, given[1])
 
 
 @pytest.mark.parametrize("kind", ["linear", "mlp_dropout_bn"])
