@@ -536,9 +536,7 @@ def _adapt_generic(
                         coef = input_grad * -lr
                     else:  # C ← keep·C - lr·∂loss/∂U
                         coef = torch.add(coef if beta == 0 else coef * keep, input_grad, alpha=-lr)
-                theta = {
-                    n: _sgd_pull(p, grads[n], params[n], lr, beta, keep) for n, p in theta.items()
-                }
+                theta = {n: _sgd_pull(p, grads[n], params[n], lr, beta) for n, p in theta.items()}
             if coef is not None:
                 query_inputs_q = torch.addmv(query_inputs_q, coef.T, dual_q[1])
             return forward(theta, query_inputs_q[None])[0]
@@ -681,14 +679,11 @@ def _first_layer(
     return key_outputs, query_outputs, (gram, key_dot_query[:, 0, :])
 
 
-def _sgd_pull(
-    current: Tensor, gradient: Tensor, start: Tensor, lr: float, beta: float, keep: float
-) -> Tensor:
-    """``θx - lr·g - beta·(θx - θ)``, as ``keep·θx - lr·g + beta·θ`` in few memory passes."""
-    if beta == 0:
-        return torch.add(current, gradient, alpha=-lr)
-    # `gradient` is always per-query; `current` is the shared θ at the first step.
-    return gradient.mul(-lr).add_(current, alpha=keep).add_(start, alpha=beta)
+def _sgd_pull(current: Tensor, gradient: Tensor, start: Tensor, lr: float, beta: float) -> Tensor:
+    """``θx - lr·g - beta·(θx - θ)``, as ``lerp(θx, θ, beta) - lr·g`` in two memory passes."""
+    if beta == 0 or current is start:  # at the first step θx is the shared θ
+        return torch.sub(current, gradient, alpha=lr)
+    return torch.lerp(current, start, beta).sub_(gradient, alpha=lr)
 
 
 def _chunk_size(
