@@ -58,6 +58,35 @@ STATE_KEYS = ("keys", "values", "capacity", "dim", "cursor", "num_seen", "genera
 PAYLOAD_KEY = "payload"
 # Elements of one [B, chunk] distance block in the torch backend.
 _TORCH_BLOCK_ELEMENTS = {"cpu": 1 << 24, "other": 1 << 27}
+# Columns per group in the CPU top-k selection (see `_smallest`).
+_TOPK_GROUP = 32
+
+
+def _smallest(d: Tensor, kk: int) -> tuple[Tensor, Tensor]:
+    """The ``kk`` smallest values of each row of ``d`` ``[B, M]`` and their columns, unsorted.
+
+    On the CPU each row is first reduced to the minima of groups of ``_TOPK_GROUP`` columns, and
+    only the ``kk`` groups with the smallest minima are searched: every value below the
+    ``kk``-th smallest lies in a group whose minimum is below it too, so fewer than ``kk``
+    groups rank before those, and a group tied at the ``kk``-th value adds that value (ties may
+    pick other columns than ``topk`` would, with the same values). One vectorised pass over the
+    row replaces ``topk`` over all of it: the search's selection ~2x faster at 64k columns.
+    """
+    b, m = d.shape
+    size = _TOPK_GROUP
+    full = m - m % size
+    if d.device.type != "cpu" or full < 4 * kk * size:
+        return d.topk(kk, dim=1, largest=False, sorted=False)
+    groups = d[:, :full].unflatten(1, (full // size, size))
+    _, chosen = groups.amin(dim=2).topk(kk, dim=1, largest=False, sorted=False)
+    columns = (chosen[:, :, None] * size + torch.arange(size, device=d.device)).flatten(1)
+    values = groups.gather(1, chosen[:, :, None].expand(b, kk, size)).flatten(1)
+    if full < m:  # the last, partial group
+        values = torch.cat([values, d[:, full:]], 1)
+        tail = torch.arange(full, m, device=d.device).expand(b, m - full)
+        columns = torch.cat([columns, tail], 1)
+    values, pick = values.topk(kk, dim=1, largest=False, sorted=False)
+    return values, columns.gather(1, pick)
 
 
 class Neighbours(NamedTuple):
@@ -618,7 +647,7 @@ class EpisodicMemory:
             d = torch.addmm(
                 self._norms[start:stop].unsqueeze(0), q, self._keys[start:stop].T, alpha=-2.0
             )
-            d, i = d.topk(min(kk, stop - start), dim=1, largest=False, sorted=False)
+            d, i = _smallest(d, min(kk, stop - start))
             i += start
             if best_d is None or best_i is None:
                 best_d, best_i = d, i

@@ -134,6 +134,46 @@ def test_torch_backend_merges_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
         assert_exact_knn(memory.search(torch.from_numpy(queries), k), keys, queries, k)
 
 
+@pytest.mark.parametrize("data", ["random", "ties"])
+@pytest.mark.parametrize("columns", [4096, 4100, 640, 300])  # grouped, with a tail, edge, plain
+@pytest.mark.parametrize("kk", [1, 5, 32])
+def test_grouped_selection_matches_topk(data: str, columns: int, kk: int) -> None:
+    """`_smallest` (group minima first) returns the values `topk` returns, at distinct columns
+    that hold them, with and without a partial last group and many exact ties."""
+    gen = torch.Generator().manual_seed(columns + kk)
+    if data == "random":
+        d = torch.randn(6, columns, generator=gen)
+    else:  # few distinct values: ties at the k-th value across many groups
+        d = torch.randint(0, 3, (6, columns), generator=gen).float()
+    values, found = memory_module._smallest(d, kk)
+    expected, _ = d.topk(kk, dim=1, largest=False)
+    assert torch.equal(values.sort(1).values, expected.sort(1).values)
+    assert torch.equal(d.gather(1, found), values)
+    assert all(len(set(row.tolist())) == kk for row in found)
+
+
+@pytest.mark.parametrize("data", ["random", "duplicates"])
+@pytest.mark.parametrize("block", [None, 6 * 1500])  # one chunk; two, each grouped
+def test_torch_backend_grouped_selection_matches_brute_force(
+    monkeypatch: pytest.MonkeyPatch, data: str, block: int | None
+) -> None:
+    if block is not None:
+        monkeypatch.setitem(memory_module._TORCH_BLOCK_ELEMENTS, "cpu", block)
+    rng = np.random.default_rng(3)
+    n, d = 3001, 8
+    if data == "random":
+        keys = rng.standard_normal((n, d)).astype(np.float32)
+        queries = rng.standard_normal((6, d)).astype(np.float32)
+    else:
+        pool = rng.standard_normal((5, d)).astype(np.float32)
+        keys = pool[rng.integers(0, 5, n)]
+        queries = pool[rng.integers(0, 5, 6)]
+    memory = EpisodicMemory(n, backend="torch")
+    memory.add(torch.from_numpy(keys), torch.zeros(n, dtype=torch.long))
+    for k in (1, 7, 11):  # 4·k·32 <= 1500: every chunk takes the grouped selection
+        assert_exact_knn(memory.search(torch.from_numpy(queries), k), keys, queries, k)
+
+
 def test_faiss_backends_agree_and_flat_search_is_zero_copy(monkeypatch: pytest.MonkeyPatch) -> None:
     x, y = clustered(300, 16, seed=0)
     q, _ = clustered(20, 16, seed=1)
