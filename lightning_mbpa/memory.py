@@ -27,6 +27,7 @@ Example:
 from __future__ import annotations
 
 import numbers
+import threading
 from collections.abc import Mapping
 from typing import Any, Literal, NamedTuple, get_args
 
@@ -167,8 +168,9 @@ class EpisodicMemory:
         index: ``"Flat"`` for exact search, or a ``faiss.index_factory`` string for an approximate
             index (faiss backend only).
         backend: ``"faiss"``, ``"torch"``, or ``"auto"``: torch for exact search (on the CPU too:
-            torch's matmul + ``topk`` measured 2-6x faster than ``faiss.knn`` of the faiss-cpu
-            wheel for 16 or more queries, on par for one; see the README), faiss for an
+            torch's matmul + top-k measured 2-6x faster than ``faiss.knn`` of the faiss-cpu
+            wheel for 16 or more queries, on par for one, on a VM where that wheel's BLAS ran
+            slow kernels, and 4-9% faster where it ran fast ones; see the README), faiss for an
             approximate index.
         seed: Seed of the reservoir's random generator.
         device: Where the key buffer lives (default CPU). A GPU needs ``backend`` ``"auto"`` or
@@ -271,6 +273,10 @@ class EpisodicMemory:
         self._num_seen = 0
         # Bumped by every change of the contents: caches derived from the keys compare it.
         self._version = 0
+        # Per thread, the CPU torch search's score block, reused across searches: a fresh
+        # 64 MiB block is page-faulted in on every use (~20 ms on the development VM, ~0.1 ms
+        # per query at 100k keys); per thread, so that concurrent searches never share it.
+        self._scratch = threading.local()
         if dim is not None:
             self._allocate(int(dim))
 
@@ -642,10 +648,15 @@ class EpisodicMemory:
         chunk = max(kk, budget // max(b, 1))
         best_d: Tensor | None = None
         best_i: Tensor | None = None
+        cpu = q.device.type == "cpu"
         for start in range(0, n, chunk):
             stop = min(n, start + chunk)
             d = torch.addmm(
-                self._norms[start:stop].unsqueeze(0), q, self._keys[start:stop].T, alpha=-2.0
+                self._norms[start:stop].unsqueeze(0),
+                q,
+                self._keys[start:stop].T,
+                alpha=-2.0,
+                out=self._score_block(b, stop - start) if cpu else None,
             )
             d, i = _smallest(d, min(kk, stop - start))
             i += start
@@ -658,6 +669,15 @@ class EpisodicMemory:
                 best_i = torch.cat([best_i, i], 1).gather(1, pick)
         assert best_d is not None and best_i is not None
         return best_i.gather(1, best_d.argsort(dim=1))
+
+    def _score_block(self, rows: int, columns: int) -> Tensor:
+        """This thread's ``[rows, columns]`` float32 CPU score block (grown when too small)."""
+        block = getattr(self._scratch, "scores", None)
+        if block is None or block.numel() < rows * columns:
+            with torch.inference_mode(False):  # written in and out of inference mode
+                block = torch.empty(rows * columns, dtype=torch.float32)
+            self._scratch.scores = block
+        return block[: rows * columns].view(rows, columns)
 
     def _gather_cpu(
         self,

@@ -3,6 +3,7 @@ a one-at-a-time Algorithm R)."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import io
 import json
 import math
@@ -172,6 +173,22 @@ def test_torch_backend_grouped_selection_matches_brute_force(
     memory.add(torch.from_numpy(keys), torch.zeros(n, dtype=torch.long))
     for k in (1, 7, 11):  # 4·k·32 <= 1500: every chunk takes the grouped selection
         assert_exact_knn(memory.search(torch.from_numpy(queries), k), keys, queries, k)
+
+
+def test_concurrent_torch_searches_do_not_share_a_score_block() -> None:
+    """The CPU search reuses a score block across calls: one per thread."""
+    rng = np.random.default_rng(5)
+    keys = rng.standard_normal((4000, 16)).astype(np.float32)
+    memory = EpisodicMemory(4000, backend="torch")
+    memory.add(torch.from_numpy(keys), torch.zeros(4000, dtype=torch.long))
+    batches = [torch.from_numpy(rng.standard_normal((64, 16)).astype(np.float32)) for _ in range(8)]
+    expected = [memory.search(q, 9).indices for q in batches]
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        for _ in range(3):
+            found = list(pool.map(lambda q: memory.search(q, 9).indices, batches))
+            assert all(torch.equal(f, e) for f, e in zip(found, expected, strict=True))
+        blocks = list(pool.map(lambda _: memory._score_block(2, 2).data_ptr(), range(2)))
+    assert blocks[0] != memory._score_block(2, 2).data_ptr()
 
 
 def test_faiss_backends_agree_and_flat_search_is_zero_copy(monkeypatch: pytest.MonkeyPatch) -> None:
