@@ -134,7 +134,9 @@ class EpisodicMemory:
 
     * ``index="Flat"`` (exact): on the ``faiss`` backend, ``faiss.knn`` directly over the filled
       part of the key buffer (zero copy, nothing to rebuild); on the ``torch`` backend, a chunked
-      ``|h|² - 2 q·h`` matmul and ``topk`` on the buffer's device, with ``|h|²`` cached per slot.
+      ``|h|² - 2 q·h`` matmul and top-k on the buffer's device, with ``|h|²`` cached per slot. On
+      the CPU each searching thread keeps its block of scores (at most 64 MiB: ``B`` rows of up
+      to ``2**24 / B`` columns) for its next search.
     * any other ``faiss.index_factory`` string (``"HNSW32"``, ``"IVF256,Flat"``, ``"IVF256,PQ16"``,
       optionally behind ``"PCA64,"``/``"OPQ16,"``), faiss backend only. The index is built at the
       first write. One that needs training (IVF, PQ) is trained on the stored keys once
