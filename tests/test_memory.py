@@ -136,7 +136,8 @@ def test_torch_backend_merges_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.parametrize("data", ["random", "ties"])
-@pytest.mark.parametrize("columns", [4096, 4100, 640, 300])  # grouped, with a tail, edge, plain
+# 4096: grouped for every kk; 4100: with a partial last group; 640, 300: at and below the bar
+@pytest.mark.parametrize("columns", [4096, 4100, 640, 300])
 @pytest.mark.parametrize("kk", [1, 5, 32])
 def test_grouped_selection_matches_topk(data: str, columns: int, kk: int) -> None:
     """`_smallest` (group minima first) returns the values `topk` returns, at distinct columns
@@ -154,7 +155,7 @@ def test_grouped_selection_matches_topk(data: str, columns: int, kk: int) -> Non
 
 
 @pytest.mark.parametrize("data", ["random", "duplicates"])
-@pytest.mark.parametrize("block", [None, 6 * 1500])  # one chunk; two, each grouped
+@pytest.mark.parametrize("block", [None, 6 * 1500])  # one block; 1500 keys twice, then 1
 def test_torch_backend_grouped_selection_matches_brute_force(
     monkeypatch: pytest.MonkeyPatch, data: str, block: int | None
 ) -> None:
