@@ -135,8 +135,9 @@ class EpisodicMemory:
     * ``index="Flat"`` (exact): on the ``faiss`` backend, ``faiss.knn`` directly over the filled
       part of the key buffer (zero copy, nothing to rebuild); on the ``torch`` backend, a chunked
       ``|h|² - 2 q·h`` matmul and top-k on the buffer's device, with ``|h|²`` cached per slot. On
-      the CPU each searching thread keeps its block of scores (at most 64 MiB: ``B`` rows of up
-      to ``2**24 / B`` columns) for its next search.
+      the CPU each searching thread keeps its block of scores (64 MiB at most unless
+      ``B·k > 2**24``: ``B`` rows of ``max(k, 2**24 / B)`` columns) for its next search, until
+      the memory is cleared or moved.
     * any other ``faiss.index_factory`` string (``"HNSW32"``, ``"IVF256,Flat"``, ``"IVF256,PQ16"``,
       optionally behind ``"PCA64,"``/``"OPQ16,"``), faiss backend only. The index is built at the
       first write. One that needs training (IVF, PQ) is trained on the stored keys once
@@ -278,6 +279,7 @@ class EpisodicMemory:
         # Per thread, the CPU torch search's score block, reused across searches: a fresh
         # 64 MiB block is page-faulted in on every use (~20 ms on the development VM, ~0.1 ms
         # per query at 100k keys); per thread, so that concurrent searches never share it.
+        # Dropped (every thread's) when the buffers are reallocated or moved.
         self._scratch = threading.local()
         if dim is not None:
             self._allocate(int(dim))
@@ -972,6 +974,7 @@ class EpisodicMemory:
             self._keys, self._values, self._norms = keys, values, norms
         self._device = target
         self._version += 1
+        self._scratch = threading.local()
         return self
 
     # ------------------------------------------------------------------ internals
@@ -991,6 +994,7 @@ class EpisodicMemory:
             self._norms = _empty((self._capacity,), torch.float32, self._device)
         self._dim = dim
         self._ann = ann
+        self._scratch = threading.local()
 
     def _keys_numpy(self) -> npt.NDArray[np.float32]:
         """Zero-copy numpy view of the filled keys (CPU storage only)."""

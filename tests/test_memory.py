@@ -190,6 +190,8 @@ def test_concurrent_torch_searches_do_not_share_a_score_block() -> None:
             assert all(torch.equal(f, e) for f, e in zip(found, expected, strict=True))
         blocks = list(pool.map(lambda _: memory._score_block(2, 2).data_ptr(), range(2)))
     assert blocks[0] != memory._score_block(2, 2).data_ptr()
+    memory.clear()  # releases every thread's block
+    assert getattr(memory._scratch, "scores", None) is None
 
 
 def test_faiss_backends_agree_and_flat_search_is_zero_copy(monkeypatch: pytest.MonkeyPatch) -> None:
