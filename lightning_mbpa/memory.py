@@ -988,10 +988,20 @@ class EpisodicMemory:
         if self._index_string != EXACT_INDEX:
             ann = _LiveRowIndex(self._index_string, dim, self._index_params, self._capacity)
         # Buffers are never inference tensors, even when the first write happens in inference mode.
+        # Plain `torch.empty`: pages are backed as they are written, and on the CPU this
+        # deliberately does not ask for transparent huge pages (`numpy.empty` does, through
+        # `madvise`, for large arrays): the system's THP setting decides. A huge page is faulted
+        # in 2 MiB at a time, cheap where free memory is backed already; but on a virtual machine
+        # that hands freed memory back to its host (virtio-balloon free page reporting) each fresh
+        # huge page cost ~5 ms: the bulk writes that fill a 10 MB memory during one epoch
+        # (`benchmarks/end_to_end.py`'s MLP) took 6-29 ms in four runs with huge pages, 7.6-8.0 ms
+        # with 4 KiB pages.
         with torch.inference_mode(False):
-            self._keys = _empty((self._capacity, dim), torch.float32, self._device)
-            self._values = _empty((self._capacity,), torch.int64, self._device)
-            self._norms = _empty((self._capacity,), torch.float32, self._device)
+            self._keys = torch.empty(
+                (self._capacity, dim), dtype=torch.float32, device=self._device
+            )
+            self._values = torch.empty((self._capacity,), dtype=torch.int64, device=self._device)
+            self._norms = torch.empty((self._capacity,), dtype=torch.float32, device=self._device)
         self._dim = dim
         self._ann = ann
         self._scratch = threading.local()
@@ -1199,20 +1209,6 @@ def _any_negative(x: Tensor) -> bool:
     if x.device.type == "cpu" and x.numel():
         return bool(x.numpy().min() < 0)
     return bool((x < 0).any())
-
-
-def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
-    """An uninitialised tensor, its pages backed by the operating system as they are written.
-
-    On the CPU this deliberately does not ask for transparent huge pages (``numpy.empty`` does,
-    through ``madvise``, for large arrays): the system's THP setting decides. A huge page is
-    faulted in 2 MiB at a time, which is cheap where free memory is backed already; but on a
-    virtual machine that hands freed memory back to its host (virtio-balloon free page
-    reporting) each fresh huge page cost ~5 ms. The bulk writes that fill a 10 MB memory during
-    one epoch (``benchmarks/end_to_end.py``'s MLP) took 6-29 ms in four runs with huge pages,
-    7.6-8.0 ms with 4 KiB pages.
-    """
-    return torch.empty(shape, dtype=dtype, device=device)
 
 
 def _is_int(x: object) -> bool:
