@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
-# The checks issue 6 needs from a machine with a CUDA GPU, in one short run (a few minutes):
-# the GPU tests (skipped without CUDA everywhere else), then the end-to-end figures for the
-# README's "On a GPU" section. Run from the repository root in an environment with the test
-# extra installed.
+# The checks that need a CUDA GPU, in one short run (a few minutes): the GPU tests (skipped
+# without CUDA everywhere else), then the end-to-end figures of docs/benchmarks.md, "On a GPU".
+# Run from the repository root in an environment with the test extra installed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name())"
