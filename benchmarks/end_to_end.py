@@ -3,7 +3,7 @@
 Test time: ``trainer.test`` with the callback over a memory of N keys (D=512, C classes, K
 neighbours, 5 adaptation steps) against the floor any MbPA must pay: a bare neighbour search of
 the same queries plus the model's plain forward pass outside Lightning. Two floors are printed:
-``faiss.IndexFlatL2.search`` (the target of issue 9: ratio >= 0.85) and a bare torch matmul +
+``faiss.IndexFlatL2.search`` (the usual baseline) and a bare torch matmul +
 ``topk`` (the kernel the exact memory itself uses, so the stricter floor). Each round runs every
 variant once, in the same process, alternated; the table shows medians over rounds. The split
 says where the callback's time goes: the neighbour search (the index's own work), gathering the
@@ -398,7 +398,7 @@ def main() -> None:
         default=1,
         help="torch and faiss threads (they share one OpenMP runtime); 0: leave the default (all"
         " cores). 1 by default: on shared cores OpenMP's spin-waiting makes 2 threads up to 30x"
-        " slower for the small training steps (see the README)",
+        " slower for the small training steps (see docs/benchmarks.md)",
     )
     args = parser.parse_args()
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # no per-Trainer banners

@@ -1,4 +1,4 @@
-"""Soak test of MbPA (issue 7), kept out of CI: resident memory stays flat, the memory stays bounded.
+"""Soak test of MbPA, kept out of CI: resident memory stays flat, the memory stays bounded.
 
 1. A long ``fit`` of a small MLP with a small FIFO memory, overwritten many times over: the
    process's resident set size (RSS) is sampled every ``--every`` batches, and the memory's

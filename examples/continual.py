@@ -29,9 +29,9 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make the `examples` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-# OpenMP threads that spin-wait for a core another process holds made the demo 6.5x slower on 2
-# threads than on 1 on a shared box; waiting passively, 2 threads lose little beside a busy core
-# and still gain on an idle one (benchmarks/demo_threads.py; README, "Continual-learning demos").
+# OpenMP threads that spin-wait for a core another process holds can make the demo several times
+# slower on 2 threads than on 1 on shared cores; waiting passively, 2 threads lose little beside a
+# busy core and still gain on an idle one (benchmarks/demo_threads.py; docs/benchmarks.md).
 # It only works if set before torch is imported; an explicit OMP_WAIT_POLICY wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 

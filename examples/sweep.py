@@ -402,7 +402,9 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, object]]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--streams", nargs="+", default=list(STREAMS), choices=STREAMS)
     parser.add_argument("--grid", default="full", choices=sorted(GRIDS))
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: see the README)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads (1: see docs/benchmarks.md)"
+    )
     parser.add_argument(
         "overrides", nargs="*", help="LightningCLI arguments for every stream, after --"
     )
