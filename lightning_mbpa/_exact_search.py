@@ -8,6 +8,8 @@ distances and the final order are computed afterwards from the stored keys
 * :class:`TorchExactSearch`: a chunked ``|h|² - 2 q·h`` matmul (``torch.addmm``) and a grouped
   top-k on the buffer's device; on the CPU each searching thread reuses its own score block.
 * :func:`faiss_exact_candidates`: ``faiss.knn`` directly over the buffer (zero copy).
+* :class:`ExactSearch`: runs the kernel a memory's ``backend`` asks for; with ``"auto"`` on the
+  CPU, the one :mod:`lightning_mbpa._kernel_choice` found faster on this machine.
 """
 
 from __future__ import annotations
@@ -24,6 +26,10 @@ from torch import Tensor
 # libraries share one thread pool and one thread count instead of two pools competing for the
 # cores (see the thread table of benchmarks/memory.py). No thread setting is changed here.
 import faiss
+
+from lightning_mbpa import _kernel_choice
+from lightning_mbpa._kernel_choice import Kernel
+from lightning_mbpa._memory_checks import Backend
 
 # Elements of one [B, chunk] distance block in the torch kernel.
 _TORCH_BLOCK_ELEMENTS = {"cpu": 1 << 24, "other": 1 << 27}
@@ -123,3 +129,77 @@ def faiss_exact_candidates(
     _, rows = faiss.knn(q, keys, kk, metric=faiss.METRIC_L2)
     result: npt.NDArray[np.int64] = rows
     return result
+
+
+class ExactSearch:
+    """Exact search over a memory's filled keys with the kernel ``backend`` asks for.
+
+    ``"torch"`` and ``"faiss"`` are used as given; ``"auto"`` is the torch kernel on a GPU and,
+    on the CPU, the kernel calibrated as faster for the search's shape bucket
+    (:mod:`lightning_mbpa._kernel_choice`). Owns the torch kernel's score blocks and the kernel
+    the most recent search used.
+    """
+
+    def __init__(self, backend: Backend) -> None:
+        self.backend: Backend = backend
+        self.torch_kernel = TorchExactSearch()
+        self.last: Kernel | None = None
+
+    def reset(self) -> None:
+        """Drops every thread's score block (the buffers were reallocated or moved)."""
+        self.torch_kernel.reset()
+
+    def kernel(self, device: torch.device) -> Kernel | None:
+        """The kernel searches on ``device`` use; with ``"auto"`` on the CPU, the one the most
+        recent search used (None before the first)."""
+        if self.backend == "torch" or device.type != "cpu":
+            return "torch"
+        if self.backend == "faiss":
+            return "faiss"
+        return self.last
+
+    def candidates(
+        self, keys: Tensor, norms: Tensor, q32: Tensor, kk: int
+    ) -> Tensor | npt.NDArray[np.int64]:
+        """Slots ``[B, kk]`` of the exact nearest of ``keys`` (the filled part, ``[N, D]``, with
+        their squared norms ``[N]``) for float32 queries ``q32``: a tensor on the keys' device
+        from the torch kernel on a GPU, a numpy array on the CPU."""
+        n, d = keys.shape
+        kernel: Kernel = "faiss" if self.backend == "faiss" else "torch"
+        if self.backend == "auto" and keys.device.type == "cpu":
+            if n * d * q32.shape[0] >= _kernel_choice.CALIBRATION_MIN_WORK:
+                kernel, result = self._choose(keys, norms, q32, kk)
+                if result is not None:
+                    self.last = kernel
+                    return result
+            self.last = kernel
+        if kernel == "faiss":
+            return faiss_exact_candidates(q32.cpu().numpy(), keys.numpy(), kk)
+        slots = self.torch_kernel.candidates(keys, norms, q32.to(keys.device), kk)
+        return slots.numpy() if keys.device.type == "cpu" else slots
+
+    def _choose(
+        self, keys: Tensor, norms: Tensor, q32: Tensor, kk: int
+    ) -> tuple[Kernel, npt.NDArray[np.int64] | None]:
+        """The faster kernel for this search's bucket (calibrating it on the first
+        ``CALIBRATION_KEYS`` keys if no decision exists yet), and the search's result when the
+        calibration covered every key."""
+        n, d = keys.shape
+        b = q32.shape[0]
+        bucket = _kernel_choice.bucket_of(n, d, b, kk)
+        kernel = _kernel_choice.decided(bucket)
+        if kernel is not None:
+            return kernel, None
+        m = min(n, _kernel_choice.CALIBRATION_KEYS)
+        km = min(kk, m)
+        q_np, keys_np = q32.numpy(), keys[:m].numpy()
+
+        def run_torch() -> npt.NDArray[np.int64]:
+            return self.torch_kernel.candidates(keys[:m], norms[:m], q32, km).numpy()
+
+        def run_faiss() -> npt.NDArray[np.int64]:
+            return faiss_exact_candidates(q_np, keys_np, km)
+
+        describe = f"{n} keys x {d}, {b} queries, k={kk} (timed over {m} keys)"
+        kernel, result = _kernel_choice.choose(bucket, run_torch, run_faiss, describe)
+        return kernel, (result if m == n else None)

@@ -199,6 +199,22 @@ def check_payload_rows(payload: Any, n: int, label: str, rows: str) -> None:
             )
 
 
+def check_key_update(
+    slots: Tensor, keys: Tensor, size: int, dim: int | None, on_cpu: bool
+) -> tuple[npt.NDArray[np.int64], Tensor, npt.NDArray[np.float32] | None]:
+    """Validated ``(slots, keys as float32, squared key norms)`` of a key update: distinct filled
+    slots and one finite key of the memory's width per slot."""
+    slots_np = check_slots(slots, size)
+    if not isinstance(keys, Tensor) or keys.ndim != 2 or keys.shape[0] != slots_np.size:
+        raise ValueError(
+            f"`keys` must have shape [{slots_np.size}, {dim}] (one row per slot); got"
+            f" {describe_tensor(keys)}."
+        )
+    labels = torch.zeros(keys.shape[0], dtype=torch.int64)
+    keys32, _, norms = check_keys_and_labels(keys, labels, dim, on_cpu)
+    return slots_np, keys32, norms
+
+
 def check_slots(slots: Tensor, size: int) -> npt.NDArray[np.int64]:
     """``slots`` as distinct int64 slot numbers of filled entries (``0 <= slot < size``)."""
     if not isinstance(slots, Tensor) or slots.ndim != 1 or slots.is_floating_point():

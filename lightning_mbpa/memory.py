@@ -43,11 +43,11 @@ from lightning_mbpa._eviction import SlotAssigner
 from lightning_mbpa._exact_search import (  # noqa: F401  (re-exported for tests and benchmarks)
     _TOPK_GROUP,
     _TORCH_BLOCK_ELEMENTS,
-    TorchExactSearch,
+    ExactSearch,
     _smallest,
-    faiss_exact_candidates,
 )
 from lightning_mbpa._faiss_index import Int64Array, _LiveRowIndex, _new_index
+from lightning_mbpa._kernel_choice import forget_kernel_choices, kernel_choices
 from lightning_mbpa._memory_checks import (
     EXACT_INDEX,
     PAYLOAD_KEY,
@@ -55,18 +55,25 @@ from lightning_mbpa._memory_checks import (
     Backend,
     Eviction,
     check_config,
+    check_key_update,
     check_keys_and_labels,
     check_payload,
     check_queries,
-    check_slots,
     check_state,
-    describe_tensor,
     resolve_device,
 )
 from lightning_mbpa._neighbours import Neighbours, empty_neighbours, gather_cpu, gather_on_device
 from lightning_mbpa._storage import KeyStore
 
-__all__ = ["EXACT_INDEX", "PAYLOAD_KEY", "STATE_KEYS", "EpisodicMemory", "Neighbours"]
+__all__ = [
+    "EXACT_INDEX",
+    "PAYLOAD_KEY",
+    "STATE_KEYS",
+    "EpisodicMemory",
+    "Neighbours",
+    "forget_kernel_choices",
+    "kernel_choices",
+]
 
 
 class EpisodicMemory:
@@ -93,7 +100,7 @@ class EpisodicMemory:
       ``|h|² - 2 q·h`` matmul and top-k on the buffer's device, with ``|h|²`` cached per slot. On
       the CPU each searching thread keeps its block of scores (64 MiB at most unless
       ``B·k > 2**24``: ``B`` rows of ``max(k, 2**24 / B)`` columns) for its next search, until
-      the memory is cleared or moved.
+      the memory is cleared or moved. ``backend="auto"`` chooses between the two (see below).
     * any other ``faiss.index_factory`` string (``"HNSW32"``, ``"IVF256,Flat"``, ``"IVF256,PQ16"``,
       optionally behind ``"PCA64,"``/``"OPQ16,"``), faiss backend only. The index is built at the
       first write. One that needs training (IVF, PQ) is trained on the stored keys once
@@ -126,11 +133,18 @@ class EpisodicMemory:
         eviction: ``"fifo"`` or ``"reservoir"`` (see above).
         index: ``"Flat"`` for exact search, or a ``faiss.index_factory`` string for an approximate
             index (faiss backend only).
-        backend: ``"faiss"``, ``"torch"``, or ``"auto"``: torch for exact search (on the CPU too:
-            torch's matmul + top-k measured 2-6x faster than ``faiss.knn`` of the faiss-cpu
-            wheel for 16 or more queries, on par for one, on a VM where that wheel's BLAS ran
-            slow kernels, and 4-9% faster where it ran fast ones; see the README), faiss for an
-            approximate index.
+        backend: ``"faiss"``, ``"torch"``, or ``"auto"``: faiss for an approximate index; for
+            exact search torch on a GPU and, on the CPU, whichever of the torch kernel and
+            ``faiss.knn`` is faster on the machine at hand (neither is everywhere: it depends on
+            the CPU, the BLAS each library ships, the thread count and the number of queries).
+            The first search of each new shape (keys, queries and ``k`` rounded down to powers
+            of two, the width, the thread count) times both kernels twice, alternating, over at
+            most 32768 of the stored keys and the actual queries: about 4 searches of up to
+            32768 keys, once per shape and process (when that covered every key, the faster
+            one's result is the search's). The decision is logged at DEBUG level on the
+            ``lightning_mbpa.memory`` logger (:func:`kernel_choices` lists them). Searches of
+            fewer than ``2**25`` multiply-adds (keys x width x queries) use torch untimed.
+            ``"torch"`` or ``"faiss"`` skips the calibration.
         seed: Seed of the reservoir's random generator.
         device: Where the key buffer lives (default CPU). A GPU needs ``backend`` ``"auto"`` or
             ``"torch"`` and ``index="Flat"``.
@@ -172,11 +186,12 @@ class EpisodicMemory:
         self._index_params = index_params
         self._backend_arg: Backend = backend
         self._seed = int(seed)
-        # The parts, each owning its state: buffers, slot assignment, the torch kernel's per-thread
-        # score blocks, and (approximate search only) the faiss index over the stored keys.
+        # The parts, each owning its state: buffers, slot assignment, exact search (the kernel in
+        # use, the torch kernel's per-thread score blocks), and (approximate search only) the
+        # faiss index over the stored keys.
         self._store = KeyStore(self._capacity, target)
         self._slots = SlotAssigner(eviction, self._capacity, self._seed)
-        self._exact = TorchExactSearch()
+        self._exact = ExactSearch(backend)
         self._ann: _LiveRowIndex | None = None
         # Bumped by every change of the contents: caches derived from the keys compare it.
         self._version = 0
@@ -231,14 +246,13 @@ class EpisodicMemory:
         return self._index_params
 
     @property
-    def backend(self) -> Literal["faiss", "torch"]:
-        """The backend searches use: ``"auto"`` is torch for exact search, faiss for an
-        approximate index."""
-        if self._backend_arg == "torch" or (
-            self._backend_arg == "auto" and self._index_string == EXACT_INDEX
-        ):
-            return "torch"
-        return "faiss"
+    def backend(self) -> Literal["auto", "faiss", "torch"]:
+        """The backend searches use: faiss for an approximate index; for exact search the one
+        given, and with ``"auto"`` torch on a GPU and, on the CPU, the kernel the most recent
+        search used (the one the next search of that shape uses): ``"auto"`` until then."""
+        if self._index_string != EXACT_INDEX:
+            return "faiss"
+        return self._exact.kernel(self._store.device) or "auto"
 
     @property
     def device(self) -> torch.device:
@@ -413,14 +427,9 @@ class EpisodicMemory:
             ValueError: Slots out of range or repeated, keys of the wrong shape or not finite.
         """
         store = self._store
-        slots_np = check_slots(slots, store.size)
-        if not isinstance(keys, Tensor) or keys.ndim != 2 or keys.shape[0] != slots_np.size:
-            raise ValueError(
-                f"`keys` must have shape [{slots_np.size}, {store.dim}] (one row per slot); got"
-                f" {describe_tensor(keys)}."
-            )
-        labels = torch.zeros(keys.shape[0], dtype=torch.int64)
-        keys32, _, new_norms = check_keys_and_labels(keys, labels, store.dim, store.on_cpu)
+        slots_np, keys32, new_norms = check_key_update(
+            slots, keys, store.size, store.dim, store.on_cpu
+        )
         if slots_np.size == 0:
             return
         store.update_keys(slots_np, keys32, new_norms)
@@ -458,18 +467,12 @@ class EpisodicMemory:
             q_np = q32.cpu().numpy()
             slots_np, exact = self._ann.search(q_np, kk)
             return self._gather_cpu(q_np, slots_np, k, queries, exact)
-        if self.backend == "torch":
-            assert store.keys is not None and store.norms is not None
-            n = store.size
-            slots = self._exact.candidates(
-                store.keys[:n], store.norms[:n], q32.to(store.device), kk
-            )
-            if not store.on_cpu:
-                return self._gather(q32, slots, k, queries)
-            slots_np = slots.numpy()
-        else:
-            slots_np = faiss_exact_candidates(q32.cpu().numpy(), store.keys_numpy(), kk)
-        return self._gather_cpu(q32.cpu().numpy(), slots_np, k, queries)
+        assert store.keys is not None and store.norms is not None
+        n = store.size
+        slots = self._exact.candidates(store.keys[:n], store.norms[:n], q32, kk)
+        if isinstance(slots, Tensor):
+            return self._gather(q32, slots, k, queries)
+        return self._gather_cpu(q32.cpu().numpy(), slots, k, queries)
 
     def _gather_cpu(
         self,

@@ -188,10 +188,12 @@ def test_concurrent_torch_searches_do_not_share_a_score_block() -> None:
         for _ in range(3):
             found = list(pool.map(lambda q: memory.search(q, 9).indices, batches))
             assert all(torch.equal(f, e) for f, e in zip(found, expected, strict=True))
-        blocks = list(pool.map(lambda _: memory._exact.score_block(2, 2).data_ptr(), range(2)))
-    assert blocks[0] != memory._exact.score_block(2, 2).data_ptr()
+        blocks = list(
+            pool.map(lambda _: memory._exact.torch_kernel.score_block(2, 2).data_ptr(), range(2))
+        )
+    assert blocks[0] != memory._exact.torch_kernel.score_block(2, 2).data_ptr()
     memory.clear()  # releases every thread's block
-    assert getattr(memory._exact.scratch, "scores", None) is None
+    assert getattr(memory._exact.torch_kernel.scratch, "scores", None) is None
 
 
 def test_faiss_backends_agree_and_flat_search_is_zero_copy(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -890,7 +892,9 @@ def test_load_state_dict_rejects_and_leaves_memory_unchanged(
 
 def test_to_cpu_is_a_no_op_and_faiss_stays_on_cpu() -> None:
     memory = _filled()
-    assert memory.to("cpu") is memory and memory.backend == "torch"  # "auto": exact search
+    assert memory.to("cpu") is memory and memory.backend == "auto"  # exact, nothing searched yet
+    memory.search(torch.randn(2, memory.dim), 3)  # too small to time: the torch kernel
+    assert memory.backend == "torch"
     pinned = EpisodicMemory(6, backend="faiss")
     assert pinned.to("cuda").device.type == "cpu"
 
