@@ -4,15 +4,19 @@ For each memory size N (keys of width D, clustered like real embeddings), prints
 search latency per query (B queries, k neighbours), recall@k against exact search, and the ratio of
 our search time to a bare faiss index over the same data in the same run (``IndexFlatL2`` for the
 exact memory; the memory's own faiss index searched without the liveness selector for HNSW/IVF),
-plus resident memory of the exact memory against the raw key bytes. A second table measures how
-faiss' and torch's OpenMP thread counts interact (each cell in a fresh process, since the import
-order decides whether the two libraries share one OpenMP runtime).
+plus resident memory of the exact memory against the raw key bytes. A second table compares the
+two exact-search kernels on this machine's CPU: ``EpisodicMemory.search`` with ``backend="torch"``,
+``"faiss"`` and ``"auto"`` (which times both at the first search of a shape and keeps the faster)
+at 1 and 2 threads, measured alternately in one process (medians), as times and as ratios to the
+faster of torch and faiss. A third table measures how faiss' and torch's OpenMP thread counts
+interact (each cell in a fresh process, since the import order decides whether the two libraries
+share one OpenMP runtime).
 
 Usage:
-    python benchmarks/memory.py                       # N in {10k, 100k, 1M}, D=512: ~6 min on 2 idle
-                                                      # cores, mostly building IVF4000 over 1M keys
-    python benchmarks/memory.py --sizes 10000 50000   # smaller
-    python benchmarks/memory.py --skip-threads
+    python benchmarks/memory.py                       # N in {10k, 100k, 1M}, D=512: ~10 min on 2
+                                                      # idle cores, mostly IVF4000 and 1M searches
+    python benchmarks/memory.py --sizes 10000 100000  # smaller
+    python benchmarks/memory.py --skip-sizes --skip-threads   # the kernel table only
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ import gc
 import json
 import math
 import os
+import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -306,6 +312,95 @@ def run_sizes(args: argparse.Namespace) -> None:
         print(line)
 
 
+# ---------------------------------------------------------------------- exact kernels
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (Linux), else the platform's processor string."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def alternated(calls: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median seconds of each call over ``repeats`` rounds, the calls alternated within a round
+    (in a rotating order) so that load changes hit all of them alike."""
+    names = list(calls)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(repeats):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            start = time.perf_counter()
+            calls[name]()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def run_kernels(args: argparse.Namespace) -> None:
+    d, b, k = args.dim, args.batch, args.k
+    q = queries(b, d)
+    threads_before = torch.get_num_threads()
+    print(
+        f"\nExact search kernels on {cpu_model()} ({os.cpu_count()} CPUs): EpisodicMemory.search"
+        f" of B={b} queries, k={k}, D={d}; medians of {args.kernel_repeats} rounds, the three"
+        " alternated in each round; ratios to the faster of torch and faiss"
+    )
+    widths = [7, 9, 10, 10, 10, 6, 11, 11, 10, 15]
+    header = [
+        "threads",
+        "N",
+        "torch ms",
+        "faiss ms",
+        "auto ms",
+        "auto",
+        "torch/best",
+        "faiss/best",
+        "auto/best",
+        "calibration ms",
+    ]
+    print(row(header, widths))
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for n in args.kernel_sizes:
+        memories = {}
+        for backend in ("torch", "faiss", "auto"):
+            memories[backend] = EpisodicMemory(n, d, backend=backend)
+            fill(memories[backend], n, d, args.write_batch)
+        for threads in args.threads:
+            torch.set_num_threads(threads)
+            for backend in ("torch", "faiss"):  # one untimed search each: warm paths
+                memories[backend].search(q, k)
+            start = time.perf_counter()
+            memories["auto"].search(q, k)  # calibrates this shape at this thread count
+            first_auto = time.perf_counter() - start
+            calls = {name: partial(memory.search, q, k) for name, memory in memories.items()}
+            med = alternated(calls, args.kernel_repeats)
+            best = min(med["torch"], med["faiss"])
+            cells = [
+                str(threads),
+                f"{n:,}",
+                f"{med['torch'] * 1e3:.1f}",
+                f"{med['faiss'] * 1e3:.1f}",
+                f"{med['auto'] * 1e3:.1f}",
+                memories["auto"].backend,
+                f"{med['torch'] / best:.2f}",
+                f"{med['faiss'] / best:.2f}",
+                f"{med['auto'] / best:.2f}",
+                f"{max(first_auto - med['auto'], 0.0) * 1e3:.0f}",
+            ]
+            print(row(cells, widths), flush=True)
+        del memories
+        gc.collect()
+    torch.set_num_threads(threads_before)
+    print(
+        "calibration ms: the first auto search of the shape (which times both kernels) minus the"
+        " median auto search."
+    )
+
+
 # ---------------------------------------------------------------------- threads
 
 WORKER = r"""
@@ -417,13 +512,29 @@ def main() -> None:
     parser.add_argument(
         "--thread-n", type=int, default=50_000, help="memory size of the thread table"
     )
+    parser.add_argument(
+        "--kernel-sizes",
+        type=int,
+        nargs="+",
+        default=None,
+        help="memory sizes of the kernel table (default: --sizes)",
+    )
+    parser.add_argument(
+        "--threads", type=int, nargs="+", default=[1, 2], help="thread counts of the kernel table"
+    )
+    parser.add_argument("--kernel-repeats", type=int, default=5, help="rounds of the kernel table")
     parser.add_argument("--skip-threads", action="store_true")
     parser.add_argument("--skip-sizes", action="store_true")
+    parser.add_argument("--skip-kernels", action="store_true")
     args = parser.parse_args()
+    if args.kernel_sizes is None:
+        args.kernel_sizes = args.sizes
     print(
         f"torch {torch.__version__}, faiss {faiss.__version__}, {os.cpu_count()} CPUs,"
         f" load average {os.getloadavg()[0]:.2f} at start"
     )
+    if not args.skip_kernels:
+        run_kernels(args)
     if not args.skip_sizes:
         run_sizes(args)
     if not args.skip_threads:

@@ -19,7 +19,11 @@ import torch  # noqa: F401  (loaded before faiss, see below)
 # torch first: faiss' OpenMP calls then bind to the OpenMP runtime torch already loaded, so both
 # libraries share one thread pool and one thread count instead of two pools competing for the
 # cores (see the thread table of benchmarks/memory.py). No thread setting is changed here.
-import faiss
+import faiss as _faiss
+
+# faiss' bundled type stubs lack most of its SWIG API (search parameter classes, attributes of
+# HNSW and PQ indexes), so the module is used untyped here.
+faiss: Any = _faiss
 
 Int64Array = npt.NDArray[np.int64]
 

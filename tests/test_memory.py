@@ -188,10 +188,12 @@ def test_concurrent_torch_searches_do_not_share_a_score_block() -> None:
         for _ in range(3):
             found = list(pool.map(lambda q: memory.search(q, 9).indices, batches))
             assert all(torch.equal(f, e) for f, e in zip(found, expected, strict=True))
-        blocks = list(pool.map(lambda _: memory._score_block(2, 2).data_ptr(), range(2)))
-    assert blocks[0] != memory._score_block(2, 2).data_ptr()
+        blocks = list(
+            pool.map(lambda _: memory._exact.torch_kernel.score_block(2, 2).data_ptr(), range(2))
+        )
+    assert blocks[0] != memory._exact.torch_kernel.score_block(2, 2).data_ptr()
     memory.clear()  # releases every thread's block
-    assert getattr(memory._scratch, "scores", None) is None
+    assert getattr(memory._exact.torch_kernel.scratch, "scores", None) is None
 
 
 def test_faiss_backends_agree_and_flat_search_is_zero_copy(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -208,7 +210,7 @@ def test_faiss_backends_agree_and_flat_search_is_zero_copy(monkeypatch: pytest.M
         seen.append(xb)
         return real_knn(xq, xb, k, **kwargs)
 
-    monkeypatch.setattr(memory_module.faiss, "knn", spy)
+    monkeypatch.setattr(faiss, "knn", spy)
     fa, fb = a.search(q, 10), b.search(q, 10)
     assert len(seen) == 1 and np.shares_memory(seen[0], a.keys.numpy())
     assert torch.equal(fa.indices, fb.indices)
@@ -555,6 +557,54 @@ def test_pickle(index: str) -> None:
     assert_consistent(copy.search(q, 4), copy)
 
 
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(capacity=300),
+        dict(capacity=300, dim=8, eviction="reservoir", seed=7, backend="torch"),
+        dict(capacity=300, index="HNSW32", index_params="efSearch=48", backend="faiss"),
+        dict(
+            capacity=200, index="IVF4,Flat", index_params="nprobe=3", eviction="reservoir", seed=3
+        ),
+    ],
+)
+def test_config_rebuilds_an_identically_configured_empty_memory(kwargs: dict) -> None:
+    memory = EpisodicMemory(**kwargs)
+    expected = {
+        "capacity": kwargs["capacity"],
+        "dim": kwargs.get("dim"),
+        "eviction": kwargs.get("eviction", "fifo"),
+        "index": kwargs.get("index", "Flat"),
+        "backend": kwargs.get("backend", "auto"),  # as given, not as resolved
+        "seed": kwargs.get("seed", 0),
+        "device": "cpu",
+        "index_params": kwargs.get("index_params", ""),
+    }
+    assert memory.config == expected
+    assert json.loads(json.dumps(memory.config)) == expected  # primitives only
+    memory.config["capacity"] = 1  # a copy: the memory is unchanged
+    assert memory.capacity == kwargs["capacity"]
+
+    x, y = clustered(250, 8, seed=0)
+    memory.add(x, y)
+    expected["dim"] = 8  # fixed by the first write
+    assert memory.config == expected
+    twin = EpisodicMemory(**memory.config)
+    assert twin.config == memory.config and len(twin) == 0 and twin.dim == 8
+    # Identically configured: the same writes give the same slots, state and neighbours.
+    fresh = EpisodicMemory(**memory.config)
+    again = EpisodicMemory(**kwargs)
+    assert torch.equal(fresh.add(x, y), again.add(x, y))
+    assert_same_state(fresh.state_dict(), again.state_dict())
+    if "HNSW" in expected["index"]:
+        assert faiss.downcast_index(fresh.faiss_index).hnsw.efSearch == 48
+    if "IVF" in expected["index"]:
+        assert faiss.extract_index_ivf(fresh.faiss_index).nprobe == 3
+    q, _ = clustered(6, 8, seed=4)
+    a, b = fresh.search(q, 5), again.search(q, 5)
+    assert torch.equal(a.indices, b.indices) and torch.equal(a.distances, b.distances)
+
+
 # ---------------------------------------------------------------------- approximate indexes
 
 
@@ -842,7 +892,9 @@ def test_load_state_dict_rejects_and_leaves_memory_unchanged(
 
 def test_to_cpu_is_a_no_op_and_faiss_stays_on_cpu() -> None:
     memory = _filled()
-    assert memory.to("cpu") is memory and memory.backend == "torch"  # "auto": exact search
+    assert memory.to("cpu") is memory and memory.backend == "auto"  # exact, nothing searched yet
+    memory.search(torch.randn(2, memory.dim), 3)  # too small to time: the torch kernel
+    assert memory.backend == "torch"
     pinned = EpisodicMemory(6, backend="faiss")
     assert pinned.to("cuda").device.type == "cpu"
 

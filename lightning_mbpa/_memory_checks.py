@@ -1,0 +1,389 @@
+"""Input checks of :class:`~lightning_mbpa.memory.EpisodicMemory`: every one raises before anything
+changes.
+
+One idea: turn what a caller hands the memory (constructor arguments, keys and labels, payloads,
+queries, a state dict) into validated values, or a ``ValueError`` naming the argument, the value
+given and what is allowed. Nothing here holds state or mutates a memory.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal, get_args
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from torch import Tensor
+
+from lightning_mbpa._faiss_index import _check_index_syntax, _LiveRowIndex
+
+Eviction = Literal["fifo", "reservoir"]
+Backend = Literal["auto", "faiss", "torch"]
+EVICTIONS: tuple[str, ...] = get_args(Eviction)
+BACKENDS: tuple[str, ...] = get_args(Backend)
+
+#: The index string meaning exact search over the key buffer itself (no faiss index object).
+EXACT_INDEX = "Flat"
+#: The keys :meth:`EpisodicMemory.state_dict` returns.
+STATE_KEYS = ("keys", "values", "capacity", "dim", "cursor", "num_seen", "generator_state")
+#: Optional entry of :meth:`EpisodicMemory.state_dict`: the per-entry payload tensors by name.
+PAYLOAD_KEY = "payload"
+
+
+def check_config(
+    capacity: int,
+    dim: int | None,
+    eviction: str,
+    index: str,
+    backend: str,
+    seed: int,
+    device: torch.device | str | None,
+    index_params: str,
+) -> torch.device:
+    """Checks the constructor arguments of a memory; returns the resolved device."""
+    if not is_int(capacity) or capacity < 1:
+        raise ValueError(f"`capacity` must be an integer >= 1; got {capacity!r}.")
+    if dim is not None and (not is_int(dim) or dim < 1):
+        raise ValueError(
+            f"`dim` must be None (fixed by the first write) or an integer >= 1; got {dim!r}."
+        )
+    if eviction not in EVICTIONS:
+        raise ValueError(f"`eviction` must be one of {EVICTIONS}; got {eviction!r}.")
+    if not isinstance(index, str) or not index.strip():
+        raise ValueError(
+            f"`index` must be {EXACT_INDEX!r} (exact) or a faiss index_factory string such as"
+            f" 'HNSW32' or 'IVF256,Flat'; got {index!r}."
+        )
+    if backend not in BACKENDS:
+        raise ValueError(f"`backend` must be one of {BACKENDS}; got {backend!r}.")
+    if not is_int(seed):
+        raise ValueError(f"`seed` must be an integer; got {seed!r}.")
+    if not isinstance(index_params, str):
+        raise ValueError(
+            f"`index_params` must be a faiss ParameterSpace string such as 'nprobe=16'; got {index_params!r}."
+        )
+    try:
+        target = resolve_device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(
+            f"`device` must be None or a torch device such as 'cpu' or 'cuda:0'; got {device!r} ({exc})."
+        ) from exc
+    exact = index == EXACT_INDEX
+    if not exact and backend == "torch":
+        raise ValueError(
+            f"`index`={index!r} is an approximate faiss index, which needs `backend`='faiss' or"
+            f" 'auto'; `backend`='torch' only supports `index`={EXACT_INDEX!r} (exact search)."
+        )
+    if index_params and exact:
+        raise ValueError(
+            f"`index_params`={index_params!r} only applies to an approximate index; `index` is"
+            f" {EXACT_INDEX!r} (exact search has no parameters)."
+        )
+    if target.type != "cpu" and (backend == "faiss" or not exact):
+        raise ValueError(
+            f"`device`={str(target)!r} needs the torch backend with `index`={EXACT_INDEX!r}; got"
+            f" `backend`={backend!r}, `index`={index!r}, which keep the storage on the CPU."
+        )
+    if not exact:
+        if dim is None:
+            _check_index_syntax(index, index_params)
+        else:
+            _LiveRowIndex(index, int(dim), index_params, int(capacity))  # validates eagerly
+    return target
+
+
+def check_keys_and_labels(
+    keys: Tensor, values: Tensor, dim: int | None, on_cpu: bool
+) -> tuple[Tensor, Tensor, npt.NDArray[np.float32] | None]:
+    """Validated ``(keys as float32, labels as int64, squared key norms)``.
+
+    The norms (numpy, for CPU storage only; None otherwise) double as the finiteness check: a NaN
+    or inf key makes its norm non-finite."""
+    if not isinstance(keys, Tensor):
+        raise ValueError(f"`keys` must be a torch.Tensor; got {type(keys).__name__}.")
+    if not isinstance(values, Tensor):
+        raise ValueError(f"`values` must be a torch.Tensor; got {type(values).__name__}.")
+    width = "D" if dim is None else str(dim)
+    if keys.ndim != 2 or (dim is not None and keys.shape[1] != dim):
+        raise ValueError(
+            f"`keys` must have shape [N, {width}] (the memory's key width); got shape {tuple(keys.shape)}."
+        )
+    if keys.shape[1] == 0:
+        raise ValueError(f"`keys` must have at least one column; got shape {tuple(keys.shape)}.")
+    if keys.dtype == torch.bool or keys.is_complex():
+        raise ValueError(f"`keys` must be real-valued; got dtype {keys.dtype}.")
+    if values.ndim != 1 or values.shape[0] != keys.shape[0]:
+        raise ValueError(
+            f"`values` must have shape [N] with N = {keys.shape[0]} (the number of keys); got shape"
+            f" {tuple(values.shape)}."
+        )
+    if values.dtype == torch.bool or values.is_complex():
+        raise ValueError(f"`values` must be integer labels; got dtype {values.dtype}.")
+    keys32 = keys.detach().to(torch.float32)
+    norms = None
+    if on_cpu:
+        norms = squared_norms_np(keys32.cpu().numpy())
+        finite = bool(np.isfinite(norms).all()) or all_finite(keys32)  # squares can overflow
+    else:
+        finite = all_finite(keys32)
+    if not finite:
+        raise ValueError("`keys` must be finite (as float32); got NaN or infinite values.")
+    labels = values.detach()
+    if labels.is_floating_point():
+        ok = torch.isfinite(labels) & (labels == labels.floor()) & (labels < 2.0**63)
+        if not bool(ok.all()):
+            bad = labels[~ok][:3].tolist()
+            raise ValueError(
+                f"`values` must be integer labels; got non-integral values such as {bad}."
+            )
+    if any_negative(labels):
+        bad = labels[labels < 0][:3].tolist()
+        raise ValueError(f"`values` must be non-negative labels; got {bad}.")
+    return keys32, labels.to(torch.int64), norms
+
+
+def check_payload(
+    payload: Mapping[str, Tensor] | None, n: int, stored: Mapping[str, Tensor] | None, size: int
+) -> None:
+    """Raises if ``payload`` (``n`` rows) does not fit the ``stored`` payload buffers of a memory
+    holding ``size`` entries (None: the memory stores no payload)."""
+    if payload is None:
+        if stored is not None:
+            raise ValueError(
+                f"`payload` is required: this memory stores a payload with every entry (names"
+                f" {sorted(stored)}); clear() it to store entries without one."
+            )
+        return
+    check_payload_rows(payload, n, "`payload", f"N = {n} rows (one per key)")
+    if stored is None:
+        if size > 0:
+            raise ValueError(
+                f"`payload` cannot be added to a memory that already holds {size} entries"
+                " without one; clear() it first."
+            )
+        return
+    if set(payload) != set(stored):
+        raise ValueError(
+            f"`payload` must have the names {sorted(stored)} of the stored payload; got"
+            f" {sorted(payload)}."
+        )
+    for name, tensor in payload.items():
+        buffer = stored[name]
+        if tensor.shape[1:] != buffer.shape[1:] or tensor.dtype != buffer.dtype:
+            raise ValueError(
+                f"`payload[{name!r}]` must have rows of shape {tuple(buffer.shape[1:])} and dtype"
+                f" {buffer.dtype} like the stored payload; got {tuple(tensor.shape[1:])},"
+                f" {tensor.dtype}."
+            )
+
+
+def check_payload_rows(payload: Any, n: int, label: str, rows: str) -> None:
+    """``payload`` is a non-empty mapping of str names to tensors of ``n`` rows each."""
+    if not isinstance(payload, Mapping) or not payload:
+        raise ValueError(
+            f"{label}` must be a non-empty mapping from names to tensors; got"
+            f" {type(payload).__name__}."
+        )
+    for name, tensor in payload.items():
+        if not isinstance(name, str) or not isinstance(tensor, Tensor) or tensor.ndim < 1:
+            raise ValueError(
+                f"{label}[{name!r}]` must be a tensor of one row per entry under a str name;"
+                f" got {describe_tensor(tensor)}."
+            )
+        if tensor.shape[0] != n:
+            raise ValueError(
+                f"{label}[{name!r}]` must have {rows}; got shape {tuple(tensor.shape)}."
+            )
+
+
+def check_key_update(
+    slots: Tensor, keys: Tensor, size: int, dim: int | None, on_cpu: bool
+) -> tuple[npt.NDArray[np.int64], Tensor, npt.NDArray[np.float32] | None]:
+    """Validated ``(slots, keys as float32, squared key norms)`` of a key update: distinct filled
+    slots and one finite key of the memory's width per slot."""
+    slots_np = check_slots(slots, size)
+    if not isinstance(keys, Tensor) or keys.ndim != 2 or keys.shape[0] != slots_np.size:
+        raise ValueError(
+            f"`keys` must have shape [{slots_np.size}, {dim}] (one row per slot); got"
+            f" {describe_tensor(keys)}."
+        )
+    labels = torch.zeros(keys.shape[0], dtype=torch.int64)
+    keys32, _, norms = check_keys_and_labels(keys, labels, dim, on_cpu)
+    return slots_np, keys32, norms
+
+
+def check_slots(slots: Tensor, size: int) -> npt.NDArray[np.int64]:
+    """``slots`` as distinct int64 slot numbers of filled entries (``0 <= slot < size``)."""
+    if not isinstance(slots, Tensor) or slots.ndim != 1 or slots.is_floating_point():
+        raise ValueError(f"`slots` must be a 1-D integer tensor; got {describe_tensor(slots)}.")
+    if slots.dtype == torch.bool or slots.is_complex():
+        raise ValueError(f"`slots` must be integer slot numbers; got dtype {slots.dtype}.")
+    slots_np: npt.NDArray[np.int64] = slots.detach().cpu().numpy().astype(np.int64, copy=False)
+    if slots_np.size and (slots_np.min() < 0 or slots_np.max() >= size):
+        raise ValueError(
+            f"`slots` must lie in [0, {size}) (the filled slots); got values in "
+            f"[{slots_np.min()}, {slots_np.max()}]."
+        )
+    if np.unique(slots_np).size != slots_np.size:
+        raise ValueError("`slots` must be distinct; got repeated slots.")
+    return slots_np
+
+
+def check_queries(queries: Tensor, k: int, dim: int | None) -> Tensor:
+    """The queries as a contiguous, detached float32 tensor, after checking them and ``k``."""
+    if not is_int(k) or k < 1:
+        raise ValueError(f"`k` must be an integer >= 1; got {k!r}.")
+    if not isinstance(queries, Tensor):
+        raise ValueError(f"`queries` must be a torch.Tensor; got {type(queries).__name__}.")
+    width = "D" if dim is None else str(dim)
+    if queries.ndim != 2 or (dim is not None and queries.shape[1] != dim):
+        raise ValueError(
+            f"`queries` must have shape [B, {width}] (the memory's key width); got shape"
+            f" {tuple(queries.shape)}."
+        )
+    if not queries.is_floating_point():
+        raise ValueError(f"`queries` must be floating point; got dtype {queries.dtype}.")
+    q32 = queries.detach().to(torch.float32).contiguous()
+    if not all_finite(q32):
+        raise ValueError("`queries` must be finite; got NaN or infinite values.")
+    return q32
+
+
+@dataclass(frozen=True)
+class CheckedState:
+    """A :meth:`EpisodicMemory.state_dict` that passed :func:`check_state`."""
+
+    dim: int  # -1: not fixed
+    size: int
+    num_seen: int
+    keys: Tensor
+    values: Tensor
+    generator: torch.Generator
+    payload: Mapping[str, Tensor] | None
+
+
+def check_state(state: Any, capacity: int, dim: int | None) -> CheckedState:
+    """Checks a state dict against a memory of ``capacity`` and fixed ``dim`` (None: not fixed)."""
+    if not isinstance(state, Mapping):
+        raise ValueError(
+            f"`state` must be a mapping from {STATE_KEYS}; got {type(state).__name__}."
+        )
+    missing = [key for key in STATE_KEYS if key not in state]
+    unexpected = [key for key in state if key not in (*STATE_KEYS, PAYLOAD_KEY)]
+    if missing or unexpected:
+        raise ValueError(
+            f"`state` must hold exactly {STATE_KEYS} (and optionally {PAYLOAD_KEY!r}); missing"
+            f" {missing}, unexpected {unexpected}."
+        )
+    for key in STATE_KEYS:
+        if not isinstance(state[key], Tensor):
+            raise ValueError(f"`state[{key!r}]` must be a tensor; got {type(state[key]).__name__}.")
+    scalars = {}
+    for key in ("capacity", "dim", "cursor", "num_seen"):
+        t = state[key]
+        if t.numel() != 1 or t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+            raise ValueError(
+                f"`state[{key!r}]` must be an integer scalar tensor; got dtype {t.dtype}, shape {tuple(t.shape)}."
+            )
+        scalars[key] = int(t.item())
+    stored_capacity, stored_dim, cursor, num_seen = (
+        scalars[k] for k in ("capacity", "dim", "cursor", "num_seen")
+    )
+    if stored_capacity != capacity:
+        raise ValueError(
+            f"`state['capacity']`={stored_capacity} differs from this memory's capacity={capacity};"
+            f" construct the memory with capacity={stored_capacity} to load it."
+        )
+    if stored_dim != -1 and stored_dim < 1:
+        raise ValueError(f"`state['dim']` must be -1 (not fixed) or >= 1; got {stored_dim}.")
+    if dim is not None and stored_dim not in (-1, dim):
+        raise ValueError(f"`state['dim']`={stored_dim} differs from this memory's fixed dim={dim}.")
+    if num_seen < 0:
+        raise ValueError(f"`state['num_seen']` must be >= 0; got {num_seen}.")
+    size = min(num_seen, capacity)
+    if cursor != num_seen % capacity:
+        raise ValueError(
+            f"`state['cursor']`={cursor} is inconsistent with num_seen={num_seen} and capacity={capacity}"
+            f" (expected {num_seen % capacity})."
+        )
+    keys, values = state["keys"], state["values"]
+    width = stored_dim if stored_dim != -1 else (dim if dim is not None else "D")
+    if (
+        keys.dtype != torch.float32
+        or keys.ndim != 2
+        or keys.shape[0] != size
+        or (stored_dim != -1 and keys.shape[1] != stored_dim)
+    ):
+        raise ValueError(
+            f"`state['keys']` must be float32 of shape [{size}, {width}] (len = min(num_seen, capacity));"
+            f" got {keys.dtype} of shape {tuple(keys.shape)}."
+        )
+    if stored_dim == -1 and size > 0:
+        raise ValueError(f"`state['dim']` is -1 (not fixed) but the state holds {size} keys.")
+    if values.dtype != torch.int64 or values.shape != (size,):
+        raise ValueError(
+            f"`state['values']` must be int64 of shape [{size}]; got {values.dtype} of shape {tuple(values.shape)}."
+        )
+    if size and not all_finite(keys):
+        raise ValueError("`state['keys']` must be finite; got NaN or infinite values.")
+    if size and bool((values < 0).any()):
+        raise ValueError("`state['values']` must be non-negative labels; got negative values.")
+    generator = torch.Generator()
+    try:
+        generator.set_state(state["generator_state"].detach().cpu())
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(
+            f"`state['generator_state']` is not a CPU torch.Generator state: {exc}"
+        ) from exc
+    payload = state.get(PAYLOAD_KEY)
+    if payload is not None:
+        check_payload_rows(
+            payload,
+            size,
+            f"`state[{PAYLOAD_KEY!r}]",
+            f"{size} rows (len = min(num_seen, capacity))",
+        )
+    return CheckedState(stored_dim, size, num_seen, keys, values, generator, payload)
+
+
+def squared_norms_np(keys: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    """``|h|²`` of each row, in float32."""
+    norms: npt.NDArray[np.float32] = np.einsum("nd,nd->n", keys, keys)
+    return norms
+
+
+def all_finite(x: Tensor) -> bool:
+    """Whether a float tensor holds no NaN/inf (numpy on the CPU: no OpenMP region)."""
+    if x.device.type == "cpu":
+        a = x.numpy()
+        # A NaN or inf anywhere makes the sum non-finite; a finite sum proves all are finite.
+        # Only a sum that overflows needs the element-wise check.
+        return bool(np.isfinite(a.sum())) or bool(np.isfinite(a).all())
+    return bool(torch.isfinite(x).all())
+
+
+def any_negative(x: Tensor) -> bool:
+    """Whether a real tensor holds a value < 0 (numpy on the CPU: a few µs less per write)."""
+    if x.device.type == "cpu" and x.numel():
+        return bool(x.numpy().min() < 0)
+    return bool((x < 0).any())
+
+
+def describe_tensor(x: Any) -> str:
+    if isinstance(x, Tensor):
+        return f"a tensor of dtype {x.dtype} and shape {tuple(x.shape)}"
+    return type(x).__name__
+
+
+def is_int(x: object) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def resolve_device(device: torch.device | str | None) -> torch.device:
+    target = torch.device("cpu") if device is None else torch.device(device)
+    if target.type == "cuda" and target.index is None and torch.cuda.is_available():
+        target = torch.device("cuda", torch.cuda.current_device())
+    return target
