@@ -13,7 +13,8 @@ width, and torch's thread count (faiss shares torch's OpenMP runtime and thread 
 search of fewer than :data:`CALIBRATION_MIN_WORK` multiply-adds (keys x width x queries) costs
 too little for the choice to matter and uses torch without timing anything.
 
-Cost of one calibration: :data:`CALIBRATION_REPEATS` runs of each kernel, alternating, over the
+With one thread the kernels' CPU time is compared, with more their wall-clock time
+(:func:`_measure`). Cost of one calibration: :data:`CALIBRATION_REPEATS` runs of each kernel, alternating, over the
 first ``min(N, CALIBRATION_KEYS)`` stored keys and the actual queries, so 4 searches of at most
 32768 keys. When that covered every key, the faster kernel's last result is the search's result
 (2 searches' worth of extra work at parity, at most 3); otherwise the chosen kernel then searches
@@ -71,10 +72,18 @@ _lock = threading.Lock()
 
 
 def _measure(kernel: Kernel, run: Callable[[], T]) -> tuple[float, T]:
-    """Seconds one call of ``run`` (the ``kernel``'s search) takes, and its result."""
-    start = time.perf_counter()
+    """Seconds one call of ``run`` (the ``kernel``'s search) takes, and its result.
+
+    With one thread both kernels compute in the calling thread, so its CPU time is timed: the
+    same ranking as wall-clock time on an idle machine, and still the kernels' own cost when
+    other processes share the cores (wall-clock time then mostly measures waiting for a core).
+    With more threads, wall-clock time (how well a kernel's threads cope with busy cores is part
+    of its speed).
+    """
+    clock = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
+    start = clock()
     result = run()
-    return time.perf_counter() - start, result
+    return clock() - start, result
 
 
 def decided(bucket: Bucket) -> Kernel | None:
