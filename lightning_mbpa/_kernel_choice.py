@@ -2,9 +2,11 @@
 
 One idea: exact search on the CPU can run as the torch kernel (matmul + grouped top-k) or as
 ``faiss.knn``, and which is faster depends on the machine (the BLAS each library ships and the
-instructions it uses on this CPU), the thread count and the shape: measured on a 2-vCPU AMD
-EPYC, faiss was ~1.3x faster for 256 queries over 100k keys of width 512, while torch was
-faster for a few queries and on an Intel Xeon with MKL. So the first search of a new shape
+instructions it uses on this CPU), the thread count and the shape. ``python
+benchmarks/memory.py --skip-sizes --skip-threads`` on a 2-vCPU AMD EPYC whose cores other
+processes were using: for 256 queries over 100k-1M keys of width 512, faiss 1.16-1.26x faster
+than torch with one thread, torch 1.8x faster with two; torch is faster on an Intel Xeon with
+MKL, and for a few queries. So the first search of a new shape
 *bucket* times both kernels on the memory's own keys and queries, and the faster is used for
 every later search in that bucket, for the rest of the process.
 
@@ -13,12 +15,15 @@ width, and torch's thread count (faiss shares torch's OpenMP runtime and thread 
 search of fewer than :data:`CALIBRATION_MIN_WORK` multiply-adds (keys x width x queries) costs
 too little for the choice to matter and uses torch without timing anything.
 
-Cost of one calibration: :data:`CALIBRATION_REPEATS` runs of each kernel, alternating, over the
-first ``min(N, CALIBRATION_KEYS)`` stored keys and the actual queries, so 4 searches of at most
-32768 keys. When that covered every key, the faster kernel's last result is the search's result
-(2 searches' worth of extra work at parity, at most 3); otherwise the chosen kernel then searches
-all keys. At 100k keys x 512, 256 queries, k = 32, one thread, that is about a search's worth
-(~0.6 s on a 2-vCPU EPYC), once per process, against ~0.13 s saved by every later search.
+With one thread the kernels' CPU time is compared, with more their wall-clock time
+(:func:`_measure`). Cost of one calibration: :data:`CALIBRATION_REPEATS` runs of each kernel,
+alternating, over the first ``min(N, CALIBRATION_KEYS)`` stored keys and the actual queries, so
+4 searches of at most 32768 keys. When that covered every key, the faster kernel's last result
+is the search's result (3 searches' worth of extra work at most); otherwise the chosen kernel
+then searches all keys. At 100k keys x 512, 256 queries, k = 32, that is 4 searches of a third
+of the keys, about 1.3 searches' worth, once per bucket and process: ``python
+benchmarks/memory.py --skip-sizes --skip-threads`` prints it (the calibration column) next to
+what the choice saves on every later search.
 
 Decisions are logged once each at DEBUG level on the ``lightning_mbpa.memory`` logger. Tests
 replace :func:`_measure` to inject timings.
@@ -71,10 +76,18 @@ _lock = threading.Lock()
 
 
 def _measure(kernel: Kernel, run: Callable[[], T]) -> tuple[float, T]:
-    """Seconds one call of ``run`` (the ``kernel``'s search) takes, and its result."""
-    start = time.perf_counter()
+    """Seconds one call of ``run`` (the ``kernel``'s search) takes, and its result.
+
+    With one thread both kernels compute in the calling thread, so its CPU time is timed: the
+    same ranking as wall-clock time on an idle machine, and still the kernels' own cost when
+    other processes share the cores (wall-clock time then mostly measures waiting for a core).
+    With more threads, wall-clock time (how well a kernel's threads cope with busy cores is part
+    of its speed).
+    """
+    clock = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
+    start = clock()
     result = run()
-    return time.perf_counter() - start, result
+    return clock() - start, result
 
 
 def decided(bucket: Bucket) -> Kernel | None:
