@@ -126,12 +126,13 @@ def run_row(name: str, args: list[str], ewc_lambda: float | None = None) -> tupl
     cli = continual.build([*args, *extra])
     torch.set_num_threads(cli.config.threads)
     model, data, trainer = cli.model, cli.datamodule, cli.trainer
-    mbpa = [cb for cb in trainer.callbacks if isinstance(cb, MbPA)]
-    if name in WITHOUT_MBPA:
-        trainer.callbacks = [cb for cb in trainer.callbacks if not isinstance(cb, MbPA)]
+    callbacks: list[pl.Callback] = trainer.callbacks  # type: ignore[attr-defined]
+    mbpa = [cb for cb in callbacks if isinstance(cb, MbPA)]
+    if name in WITHOUT_MBPA:  # before any fit: the callback never attaches its hooks
+        callbacks[:] = [cb for cb in callbacks if not isinstance(cb, MbPA)]
         if name == "ewc":
             assert ewc_lambda is not None
-            trainer.callbacks.append(EWC(ewc_lambda=ewc_lambda))
+            callbacks.append(EWC(ewc_lambda=ewc_lambda))
     elif not mbpa:
         continual.find_mbpa(trainer)  # the YAML has no MbPA callback: explain and exit
     epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else 1

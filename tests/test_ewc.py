@@ -121,6 +121,7 @@ def test_fisher_anchor_penalty_and_gradient_match_the_formulas() -> None:
     ewc.add_penalty_gradient(model)
     grad_w = 0.25 + LAMBDA * (f1[0] * (0.9 - w1) + f2[0] * (0.9 - w2))
     grad_b = LAMBDA * (f1[1] * (0.2 - b1) + f2[1] * (0.2 - b2))
+    assert model.w.grad is not None and model.b.grad is not None
     assert float(model.w.grad) == pytest.approx(grad_w, rel=1e-10)
     assert float(model.b.grad) == pytest.approx(grad_b, rel=1e-10)
 
