@@ -78,6 +78,8 @@ class EWC(Callback):
         #: one dict per finished task: parameter name -> diagonal Fisher / weights at the task end
         self.fishers: list[dict[str, Tensor]] = []
         self.anchors: list[dict[str, Tensor]] = []
+        self._fisher_sum: dict[str, Tensor] = {}
+        self._anchored_sum: dict[str, Tensor] = {}
         self._dataset: Any = None
         self._trained = False
 
@@ -89,7 +91,29 @@ class EWC(Callback):
 
     def fisher(self, model: nn.Module, dataloader: DataLoader) -> dict[str, Tensor]:
         """Diagonal empirical Fisher of ``model`` at its current weights over ``dataloader``:
-        the mean over examples of the squared gradient of ``log p(label | input)``."""
+        the mean over examples of the squared gradient of ``log p(label | input)``, in eval mode.
+
+        When every trainable parameter belongs to an ``nn.Linear`` that sees one row per example,
+        the per-example squared gradients are summed in closed form (``Σ_n (δ_n a_nᵀ)² =
+        (δ²)ᵀ(a²)``, with ``a_n`` the layer's input and ``δ_n`` the gradient at its output; one
+        backward per batch); otherwise they come from ``torch.func`` (``vmap`` of ``grad``)."""
+        was_training = model.training
+        model.eval()
+        try:
+            total: dict[str, Tensor] | None = None
+            if _linear_only(model):
+                total, count = self._linear_squared_grads(model, dataloader)
+            if total is None:
+                total, count = self._vmap_squared_grads(model, dataloader)
+        finally:
+            model.train(was_training)
+        if count == 0:
+            raise ValueError("EWC: the finished task's training data is empty.")
+        return {name: t / count for name, t in total.items()}
+
+    def _vmap_squared_grads(
+        self, model: nn.Module, dataloader: DataLoader
+    ) -> tuple[dict[str, Tensor], int]:
         params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
         buffers = {n: b.detach() for n, b in model.named_buffers()}
 
@@ -100,28 +124,80 @@ class EWC(Callback):
         per_example = vmap(grad(log_likelihood), in_dims=(None, 0, 0))
         total = {n: torch.zeros_like(p) for n, p in params.items()}
         count = 0
-        was_training = model.training
-        model.eval()
+        device = next(iter(params.values())).device
+        for batch in dataloader:
+            x, y = self.split_batch(batch)
+            grads = per_example(params, x.to(device), y.to(device))
+            for name, g in grads.items():
+                total[name] += g.pow(2).sum(0)
+            count += len(y)
+        return total, count
+
+    def _linear_squared_grads(
+        self, model: nn.Module, dataloader: DataLoader
+    ) -> tuple[dict[str, Tensor] | None, int]:
+        """``None`` if a layer is called twice or on more than one row per example."""
+        linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+        calls: dict[str, list[tuple[Tensor, Tensor]]] = {}
+
+        def capture(name: str) -> Any:
+            def hook(module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> None:
+                calls.setdefault(name, []).append((args[0].detach(), output))
+
+            return hook
+
+        handles = [m.register_forward_hook(capture(n)) for n, m in linears.items()]
+        total = {n: torch.zeros_like(p) for n, p in model.named_parameters() if p.requires_grad}
+        count = 0
         try:
+            device = next(model.parameters()).device
             for batch in dataloader:
                 x, y = self.split_batch(batch)
-                device = next(iter(params.values())).device
-                grads = per_example(params, x.to(device), y.to(device))
-                for name, g in grads.items():
-                    total[name] += g.pow(2).sum(0)
-                count += len(y)
+                calls.clear()
+                logits = model(x.to(device))
+                rows = len(y)
+                if len(calls) != len(linears) or any(
+                    len(c) != 1 or c[0][0].dim() != 2 or len(c[0][0]) != rows
+                    for c in calls.values()
+                ):
+                    return None, 0
+                log_likelihood = -F.cross_entropy(logits, y.to(device), reduction="sum")
+                names = list(calls)
+                deltas = torch.autograd.grad(
+                    log_likelihood, [calls[n][0][1] for n in names], allow_unused=True
+                )
+                for name, delta in zip(names, deltas, strict=True):
+                    if delta is None:  # the layer's output does not reach the logits
+                        continue
+                    a, d2 = calls[name][0][0], delta.pow(2)
+                    module, prefix = linears[name], f"{name}." if name else ""
+                    if module.weight.requires_grad:
+                        total[f"{prefix}weight"] += d2.T @ a.pow(2)
+                    if module.bias is not None and module.bias.requires_grad:
+                        total[f"{prefix}bias"] += d2.sum(0)
+                count += rows
         finally:
-            model.train(was_training)
-        if count == 0:
-            raise ValueError("EWC: the finished task's training data is empty.")
-        return {name: t / count for name, t in total.items()}
+            for handle in handles:
+                handle.remove()
+        return total, count
 
     def consolidate(self, model: nn.Module, dataloader: DataLoader) -> None:
         """Close a task: store its Fisher over ``dataloader`` and the current weights."""
-        self.fishers.append(self.fisher(model, dataloader))
-        self.anchors.append(
-            {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-        )
+        fisher = self.fisher(model, dataloader)
+        anchor = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        self.fishers.append(fisher)
+        self.anchors.append(anchor)
+        self._accumulate(fisher, anchor)
+
+    def _accumulate(self, fisher: dict[str, Tensor], anchor: dict[str, Tensor]) -> None:
+        # Σ_t F_t(θ − θ*_t) = (Σ_t F_t)·θ − Σ_t F_t·θ*_t: two running sums, one fused op per step
+        for name, f in fisher.items():
+            if name in self._fisher_sum:
+                self._fisher_sum[name] += f
+                self._anchored_sum[name] += f * anchor[name]
+            else:
+                self._fisher_sum[name] = f.clone()
+                self._anchored_sum[name] = f * anchor[name]
 
     # ------------------------------------------------------------------ the penalty
 
@@ -136,19 +212,13 @@ class EWC(Callback):
 
     @torch.no_grad()
     def add_penalty_gradient(self, model: nn.Module) -> None:
-        """Add ``λ Σ_t F_t (θ − θ*_t)`` to every parameter's gradient."""
+        """Add ``λ Σ_t F_t (θ − θ*_t)``, the penalty's gradient, to every parameter's gradient."""
         if not self.fishers or self.ewc_lambda == 0:
             return
         for name, param in model.named_parameters():
-            if name not in self.fishers[0]:
+            if name not in self._fisher_sum:
                 continue
-            g = sum(
-                (
-                    f[name] * (param - a[name])
-                    for f, a in zip(self.fishers, self.anchors, strict=True)
-                ),
-                torch.zeros_like(param),
-            )
+            g = torch.addcmul(-self._anchored_sum[name], self._fisher_sum[name], param)
             g.mul_(self.ewc_lambda)
             if param.grad is None:
                 param.grad = g
@@ -183,5 +253,22 @@ class EWC(Callback):
         return {"fishers": self.fishers, "anchors": self.anchors}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.fishers = list(state_dict["fishers"])
-        self.anchors = list(state_dict["anchors"])
+        self.fishers, self.anchors = [], []
+        self._fisher_sum, self._anchored_sum = {}, {}
+        for fisher, anchor in zip(state_dict["fishers"], state_dict["anchors"], strict=True):
+            self.fishers.append(fisher)
+            self.anchors.append(anchor)
+            self._accumulate(fisher, anchor)
+
+
+def _linear_only(model: nn.Module) -> bool:
+    """Every trainable parameter belongs to an ``nn.Linear`` (and none is shared)."""
+    in_linears = [
+        id(p)
+        for m in model.modules()
+        if isinstance(m, nn.Linear)
+        for p in m.parameters(recurse=False)
+        if p.requires_grad
+    ]
+    trainable = [id(p) for p in model.parameters() if p.requires_grad]
+    return bool(trainable) and sorted(in_linears) == sorted(trainable)

@@ -126,6 +126,44 @@ def test_fisher_anchor_penalty_and_gradient_match_the_formulas() -> None:
     assert float(model.b.grad) == pytest.approx(grad_b, rel=1e-10)
 
 
+class PairMean(nn.Module):
+    """A Linear applied to two rows per example (then averaged): no closed form, vmap path."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.Linear(3, 5)
+        self.out = nn.Linear(5, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out(torch.tanh(self.inner(x.view(len(x), 2, 3))).mean(1))
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 4)),  # closed form
+        lambda: nn.Linear(6, 4),  # the model is the layer
+        PairMean,  # torch.func
+    ],
+)
+def test_fisher_matches_a_per_example_autograd_loop(make) -> None:
+    torch.manual_seed(0)
+    model = make().double()
+    x, y = torch.randn(23, 6, dtype=torch.float64), torch.randint(0, 4, (23,))
+    fisher = EWC().fisher(model, DataLoader(TensorDataset(x, y), batch_size=5))
+
+    expected = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+    for xi, yi in zip(x, y, strict=True):
+        model.zero_grad()
+        (-F.cross_entropy(model(xi[None]), yi[None])).backward()
+        for n, p in model.named_parameters():
+            assert p.grad is not None
+            expected[n] += p.grad.pow(2) / len(x)
+    assert fisher.keys() == expected.keys()
+    for name, value in expected.items():
+        torch.testing.assert_close(fisher[name], value, rtol=1e-10, atol=1e-14)
+
+
 def test_zero_lambda_is_plain_fine_tuning() -> None:
     with_ewc, plain = TwoParameters(), TwoParameters()
     ewc = EWC(ewc_lambda=0.0)
