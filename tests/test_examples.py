@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from examples import classifier, continual, drift, sweep
+from examples import baselines, classifier, continual, drift, sweep
 
 CONFIGS = Path(__file__).resolve().parent.parent / "examples" / "configs"
 TINY = [
@@ -119,3 +119,51 @@ def test_drift_smoke(tmp_path: Path) -> None:
     for row in rows:
         assert len(row["test"]) == 2 and all(0 <= a <= 1 for a in row["test"])
         assert row["fit_s"] > 0 and row["test_s"] >= 0
+
+
+def test_baselines_table(tmp_path: Path) -> None:
+    """Every row of examples/baselines.py on the imbalanced stream, tiny budget."""
+    result = baselines.main(
+        [
+            "--config", str(CONFIGS / "imbalanced.yaml"), *TINY,
+            "--out_dir", str(tmp_path),
+            "--ewc_lambdas", "0", "1000",
+        ]
+    )  # fmt: skip
+    rows = {row["name"]: row for row in result["rows"]}
+    assert [row["name"] for row in result["rows"]] == list(baselines.ROWS)
+    assert result["tasks"] == ["0-4", "5-9"] and result["rare_task"] == 0
+    seen = np.triu(np.ones((2, 2), dtype=bool))
+    for row in result["rows"]:
+        acc = np.asarray(row["test"], dtype=float)
+        assert acc.shape == (2, 2)
+        assert np.isfinite(acc[seen]).all() and np.isnan(acc[~seen]).all()
+        assert ((acc[seen] >= 0) & (acc[seen] <= 1)).all()
+        # test accuracies of 60 images per task: multiples of 1/60
+        np.testing.assert_allclose(acc[seen] * 60, np.round(acc[seen] * 60), atol=1e-4)
+        assert row["final"] == acc[:, -1].tolist()
+        assert row["final_average"] == pytest.approx(acc[:, -1].mean())
+        assert row["rare"] == acc[0, -1]  # the first task's classes, after the last task
+        assert len(row["val"]) == 2 and all(0 <= a <= 1 for a in row["val"])
+        assert row["wall_s"] == pytest.approx(row["fit_s"] + row["test_s"]) and row["fit_s"] > 0
+    # same seed, model and data: the rows that train alike train the same weights
+    np.testing.assert_array_equal(rows["mbpa_pixel"]["base"], rows["naive"]["test"])
+    np.testing.assert_array_equal(rows["mbpa_hidden"]["base"], rows["replay"]["test"])
+    assert rows["naive"]["base"] is None and rows["replay"]["base"] is None
+    # lambda is chosen on validation; lambda=0 trains exactly the naive weights
+    search = result["ewc_search"]
+    assert set(search) == {"0", "1000"}
+    assert search["0"] == pytest.approx(rows["naive"]["val_average"])
+    chosen = rows["ewc"]["extra"]["ewc_lambda"]
+    assert search[f"{chosen:g}"] == max(search.values())
+    assert "ewc_lambda" not in rows["naive"]["extra"]
+
+    written = json.loads((tmp_path / "imbalanced_baselines.json").read_text())
+    assert [row["label"] for row in written["rows"]] == [
+        label for label, _ in baselines.ROWS.values()
+    ]
+    assert (tmp_path / "imbalanced_baselines.png").stat().st_size > 0
+    report = baselines.report(result)
+    for label, _ in baselines.ROWS.values():
+        assert label in report
+    assert "rare 0-4" in report and "MbPA, hidden keys minus each row" in report
