@@ -937,6 +937,11 @@ class EpisodicMemory:
         self.__init__(**payload["config"])  # type: ignore[misc]
         self.load_state_dict(payload["state"])
 
+    @property
+    def config(self) -> dict[str, Any]:
+        """The constructor arguments: ``EpisodicMemory(**memory.config)`` is an empty twin."""
+        return self._config()
+
     def _config(self) -> dict[str, Any]:
         return {
             "capacity": self._capacity,
