@@ -261,8 +261,8 @@ class Adapter:
             return outputs[safe].to(indices.device)
         assert self._slot_row is not None
         flat = safe.reshape(-1)
-        rows = self._slot_row[flat]
-        missing = rows < 0
+        slot_rows = self._slot_row[flat]
+        missing = slot_rows < 0
         if bool(missing.any()):
             new = torch.unique(flat[missing])
             start = self._slot_rows_used
@@ -277,8 +277,8 @@ class Adapter:
             outputs[start:stop] = _head_outputs(head, keys[new])
             self._slot_row[new] = torch.arange(start, stop, dtype=torch.int32)
             self._slot_rows_used = stop
-            rows = self._slot_row[flat]
-        table = outputs[rows.long()]
+            slot_rows = self._slot_row[flat]
+        table = outputs[slot_rows.long()]
         return table.view(*indices.shape, table.shape[-1]).to(indices.device)
 
     @property
@@ -316,10 +316,10 @@ class Adapter:
         pl_module.log("mbpa/memory_size", float(memory_len), sync_dist=True, reduce_fx="max")
         # Every rank makes the same calls, whatever its own batches held: each synced log and
         # each metric's compute is a collective, and a call one rank skips would hang the others.
-        classes = 0 if self.base_acc is None else getattr(self.base_acc, "num_classes", 1)
-        adapted = self.seconds > 0
+        classes = 0 if self.base_acc is None else int(getattr(self.base_acc, "num_classes", 1))
+        adapted = int(self.seconds > 0)
         if strategy is not None:
-            flags = torch.tensor([classes, int(adapted)], device=pl_module.device)
+            flags = torch.tensor([classes, adapted], device=pl_module.device)
             classes, adapted = (int(v) for v in strategy.reduce(flags, reduce_op="max"))
         if adapted:
             rate = self.queries / self.seconds if self.seconds > 0 else 0.0

@@ -18,7 +18,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
-from lightning.fabric.utilities.apply_func import move_data_to_device
+from lightning.fabric.utilities import move_data_to_device
 from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities import rank_zero_info
@@ -259,7 +259,7 @@ class Drift:
                 keys = embed(pl_module, move_data_to_device(inputs, device))
                 logits = head(_checked_keys(keys, len(slots)))
                 loss = _replay_loss(logits, labels, self.head.name)
-            grads = torch.autograd.grad(
+            grads: tuple[Tensor | None, ...] = torch.autograd.grad(
                 loss * scale if scale != 1.0 else loss, params, allow_unused=True
             )
         if strategy is not None:  # every rank replayed the same slots: average anyway

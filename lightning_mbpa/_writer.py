@@ -233,7 +233,8 @@ class Writer:
         payload = None if payload_of is None else payload_of(inputs[0], labels, len(inputs))
         if strategy is not None:
             if payload is None:
-                pairs = [_gather(strategy, keys.float(), values) for keys, values in pairs]
+                gathered = [_gather(strategy, keys.float(), values) for keys, values in pairs]
+                pairs = [(keys, values) for keys, values in gathered]
             else:  # stored inputs: exactly one pair, gathered with its inputs
                 ((keys, values),) = pairs
                 keys, values, *rows = _gather(strategy, keys.float(), values, *payload.values())

@@ -20,8 +20,8 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from lightning_mbpa._drift import Drift
 from lightning_mbpa import EpisodicMemory, MbPA
+from lightning_mbpa._drift import Drift
 from tests.helpers import (
     TinyClassifier,
     assert_bit_identical,
@@ -386,7 +386,10 @@ def test_replay_gradients_are_unscaled_under_16_mixed(data):
     precision = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", 2.0**16))
     run = trainer(callbacks=[before, cb, after], max_steps=2, plugins=[precision])
     run.fit(model, loader(x, y))
-    inputs, labels = cb.memory.payload["0"][cb._drift.replay_slots], cb.memory.values[cb._drift.replay_slots]
+    inputs, labels = (
+        cb.memory.payload["0"][cb._drift.replay_slots],
+        cb.memory.values[cb._drift.replay_slots],
+    )
     w2, b2, w1, b1 = (p.requires_grad_() for p in after.params[1])
     loss = F.cross_entropy(F.linear(F.relu(F.linear(inputs, w1, b1)), w2, b2), labels)
     expected = torch.autograd.grad(loss, [w2, b2, w1, b1])  # float32, by hand
