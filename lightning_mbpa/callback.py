@@ -43,7 +43,8 @@ from typing_extensions import override
 
 from lightning_mbpa._adapter import Adapter, AdaptSettings
 from lightning_mbpa._arguments import check_arguments
-from lightning_mbpa._checks import labels_outside, module_device, sentence
+from lightning_mbpa._checkpoint import build_memory, read_checkpoint
+from lightning_mbpa._checks import module_device, sentence
 from lightning_mbpa._drift import Drift
 from lightning_mbpa._head import HeadBinding, linear_names
 from lightning_mbpa._writer import Writer
@@ -55,12 +56,6 @@ from lightning_mbpa.batches import (
     slice_inputs,
 )
 from lightning_mbpa.memory import EpisodicMemory
-
-_CONVENIENCE_DEFAULTS: tuple[tuple[str, Any], ...] = (
-    ("memory_size", 100_000),
-    ("eviction", "fifo"),
-    ("index", "Flat"),
-)
 
 
 class MbPA(Callback):
@@ -213,7 +208,7 @@ class MbPA(Callback):
             None if replay_every_n_steps is None else int(replay_every_n_steps)
         )
         self.replay_batch_size = int(replay_batch_size)
-        self._memory = _build_memory(memory, memory_size, eviction, index, self.seed)
+        self._memory = build_memory(memory, memory_size, eviction, index, self.seed)
         self._head = HeadBinding(head)
         self._writer = Writer(self._memory, self._head, seed=self.seed)
         self._adapter = Adapter(self._head)
@@ -753,75 +748,28 @@ class MbPA(Callback):
         checkpoint leaves the callback and its memory exactly as they were."""
         if not self.save_memory or not state_dict:
             return
-        saved_head = state_dict.get("head")
-        if saved_head is not None and not (isinstance(saved_head, str) and saved_head):
-            raise MisconfigurationException(
-                f"MbPA: the checkpoint's MbPA 'head' entry is {saved_head!r}, not a module name; "
-                "the checkpoint is corrupted or was written by another callback."
-            )
-        if self.head is not None and saved_head is not None and saved_head != self.head:
-            raise MisconfigurationException(
-                f"MbPA(head={self.head!r}): the checkpoint's memory was written from head "
-                f"{saved_head!r}. Use head={saved_head!r} or clear the memory."
-            )
-        memory_state = state_dict.get("memory")
-        if not isinstance(memory_state, dict):
-            raise MisconfigurationException(
-                "MbPA: the checkpoint's MbPA state has no 'memory' entry; it is truncated or "
-                "was written by another callback."
-            )
-        write_generator = _saved_generator(state_dict, "write_generator")
-        replay_generator = _saved_generator(state_dict, "replay_generator")
         module = self._module_ref() if self._module_ref is not None else None
-        head, head_name = self._head.module, self._head.name
-        if saved_head is not None and (head is None or saved_head != head_name):
-            head_name = saved_head  # the memory's keys are this module's inputs
-            head = None
-            if module is not None:
-                try:
-                    head = HeadBinding.resolve(module, saved_head)
-                except MisconfigurationException as err:
-                    raise MisconfigurationException(
-                        f"MbPA: the checkpoint's memory was written from head {saved_head!r}, "
-                        f"which this model lacks. {err}"
-                    ) from err
-        keys, values = memory_state.get("keys"), memory_state.get("values")
-        if isinstance(keys, Tensor) and keys.dim() == 2 and keys.shape[0] > 0:
-            self._head.check_width(keys.shape[1], head, head_name)
-        problem = (
-            labels_outside(values, self._head.out_features(head))
-            if isinstance(values, Tensor) and not values.is_floating_point()
-            else None
+        saved = read_checkpoint(
+            state_dict,
+            self._head,
+            configured_head=self.head,
+            model=module,
+            capacity=self._memory.capacity,
+            store_inputs=self.store_inputs,
         )
-        if problem is not None:
-            raise MisconfigurationException(
-                f"MbPA: the checkpoint's memory holds labels {problem[1]}, but the head "
-                f"{head_name!r} needs {problem[0]}; it was written by another model or is "
-                "corrupted. Use a fresh MbPA callback with `save_memory=False` to ignore it."
-            )
-        capacity = memory_state.get("capacity")
-        own = self._memory.capacity
-        if isinstance(capacity, Tensor) and capacity.numel() == 1 and int(capacity) != own:
-            raise MisconfigurationException(
-                f"MbPA(memory_size={own}): the checkpoint's memory has capacity "
-                f"{int(capacity.item())}; use memory_size={int(capacity.item())} to restore it "
-                "(or a memory of that capacity), or save_memory=False to ignore it."
-            )
-        structure = state_dict.get("inputs_structure")
-        memory_state = Drift.checked_memory_state(memory_state, structure, self.store_inputs)
         try:
-            self.memory.load_state_dict(memory_state)  # validates everything before mutating
+            self.memory.load_state_dict(saved.memory_state)  # validates everything before mutating
         except ValueError as err:
             raise MisconfigurationException(
                 f"MbPA: cannot restore the memory from the checkpoint: {err}"
             ) from err
-        self._head.module, self._head.name = head, head_name
-        if write_generator is not None:
-            self._writer.generator = write_generator
-        if replay_generator is not None:
-            self._drift.replay_generator = replay_generator
+        self._head.module, self._head.name = saved.head_module, saved.head_name
+        if saved.write_generator is not None:
+            self._writer.generator = saved.write_generator
+        if saved.replay_generator is not None:
+            self._drift.replay_generator = saved.replay_generator
         self._adapter.invalidate()
-        self._drift.inputs_structure = structure if self.store_inputs else None
+        self._drift.inputs_structure = saved.inputs_structure if self.store_inputs else None
 
     # ------------------------------------------------------------------ populate / refresh
     @torch.no_grad()
@@ -890,44 +838,3 @@ class MbPA(Callback):
             )
         self._adapter.invalidate()
         return n
-
-
-def _build_memory(
-    memory: EpisodicMemory | None, memory_size: int, eviction: str, index: str, seed: int
-) -> EpisodicMemory:
-    """The callback's memory: ``memory`` itself, or one built from the convenience arguments."""
-    if memory is not None:
-        if not isinstance(memory, EpisodicMemory):
-            raise MisconfigurationException(
-                f"MbPA(`memory`={memory!r}) is invalid: expected an EpisodicMemory or None."
-            )
-        given = {"memory_size": memory_size, "eviction": eviction, "index": index}
-        clashes = [name for name, default in _CONVENIENCE_DEFAULTS if given[name] != default]
-        if clashes:
-            named = ", ".join(f"`{name}`={given[name]!r}" for name in clashes)
-            raise MisconfigurationException(
-                f"MbPA(`memory`=EpisodicMemory(...), {named}): give the memory's settings in one "
-                f"place; {named} only build a memory when `memory` is None. Set them on the "
-                "EpisodicMemory (capacity, eviction, index) or leave `memory` out."
-            )
-        return memory
-    try:
-        return EpisodicMemory(capacity=memory_size, eviction=eviction, index=index, seed=seed)  # type: ignore[arg-type]
-    except ValueError as err:
-        raise MisconfigurationException(f"MbPA: {err}") from err
-
-
-def _saved_generator(state_dict: dict[str, Any], name: str) -> torch.Generator | None:
-    """The generator a checkpoint's ``name`` entry holds (None if absent); raises if corrupted."""
-    state = state_dict.get(name)
-    if state is None:
-        return None
-    generator = torch.Generator()
-    try:
-        generator.set_state(state)
-    except (RuntimeError, TypeError) as err:
-        raise MisconfigurationException(
-            f"MbPA: the checkpoint's {name!r} entry is not a CPU generator state ({err}); the "
-            "checkpoint is corrupted."
-        ) from err
-    return generator
