@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from torch import nn
+from torch import Tensor, nn
 
 
 def linear_names(module: nn.Module) -> list[str]:
@@ -81,6 +81,28 @@ class HeadBinding:
                 "name it with `head=...`."
             )
         return self.module
+
+    def embed(self, model: nn.Module, inputs: Any) -> Tensor:
+        """The head's input in ``model(inputs)`` (``MbPA.embed``'s default), with its graph."""
+        head = self.require()
+        captured: list[Tensor] = []
+
+        def capture(module: nn.Module, args: tuple[Any, ...]) -> None:
+            if args and isinstance(args[0], Tensor):
+                captured.append(args[0])
+
+        handle = head.register_forward_pre_hook(capture)
+        try:
+            model(inputs)
+        finally:
+            handle.remove()
+        if len(captured) != 1:
+            raise MisconfigurationException(
+                f"MbPA.embed: the head {self.name!r} ran {len(captured)} times in one "
+                "forward pass over stored inputs; keys need exactly one head call. Override "
+                "`MbPA.embed` to say which input is the key."
+            )
+        return captured[0]
 
     # ---- geometry
     def in_features(self, module: nn.Module | None = None) -> int | None:

@@ -353,25 +353,7 @@ class MbPA(Callback):
         differentiates through it, so an override must keep the autograd graph). Override in a
         subclass when the forward pass does more than the embedding needs.
         """
-        head = self._head.require()
-        captured: list[Tensor] = []
-
-        def capture(module: nn.Module, args: tuple[Any, ...]) -> None:
-            if args and isinstance(args[0], Tensor):
-                captured.append(args[0])
-
-        handle = head.register_forward_pre_hook(capture)
-        try:
-            pl_module(inputs)
-        finally:
-            handle.remove()
-        if len(captured) != 1:
-            raise MisconfigurationException(
-                f"MbPA.embed: the head {self._head.name!r} ran {len(captured)} times in one "
-                "forward pass over stored inputs; keys need exactly one head call. Override "
-                "`MbPA.embed` to say which input is the key."
-            )
-        return captured[0]
+        return self._head.embed(pl_module, inputs)
 
     # ------------------------------------------------------------------ Lightning hooks
     @override
@@ -618,27 +600,8 @@ class MbPA(Callback):
             self._adapter.attach()
         self._writer.capturing = self._writer.installed and trainer.testing and self.online_writes
 
-    @override
-    def on_test_batch_start(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        self.on_validation_batch_start(trainer, pl_module, batch, batch_idx, dataloader_idx)
-
-    @override
-    def on_predict_batch_start(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        self.on_validation_batch_start(trainer, pl_module, batch, batch_idx, dataloader_idx)
+    on_test_batch_start = on_validation_batch_start
+    on_predict_batch_start = on_validation_batch_start
 
     @override
     def on_validation_batch_end(
