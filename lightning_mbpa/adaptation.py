@@ -216,6 +216,7 @@ def local_adapt(
         stack.enter_context(_autocast_disabled(device_type))
         labels = torch.where(valid, labels, torch.zeros_like(labels)).long()
         if dual:
+            assert linear is not None  # dual form only for a Linear head
             with torch.no_grad():
                 adapted = _adapt_linear_dual_chunked(
                     linear,
@@ -553,6 +554,7 @@ def _adapt_generic(
         outputs = []
         for start in range(0, keys.shape[0], chunk):
             part = slice(start, start + chunk)
+            products: tuple[Tensor, ...]
             if first is None:
                 inputs, query_inputs, products = keys[part], queries[part], ()
             else:  # per chunk: the first layer's outputs count against the budget too

@@ -16,33 +16,38 @@ current weights, and ``replay_every_n_steps`` can replay stored examples during 
 experience replay, de Masson d'Autume et al., "Episodic Memory in Lifelong Language Learning",
 NeurIPS 2019, arXiv:1906.01076, "MbPA++").
 
-This module holds the configuration, the Lightning hooks, checkpointing and the extension points;
-the work is in three mixins, one module each: ``_writes`` (capture and writing during ``fit``),
-``_adapting`` (the head's adapted output at test time) and ``_drift`` (stored inputs, refreshed
-keys, replay).
+This module holds the configuration, the Lightning hooks, checkpointing and the extension points.
+The callback owns one memory and four parts, each with its own state: the head binding
+(``_head``), the writer (``_writer``: capture hooks, staging, checks), the adapter
+(``_adapter``: the adapt hook, its caches and metrics) and the drift part (``_drift``: stored
+inputs, refresh, replay).
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-import torchmetrics
-from lightning.fabric.utilities.apply_func import move_data_to_device
+from lightning.fabric.utilities import move_data_to_device
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from lightning_utilities.core.rank_zero import WarningCache
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor, nn
-from torch.utils.hooks import RemovableHandle
+from typing_extensions import override
 
-from lightning_mbpa._adapting import _AdaptsPredictions
-from lightning_mbpa._drift import _KeyDrift, _module_device
-from lightning_mbpa._writes import _labels_outside, _MemoryWrites, _sentence
+from lightning_mbpa._adapter import Adapter, AdaptSettings
+from lightning_mbpa._arguments import check_arguments
+from lightning_mbpa._checkpoint import build_memory, read_checkpoint
+from lightning_mbpa._checks import module_device, sentence
+from lightning_mbpa._drift import Drift
+from lightning_mbpa._head import HeadBinding, linear_names
+from lightning_mbpa._writer import Writer
 from lightning_mbpa.batches import (
     as_label_tensor,
     describe,
@@ -52,16 +57,8 @@ from lightning_mbpa.batches import (
 )
 from lightning_mbpa.memory import EpisodicMemory
 
-Stage = Literal["validate", "test", "predict"]
-_STAGES: tuple[str, ...] = ("validate", "test", "predict")
-_REFRESH: tuple[str, ...] = ("never", "on_test", "epoch_end")
 
-
-def _linear_names(module: nn.Module) -> list[str]:
-    return [name for name, sub in module.named_modules() if isinstance(sub, nn.Linear) and name]
-
-
-class MbPA(_MemoryWrites, _KeyDrift, _AdaptsPredictions, Callback):
+class MbPA(Callback):
     r"""Memory-based Parameter Adaptation (Sprechmann et al., 2018) as a Lightning callback.
 
     Attach it to a ``Trainer``: ``fit`` fills an episodic memory with the head inputs and labels
@@ -70,10 +67,18 @@ class MbPA(_MemoryWrites, _KeyDrift, _AdaptsPredictions, Callback):
     ``θx ← θx − adaptation_lr·∇Σ_k w_k·CE(g_θx(h_k), y_k) − beta·(θx − θ)``, then thrown away.
 
     Args:
+        memory: The episodic memory to write and search (an :class:`EpisodicMemory`, e.g. from
+            YAML ``memory: {class_path: lightning_mbpa.EpisodicMemory, init_args: {capacity:
+            500, index: HNSW32, index_params: efSearch=64}}``); its own configuration
+            (capacity, eviction, index, backend, device, index_params) is the truth, and
+            ``memory_size``, ``eviction`` and ``index`` read it. ``None``: a memory built from
+            ``memory_size``, ``eviction``, ``index`` and ``seed``; giving both a memory and one
+            of those three is an error.
         head: Dotted name of the output head (``pl_module.get_submodule(head)``), e.g.
             ``"model.classifier"``. ``None``: the ``nn.Linear`` that runs last in the forward
             pass, found by execution order on the first batch.
-        memory_size: Capacity of the episodic memory (number of examples).
+        memory_size: Capacity of the episodic memory (number of examples), when ``memory`` is
+            not given.
         k: Number of nearest memories each query adapts on.
         adaptation_steps: Gradient steps of local adaptation per query (0 disables it).
         adaptation_lr: Step size ``α`` of local adaptation.
@@ -121,6 +126,12 @@ class MbPA(_MemoryWrites, _KeyDrift, _AdaptsPredictions, Callback):
         replay_batch_size: Stored examples per replay step (MbPA++ replays about 1% of the
             examples seen: ``replay_batch_size / (replay_every_n_steps * batch size)``).
 
+    Errors: a bad argument or setup (a missing head, a memory that does not fit the model or
+    a checkpoint that does not fit the callback) raises ``MisconfigurationException`` naming
+    the argument, the value and what is allowed; bad data (labels the head cannot predict,
+    unusable label tensors) raises ``ValueError`` at the batch that carries it; non-finite head
+    inputs are refused with a warning. Nothing of a refused batch or checkpoint is kept.
+
     Training writes are staged in a small buffer and reach the memory in bulk; reading
     ``mbpa.memory`` (and every epoch end, checkpoint and stage start) writes what is staged, so
     whoever looks sees every finished batch.
@@ -154,114 +165,39 @@ class MbPA(_MemoryWrites, _KeyDrift, _AdaptsPredictions, Callback):
         refresh_batch_size: int = 1024,
         replay_every_n_steps: int | None = None,
         replay_batch_size: int = 64,
+        memory: EpisodicMemory | None = None,
     ) -> None:
         super().__init__()
-        _check(
-            head is None or (isinstance(head, str) and head != ""),
-            "head",
-            head,
-            "a non-empty dotted module name or None",
+        self.adapt_on = check_arguments(
+            head=head,
+            memory_size=memory_size,
+            k=k,
+            adaptation_steps=adaptation_steps,
+            adaptation_lr=adaptation_lr,
+            beta=beta,
+            kernel_eps=kernel_eps,
+            label_key=label_key,
+            eviction=eviction,
+            index=index,
+            write_fraction=write_fraction,
+            adapt_on=adapt_on,
+            online_writes=online_writes,
+            save_memory=save_memory,
+            seed=seed,
+            store_inputs=store_inputs,
+            refresh_keys=refresh_keys,
+            refresh_batch_size=refresh_batch_size,
+            replay_every_n_steps=replay_every_n_steps,
+            replay_batch_size=replay_batch_size,
         )
-        _check(_is_int(memory_size) and memory_size >= 1, "memory_size", memory_size, "an int >= 1")
-        _check(_is_int(k) and k >= 1, "k", k, "an int >= 1")
-        _check(
-            _is_int(adaptation_steps) and adaptation_steps >= 0,
-            "adaptation_steps",
-            adaptation_steps,
-            "an int >= 0",
-        )
-        _check(
-            _is_real(adaptation_lr) and adaptation_lr >= 0,
-            "adaptation_lr",
-            adaptation_lr,
-            "a finite float >= 0",
-        )
-        _check(_is_real(beta) and 0 <= beta <= 1, "beta", beta, "a float in [0, 1]")
-        _check(
-            _is_real(kernel_eps) and kernel_eps > 0, "kernel_eps", kernel_eps, "a finite float > 0"
-        )
-        _check(
-            label_key is None
-            or (isinstance(label_key, (str, int)) and not isinstance(label_key, bool)),
-            "label_key",
-            label_key,
-            "a str, an int or None",
-        )
-        _check(eviction in ("fifo", "reservoir"), "eviction", eviction, "'fifo' or 'reservoir'")
-        _check(
-            isinstance(index, str) and index.strip() != "",
-            "index",
-            index,
-            "a faiss index_factory string such as 'Flat' or 'HNSW32'",
-        )
-        _check(
-            _is_real(write_fraction) and 0 < write_fraction <= 1,
-            "write_fraction",
-            write_fraction,
-            "a float in (0, 1]",
-        )
-        if isinstance(adapt_on, str):
-            adapt_on = (adapt_on,)
-        _check(
-            isinstance(adapt_on, Iterable) and all(stage in _STAGES for stage in adapt_on),
-            "adapt_on",
-            adapt_on,
-            f"a list of stages from {list(_STAGES)}",
-        )
-        adapt_on = list(adapt_on)
-        _check(isinstance(online_writes, bool), "online_writes", online_writes, "a bool")
-        _check(isinstance(save_memory, bool), "save_memory", save_memory, "a bool")
-        _check(_is_int(seed), "seed", seed, "an int")
-        _check(isinstance(store_inputs, bool), "store_inputs", store_inputs, "a bool")
-        _check(refresh_keys in _REFRESH, "refresh_keys", refresh_keys, f"one of {list(_REFRESH)}")
-        _check(
-            _is_int(refresh_batch_size) and refresh_batch_size >= 1,
-            "refresh_batch_size",
-            refresh_batch_size,
-            "an int >= 1",
-        )
-        _check(
-            replay_every_n_steps is None
-            or (_is_int(replay_every_n_steps) and replay_every_n_steps >= 1),
-            "replay_every_n_steps",
-            replay_every_n_steps,
-            "an int >= 1 or None (no replay)",
-        )
-        _check(
-            _is_int(replay_batch_size) and replay_batch_size >= 1,
-            "replay_batch_size",
-            replay_batch_size,
-            "an int >= 1",
-        )
-        _check(
-            len(adapt_on) > 0 or replay_every_n_steps is not None,
-            "adapt_on",
-            adapt_on,
-            f"a non-empty list of stages from {list(_STAGES)}, unless replay_every_n_steps is "
-            "set (without adaptation or replay nothing reads the memory)",
-        )
-        for name, value, off in (
-            ("refresh_keys", refresh_keys, "'never'"),
-            ("replay_every_n_steps", replay_every_n_steps, "None"),
-        ):
-            if value not in ("never", None) and not store_inputs:
-                raise MisconfigurationException(
-                    f"MbPA(`{name}`={value!r}) needs `store_inputs`=True: it recomputes keys "
-                    f"from the stored model inputs. Set store_inputs=True or {name}={off}."
-                )
-
         self.head = head
-        self.memory_size = int(memory_size)
         self.k = int(k)
         self.adaptation_steps = int(adaptation_steps)
         self.adaptation_lr = float(adaptation_lr)
         self.beta = float(beta)
         self.kernel_eps = float(kernel_eps)
         self.label_key = label_key
-        self.eviction = eviction
-        self.index = index
         self.write_fraction = float(write_fraction)
-        self.adapt_on = tuple(dict.fromkeys(adapt_on))
         self.online_writes = online_writes
         self.save_memory = save_memory
         self.seed = int(seed)
@@ -272,57 +208,19 @@ class MbPA(_MemoryWrites, _KeyDrift, _AdaptsPredictions, Callback):
             None if replay_every_n_steps is None else int(replay_every_n_steps)
         )
         self.replay_batch_size = int(replay_batch_size)
-        self._inputs_structure: str | None = None  # how stored input leaves join into inputs
+        self._memory = build_memory(memory, memory_size, eviction, index, self.seed)
+        self._head = HeadBinding(head)
+        self._writer = Writer(self._memory, self._head, seed=self.seed)
+        self._adapter = Adapter(self._head)
+        self._drift = Drift(self._head, seed=self.seed + 1)
+        self._init_transient()
 
-        try:
-            self.memory = EpisodicMemory(
-                capacity=self.memory_size, eviction=eviction, index=index, seed=self.seed
-            )
-        except ValueError as err:
-            raise MisconfigurationException(f"MbPA: {err}") from err
-        self._write_generator = torch.Generator().manual_seed(self.seed)
-        self._replay_generator = torch.Generator().manual_seed(self.seed + 1)
-        #: Seconds spent recomputing stored keys so far (every refresh of this callback).
-        self.refresh_seconds = 0.0
-        self._init_runtime_state()
-
-    # ------------------------------------------------------------------ runtime state
-    def _init_runtime_state(self) -> None:
+    def _init_transient(self) -> None:
+        """The run the callback is attached to (never pickled)."""
         self._module_ref: weakref.ReferenceType[nn.Module] | None = None
-        self._strategy: Any = None  # set when training on several processes
-        self._head_module: nn.Module | None = None
-        self._head_name: str | None = getattr(self, "_head_name", None) or self.head
-        self._capture_handles: list[RemovableHandle] = []
-        self._adapt_handle: RemovableHandle | None = None
-        self._discovering = False
-        self._capturing = False
-        self._captured: list[tuple[nn.Module, Tensor]] = []
-        self._adapted_calls: list[tuple[Tensor, Tensor, Tensor]] = []
-        self._head_called_in_stage = False
-        self._adapting_stage: str | None = None
-        self._slot_outputs: Tensor | None = None
-        self._slot_row: Tensor | None = None  # CPU: row of each slot in _slot_outputs, or -1
-        self._slot_rows_used = 0
-        self._slot_version = -1  # the memory's version the cache was made for
-        self._base_acc: torchmetrics.Metric | None = None
-        self._adapted_acc: torchmetrics.Metric | None = None
-        self._queries = 0
-        self._adapt_seconds = 0.0
-        self._classes_seen: int | None = None  # outputs of the head, once it ran adapted
-        self._index_checked_dim: int | None = None  # key width the index was checked to take
-        self._warned_unmatched_calls = False  # head calls skipped for not matching the labels
-        self._labels_checked: int | None = None  # memory labels verified for this many classes
-        self._refused_batches = 0
-        self._refused_rows = 0
-        self._warnings = WarningCache()
-        self._replay_slots: Tensor | None = None  # the slots the last replay step used
-        self._last_refresh_seconds: float | None = None
-        # Write buffer: rows staged by `_add`, written to the memory in bulk by `_flush_writes`.
-        self._pending_keys: Tensor | None = None
-        self._pending_values: Tensor | None = None
-        self._pending_rows = 0
-        self._pending_sizes: list[int] = []  # rows of each staged `_add` call
+        self._strategy: Any = None  # set when running on several processes
 
+    # ------------------------------------------------------------------ the memory
     @property
     def memory(self) -> EpisodicMemory:
         """The episodic memory, with every write made so far in it.
@@ -331,71 +229,71 @@ class MbPA(_MemoryWrites, _KeyDrift, _AdaptsPredictions, Callback):
         rows instead of one per batch); reading this attribute writes what is staged first, and
         so do epoch ends, checkpoints and the start of validate/test/predict.
         """
-        self._flush_writes()
+        self._writer.flush()
         return self._memory
 
     @memory.setter
     def memory(self, memory: EpisodicMemory) -> None:
-        if getattr(self, "_pending_sizes", None):
-            self._flush_writes()
+        if not isinstance(memory, EpisodicMemory):
+            raise MisconfigurationException(
+                f"MbPA.memory must be an EpisodicMemory; got {type(memory).__name__}."
+            )
+        self._writer.rebind(memory, self._head)  # what was staged goes to the old memory
         self._memory = memory
-        self._index_checked_dim = None
+        self._adapter.invalidate()
 
+    @property
+    def memory_size(self) -> int:
+        """The memory's capacity."""
+        return self._memory.capacity
+
+    @property
+    def eviction(self) -> str:
+        """The memory's eviction policy."""
+        return self._memory.eviction
+
+    @property
+    def index(self) -> str:
+        """The memory's faiss index string."""
+        return self._memory.index_string
+
+    @property
+    def head_name(self) -> str | None:
+        """The dotted name of the head module, once known (given, or found on the first batch)."""
+        return self._head.name
+
+    @property
+    def refresh_seconds(self) -> float:
+        """Seconds spent recomputing stored keys so far (every refresh of this callback)."""
+        return self._drift.refresh_seconds
+
+    @property
+    def refused_batches(self) -> int:
+        """Training batches refused so far for non-finite head inputs."""
+        return self._writer.refused_batches
+
+    # ------------------------------------------------------------------ pickling
     def __getstate__(self) -> dict[str, Any]:
-        self._flush_writes()
-        state = self.__dict__.copy()
-        for transient in (
-            "_memory",
-            "_pending_keys",
-            "_pending_values",
-            "_pending_rows",
-            "_pending_sizes",
-            "_module_ref",
-            "_strategy",
-            "_head_module",
-            "_capture_handles",
-            "_adapt_handle",
-            "_captured",
-            "_adapted_calls",
-            "_slot_outputs",
-            "_slot_row",
-            "_base_acc",
-            "_adapted_acc",
-            "_warnings",
-        ):
-            state.pop(transient, None)
+        self._writer.flush()
+        state = {k: v for k, v in self.__dict__.items() if k not in ("_module_ref", "_strategy")}
         # bytes, not tensors: torch's multiprocessing pickler (ddp_spawn) would share tensors
         # through file descriptors, which fails for empty ones
         buffer = io.BytesIO()
-        torch.save(
-            {
-                "memory": self.memory.state_dict(),
-                "write_generator": self._write_generator.get_state(),
-                "replay_generator": self._replay_generator.get_state(),
-            },
-            buffer,
-        )
-        state["memory"] = buffer.getvalue()
-        state["_write_generator"] = None
-        state["_replay_generator"] = None
-        state.pop("_replay_slots", None)
+        torch.save({"config": self._memory.config, "state": self._memory.state_dict()}, buffer)
+        state["_memory"] = buffer.getvalue()
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         state = dict(state)
-        saved = torch.load(io.BytesIO(state.pop("memory")), weights_only=True)
+        saved = torch.load(io.BytesIO(state.pop("_memory")), weights_only=True)
         self.__dict__.update(state)
-        self._init_runtime_state()
-        self.memory = EpisodicMemory(
-            capacity=self.memory_size, eviction=self.eviction, index=self.index, seed=self.seed
-        )
-        self.memory.load_state_dict(saved["memory"])
-        self._write_generator = torch.Generator()
-        self._write_generator.set_state(saved["write_generator"])
-        self._replay_generator = torch.Generator()
-        self._replay_generator.set_state(saved["replay_generator"])
+        self._init_transient()
+        self._memory = EpisodicMemory(**saved["config"])
+        self._memory.load_state_dict(saved["state"])
+        self._writer.rebind(self._memory, self._head)
 
     @property
+    @override
     def state_key(self) -> str:
         """Checkpoint key: depends only on ``head``, so changing the adaptation settings between
         fit and test still restores the memory."""
@@ -404,11 +302,6 @@ class MbPA(_MemoryWrites, _KeyDrift, _AdaptsPredictions, Callback):
         if cached is None or cached[0] != self.head:
             cached = self._state_key_for = (self.head, self._generate_state_key(head=self.head))
         return cached[1]
-
-    @property
-    def head_name(self) -> str | None:
-        """The dotted name of the head module, once known (given, or found on the first batch)."""
-        return self._head_name
 
     # ------------------------------------------------------------------ extension points
     def extract_labels(self, batch: Any) -> Tensor | None:
@@ -440,7 +333,7 @@ class MbPA(_MemoryWrites, _KeyDrift, _AdaptsPredictions, Callback):
             return as_label_tensor(labels)
         except ValueError as err:
             raise ValueError(
-                f"MbPA: the batch's labels under {name!r} are unusable: {_sentence(err)} MbPA needs one "
+                f"MbPA: the batch's labels under {name!r} are unusable: {sentence(err)} MbPA needs one "
                 "integer class index per example: point `label_key=...` at the class labels, or "
                 "override `MbPA.extract_labels` to return them."
             ) from err
@@ -460,71 +353,12 @@ class MbPA(_MemoryWrites, _KeyDrift, _AdaptsPredictions, Callback):
         differentiates through it, so an override must keep the autograd graph). Override in a
         subclass when the forward pass does more than the embedding needs.
         """
-        head = self._require_head()
-        captured: list[Tensor] = []
-
-        def capture(module: nn.Module, args: tuple[Any, ...]) -> None:
-            if args and isinstance(args[0], Tensor):
-                captured.append(args[0])
-
-        handle = head.register_forward_pre_hook(capture)
-        try:
-            pl_module(inputs)
-        finally:
-            handle.remove()
-        if len(captured) != 1:
-            raise MisconfigurationException(
-                f"MbPA.embed: the head {self._head_name!r} ran {len(captured)} times in one "
-                "forward pass over stored inputs; keys need exactly one head call. Override "
-                "`MbPA.embed` to say which input is the key."
-            )
-        return captured[0]
-
-    # ------------------------------------------------------------------ head resolution
-    def _resolve_named_head(self, pl_module: nn.Module, name: str) -> nn.Module:
-        try:
-            module = pl_module.get_submodule(name)
-        except AttributeError:
-            module = None
-        if module is None or module is pl_module:
-            raise MisconfigurationException(
-                f"MbPA(head={name!r}): {type(pl_module).__name__} has no submodule {name!r}. "
-                f"Its nn.Linear modules are: {_linear_names(pl_module)}."
-            )
-        return module
-
-    def _set_head(self, pl_module: nn.Module, name: str) -> None:
-        self._head_module = self._resolve_named_head(pl_module, name)
-        self._head_name = name
-        self._check_memory_width(self.memory.dim)
-
-    def _head_in_features(self, head: nn.Module | None = None) -> int | None:
-        head = self._head_module if head is None else head
-        if isinstance(head, nn.Linear):
-            return head.in_features
-        return None
-
-    def _head_out_features(self, head: nn.Module | None = None) -> int | None:
-        head = self._head_module if head is None else head
-        if isinstance(head, nn.Linear):
-            return head.out_features
-        return None
-
-    def _check_memory_width(
-        self, dim: int | None, head: nn.Module | None = None, name: str | None = None
-    ) -> None:
-        width = self._head_in_features(head)
-        if dim is not None and width is not None and dim != width:
-            raise MisconfigurationException(
-                f"MbPA: the memory holds keys of width {dim} but the head "
-                f"{name or self._head_name!r} takes inputs of width {width}. The memory (e.g. "
-                "from a checkpoint) was written by a different model; use a fresh MbPA callback "
-                "(`mbpa.memory.clear()` keeps the key width) or fix `head`."
-            )
+        return self._head.embed(pl_module, inputs)
 
     # ------------------------------------------------------------------ Lightning hooks
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        others = [cb for cb in trainer.callbacks if isinstance(cb, MbPA) and cb is not self]
+        others = [cb for cb in trainer.callbacks if isinstance(cb, MbPA) and cb is not self]  # type: ignore[attr-defined]
         if others:
             raise MisconfigurationException(
                 "MbPA: only one MbPA callback per Trainer is supported (found "
@@ -532,16 +366,16 @@ class MbPA(_MemoryWrites, _KeyDrift, _AdaptsPredictions, Callback):
             )
         self._module_ref = weakref.ref(pl_module)
         self._strategy = trainer.strategy if trainer.world_size > 1 else None
-        self._classes_seen = None
-        if self._head_name is not None:
-            self._set_head(pl_module, self._head_name)
-        elif not _linear_names(pl_module):
+        self._head.classes_seen = None
+        if self._head.name is not None:
+            self._head.bind(pl_module, self._head.name, self.memory.dim)
+        elif not linear_names(pl_module):
             raise MisconfigurationException(
                 f"MbPA(head=None): {type(pl_module).__name__} has no nn.Linear module to use as "
                 "the head. Name the output head with `head=...`."
             )
         if self.replay_every_n_steps is not None and stage == "fit":
-            self._check_replay_setup(trainer, pl_module)
+            Drift.check_replay_setup(self.replay_every_n_steps, trainer, pl_module)
         if self.save_memory and stage == "fit":
             for cb in trainer.checkpoint_callbacks:
                 if isinstance(cb, ModelCheckpoint) and cb.save_weights_only:
@@ -552,53 +386,68 @@ class MbPA(_MemoryWrites, _KeyDrift, _AdaptsPredictions, Callback):
                         category=UserWarning,
                     )
 
+    @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._remove_capture_hooks()
-        self._remove_adapt_hook()
-        self._flush_writes()
-        self._pending_keys = self._pending_values = None
+        self._writer.remove()
+        self._adapter.detach()
+        self._writer.release()
 
+    @override
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
-        self._remove_capture_hooks()
-        self._captured.clear()
-        self._stop_adapting()
+        self._writer.remove()
+        self._writer.end_batch()
+        self._adapter.stop()
         # The batches that finished before the exception are in the memory, as without the
         # write buffer; a failing write must not hide the original exception.
         try:
-            self._flush_writes()
+            self._writer.flush()
         except ValueError as err:
             rank_zero_warn(f"MbPA: staged writes could not be written after an exception: {err}")
 
     # ---- fit: writing
+    @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._move_memory(pl_module)
-        self._install_capture_hooks(pl_module)
+        self._writer.install(pl_module)
 
+    @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._remove_capture_hooks()
-        self._flush_writes()
+        self._writer.remove()
+        self._writer.flush()
 
+    @override
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         every = self.replay_every_n_steps
         if every is not None and trainer.training and (trainer.global_step + 1) % every == 0:
-            self._replay(trainer, pl_module, optimizer)
+            with self._hooks_paused():
+                self._drift.replay(
+                    self.memory,
+                    trainer,
+                    pl_module,
+                    optimizer,
+                    self.embed,
+                    batch_size=self.replay_batch_size,
+                    option=("replay_every_n_steps", every),
+                    strategy=self._strategy,
+                )
 
+    @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._flush_writes()
         if self.refresh_keys == "epoch_end" and len(self.memory) > 0:
             self._refresh(pl_module, trainer)
-            pl_module.log("mbpa/refresh_s", float(self._last_refresh_seconds or 0.0))
+            pl_module.log("mbpa/refresh_s", float(self._drift.last_refresh_seconds or 0.0))
 
+    @override
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        self._captured.clear()
-        self._capturing = True
+        self._writer.start_batch()
 
+    @override
     def on_train_batch_end(
         self,
         trainer: pl.Trainer,
@@ -607,38 +456,135 @@ class MbPA(_MemoryWrites, _KeyDrift, _AdaptsPredictions, Callback):
         batch: Any,
         batch_idx: int,
     ) -> None:
-        self._capturing = False
+        self._writer.capturing = False
         try:
-            self._finish_discovery(pl_module)
-            self._write_batch(batch, where="training batch")
+            self._writer.finish_discovery(pl_module)
+            self._write_batch(batch, "training batch", self._strategy)
         finally:
-            self._captured.clear()
+            self._writer.end_batch()
+
+    def _write_batch(self, batch: Any, where: str, strategy: Any) -> None:
+        self._writer.require_captured(where)
+        labels = self.extract_labels(batch)
+        if labels is None:
+            raise MisconfigurationException(
+                f"MbPA: cannot find labels in the {where}: it contains {describe(batch)}. "
+                f"Labels are looked for as a tuple's second element or under the keys/attributes "
+                f"y, label, labels, target, targets. Set `label_key=...` or override "
+                f"`MbPA.extract_labels`."
+            )
+        self._write_labelled(batch, labels, where, strategy)
+
+    def _write_labelled(
+        self,
+        batch: Any,
+        labels: Tensor,
+        where: str,
+        strategy: Any,
+        inputs: list[Tensor] | None = None,
+        required: bool = True,
+    ) -> None:
+        payload_of = None
+        if self.store_inputs:
+
+            def payload_of(head_inputs: Tensor, labels: Tensor, calls: int) -> dict[str, Tensor]:
+                return self._drift.payload(
+                    self.extract_inputs(batch),
+                    head_inputs,
+                    labels,
+                    calls,
+                    where,
+                    len(self.memory),
+                    lambda: describe(self.extract_inputs(batch)),
+                )
+
+        self._writer.write_captured(
+            labels,
+            where,
+            fraction=self.write_fraction,
+            strategy=strategy,
+            describe_batch=lambda: describe(batch),
+            payload_of=payload_of,
+            inputs=inputs,
+            required=required,
+        )
 
     # ---- validate/test/predict: adapting
+    def _start_adapting(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str
+    ) -> None:
+        self._move_memory(pl_module)
+        populated = len(self.memory) == 0  # then filled below with the current weights
+        if populated:
+            self._auto_populate(trainer, pl_module)
+        self._head.bind_named(pl_module, self.memory.dim)
+        if self.refresh_keys == "on_test" and not populated:
+            self._refresh(pl_module, trainer)
+        if len(self.memory) == 0:
+            rank_zero_warn(
+                f"MbPA: the episodic memory is empty, so {stage} uses the model's base "
+                "predictions until something is written. Fit with the callback attached, restore "
+                "a checkpoint that holds the memory, or call `MbPA.populate(model, dataloader)`.",
+                category=UserWarning,
+            )
+        settings = AdaptSettings(
+            self.k, self.adaptation_steps, self.adaptation_lr, self.beta, self.kernel_eps
+        )
+        self._adapter.start(stage, settings, lambda: self.memory)
+        if self._head.module is None and self.online_writes and stage == "test":
+            self._writer.install(pl_module)  # nothing was ever written: find the head
+
+    def _move_memory(self, pl_module: nn.Module) -> None:
+        device = pl_module.device if isinstance(pl_module, pl.LightningModule) else None
+        if device is not None and device.type == "cuda":
+            self.memory.to(device)
+
+    def _auto_populate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        datamodule = trainer.datamodule  # type: ignore[attr-defined]
+        if datamodule is None or not is_overridden("train_dataloader", datamodule):
+            return
+        try:
+            loader = datamodule.train_dataloader()
+        except Exception:  # the datamodule may only set up its train split for stage="fit"
+            datamodule.setup("fit")
+            loader = datamodule.train_dataloader()
+        rank_zero_info(
+            "MbPA: the memory is empty; populating it from the datamodule's train_dataloader() "
+            "with the model's current weights."
+        )
+        self.populate(pl_module, loader)
+
+    @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if "validate" in self.adapt_on and not trainer.sanity_checking:
             self._start_adapting(trainer, pl_module, "validate")
 
+    @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._stop_adapting()
+        self._adapter.stop()
 
+    @override
     def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if "test" in self.adapt_on:
             self._start_adapting(trainer, pl_module, "test")
         elif self.online_writes:
-            self._install_capture_hooks(pl_module)
+            self._writer.install(pl_module)
 
+    @override
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._stop_adapting()
-        self._remove_capture_hooks()
+        self._adapter.stop()
+        self._writer.remove()
 
+    @override
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if "predict" in self.adapt_on:
             self._start_adapting(trainer, pl_module, "predict")
 
+    @override
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._stop_adapting()
+        self._adapter.stop()
 
+    @override
     def on_validation_batch_start(
         self,
         trainer: pl.Trainer,
@@ -647,15 +593,17 @@ class MbPA(_MemoryWrites, _KeyDrift, _AdaptsPredictions, Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        self._adapted_calls.clear()
-        self._captured.clear()
-        if self._adapting_stage is not None and self._head_module is None and len(self.memory) > 0:
-            self._discover_head_with_forward(pl_module, batch)
-        self._capturing = bool(self._capture_handles) and trainer.testing and self.online_writes
+        self._adapter.calls.clear()
+        self._writer.captured.clear()
+        if self._adapter.stage is not None and self._head.module is None and len(self.memory):
+            self._writer.discover_with_forward(pl_module, self.extract_inputs(batch))
+            self._adapter.attach()
+        self._writer.capturing = self._writer.installed and trainer.testing and self.online_writes
 
     on_test_batch_start = on_validation_batch_start
     on_predict_batch_start = on_validation_batch_start
 
+    @override
     def on_validation_batch_end(
         self,
         trainer: pl.Trainer,
@@ -665,18 +613,21 @@ class MbPA(_MemoryWrites, _KeyDrift, _AdaptsPredictions, Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        if self._adapting_stage == "validate":
-            self._check_head_was_called("validate")
+        if self._adapter.stage == "validate":
+            self._adapter.check_head_was_called("validate")
             self._update_metrics(batch)
 
+    @override
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._adapting_stage == "validate":
-            self._log_epoch(pl_module)
+        if self._adapter.stage == "validate":
+            self._adapter.log_epoch(pl_module, len(self.memory), self._strategy)
 
+    @override
     def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._adapting_stage == "test":
-            self._log_epoch(pl_module)
+        if self._adapter.stage == "test":
+            self._adapter.log_epoch(pl_module, len(self.memory), self._strategy)
 
+    @override
     def on_test_batch_end(
         self,
         trainer: pl.Trainer,
@@ -686,16 +637,17 @@ class MbPA(_MemoryWrites, _KeyDrift, _AdaptsPredictions, Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        self._capturing = False
+        self._writer.capturing = False
         try:
-            self._check_head_was_called("test")
-            labels = self._update_metrics(batch) if self._adapting_stage == "test" else None
+            self._adapter.check_head_was_called("test")
+            labels = self._update_metrics(batch) if self._adapter.stage == "test" else None
             if self.online_writes:
                 self._online_write(pl_module, batch, labels)
         finally:
-            self._adapted_calls.clear()
-            self._captured.clear()
+            self._adapter.calls.clear()
+            self._writer.captured.clear()
 
+    @override
     def on_predict_batch_end(
         self,
         trainer: pl.Trainer,
@@ -705,110 +657,84 @@ class MbPA(_MemoryWrites, _KeyDrift, _AdaptsPredictions, Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        self._check_head_was_called("predict")
-        self._adapted_calls.clear()
+        self._adapter.check_head_was_called("predict")
+        self._adapter.calls.clear()
 
-    def _check_head_was_called(self, stage: str) -> None:
-        """A head never called in the stage's batches so far is a misconfiguration; a step that
-        skips the head for one batch after it ran for others is the user's business."""
-        if (
-            self._adapting_stage == stage
-            and self._adapt_handle is not None
-            and not self._head_called_in_stage
-        ):
-            raise MisconfigurationException(
-                f"MbPA: the head {self._head_name!r} was not called while processing the "
-                f"{stage} batch, so its predictions cannot be adapted. Name the module your "
-                "forward pass ends with via `head=...`."
-            )
+    def _update_metrics(self, batch: Any) -> Tensor | None:
+        """Update base vs adapted accuracy when the batch carries labels; return the labels."""
+        if not self._adapter.calls:
+            return None
+        try:
+            labels = self.extract_labels(batch)
+        except (ValueError, MisconfigurationException):
+            labels = None
+        self._adapter.update_metrics(labels)
+        return labels
+
+    def _online_write(self, pl_module: nn.Module, batch: Any, labels: Tensor | None) -> None:
+        """Write a labelled test batch after it was predicted (fast learning during evaluation)."""
+        if labels is None:
+            labels = self.extract_labels(batch)
+        if labels is None:
+            return
+        if self._writer.discovering:
+            self._writer.finish_discovery(pl_module)
+            self._adapter.attach()
+        inputs = [q for q, _, _ in self._adapter.calls] or [x for _, x in self._writer.captured]
+        self._write_labelled(
+            batch, labels, "test batch (online_writes)", self._strategy, inputs, required=False
+        )
+
+    @contextlib.contextmanager
+    def _hooks_paused(self) -> Iterator[None]:
+        """No writes and no adaptation while the callback runs the model on stored inputs."""
+        with self._writer.paused(), self._adapter.paused():
+            yield
 
     # ------------------------------------------------------------------ checkpointing
+    @override
     def state_dict(self) -> dict[str, Any]:
         if not self.save_memory:
             return {}
         return {
             "memory": self.memory.state_dict(),
-            "head": self._head_name,
-            "write_generator": self._write_generator.get_state(),
-            "replay_generator": self._replay_generator.get_state(),
-            "inputs_structure": self._inputs_structure,
+            "memory_config": self._memory.config,
+            "head": self._head.name,
+            "write_generator": self._writer.generator.get_state(),
+            "replay_generator": self._drift.replay_generator.get_state(),
+            "inputs_structure": self._drift.inputs_structure,
         }
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore the memory; everything is checked before anything changes, so a refused
         checkpoint leaves the callback and its memory exactly as they were."""
         if not self.save_memory or not state_dict:
             return
-        saved_head = state_dict.get("head")
-        if saved_head is not None and not (isinstance(saved_head, str) and saved_head):
-            raise MisconfigurationException(
-                f"MbPA: the checkpoint's MbPA 'head' entry is {saved_head!r}, not a module name; "
-                "the checkpoint is corrupted or was written by another callback."
-            )
-        if self.head is not None and saved_head is not None and saved_head != self.head:
-            raise MisconfigurationException(
-                f"MbPA(head={self.head!r}): the checkpoint's memory was written from head "
-                f"{saved_head!r}. Use head={saved_head!r} or clear the memory."
-            )
-        memory_state = state_dict.get("memory")
-        if not isinstance(memory_state, dict):
-            raise MisconfigurationException(
-                "MbPA: the checkpoint's MbPA state has no 'memory' entry; it is truncated or "
-                "was written by another callback."
-            )
-        write_generator = _saved_generator(state_dict, "write_generator")
-        replay_generator = _saved_generator(state_dict, "replay_generator")
         module = self._module_ref() if self._module_ref is not None else None
-        head, head_name = self._head_module, self._head_name
-        if saved_head is not None and (head is None or saved_head != head_name):
-            head_name = saved_head  # the memory's keys are this module's inputs
-            head = None
-            if module is not None:
-                try:
-                    head = self._resolve_named_head(module, saved_head)
-                except MisconfigurationException as err:
-                    raise MisconfigurationException(
-                        f"MbPA: the checkpoint's memory was written from head {saved_head!r}, "
-                        f"which this model lacks. {err}"
-                    ) from err
-        keys, values = memory_state.get("keys"), memory_state.get("values")
-        if isinstance(keys, Tensor) and keys.dim() == 2 and keys.shape[0] > 0:
-            self._check_memory_width(keys.shape[1], head, head_name)
-        problem = (
-            _labels_outside(values, self._head_out_features(head))
-            if isinstance(values, Tensor) and not values.is_floating_point()
-            else None
+        saved = read_checkpoint(
+            state_dict,
+            self._head,
+            configured_head=self.head,
+            model=module,
+            capacity=self._memory.capacity,
+            store_inputs=self.store_inputs,
         )
-        if problem is not None:
-            raise MisconfigurationException(
-                f"MbPA: the checkpoint's memory holds labels {problem[1]}, but the head "
-                f"{head_name!r} needs {problem[0]}; it was written by another model or is "
-                "corrupted. Use a fresh MbPA callback with `save_memory=False` to ignore it."
-            )
-        capacity = memory_state.get("capacity")
-        if isinstance(capacity, Tensor) and capacity.numel() == 1 and capacity != self.memory_size:
-            raise MisconfigurationException(
-                f"MbPA(memory_size={self.memory_size}): the checkpoint's memory has capacity "
-                f"{int(capacity.item())}; use memory_size={int(capacity.item())} to restore it, "
-                "or save_memory=False to ignore it."
-            )
-        memory_state = self._check_stored_inputs_state(memory_state, state_dict)
         try:
-            self.memory.load_state_dict(memory_state)  # validates everything before mutating
+            self.memory.load_state_dict(saved.memory_state)  # validates everything before mutating
         except ValueError as err:
             raise MisconfigurationException(
                 f"MbPA: cannot restore the memory from the checkpoint: {err}"
             ) from err
-        self._head_module, self._head_name = head, head_name
-        if write_generator is not None:
-            self._write_generator = write_generator
-        self._slot_outputs = None
-        self._labels_checked = None
-        if replay_generator is not None:
-            self._replay_generator = replay_generator
-        self._inputs_structure = state_dict.get("inputs_structure") if self.store_inputs else None
+        self._head.module, self._head.name = saved.head_module, saved.head_name
+        if saved.write_generator is not None:
+            self._writer.generator = saved.write_generator
+        if saved.replay_generator is not None:
+            self._drift.replay_generator = saved.replay_generator
+        self._adapter.invalidate()
+        self._drift.inputs_structure = saved.inputs_structure if self.store_inputs else None
 
-    # ------------------------------------------------------------------ populate
+    # ------------------------------------------------------------------ populate / refresh
     @torch.no_grad()
     def populate(self, model: nn.Module, dataloader: Iterable[Any]) -> int:
         """Fill the memory from ``dataloader`` with the model's current weights.
@@ -822,65 +748,56 @@ class MbPA(_MemoryWrites, _KeyDrift, _AdaptsPredictions, Callback):
         was_training = model.training
         model.eval()
         before = self.memory.num_seen
-        self._install_capture_hooks(model)
-        device = _module_device(model)
+        writer = self._writer
+        writer.install(model)
+        device = module_device(model)
         try:
             for batch in dataloader:
                 if isinstance(model, pl.LightningModule):
                     batch = model.transfer_batch_to_device(batch, device, 0)
                 else:
                     batch = move_data_to_device(batch, device)
-                self._captured.clear()
-                self._capturing = True
+                writer.start_batch()
                 model(self.extract_inputs(batch))
-                self._capturing = False
-                self._finish_discovery(model)
-                self._write_batch(batch, where="batch of the populate() dataloader", gather=False)
+                writer.capturing = False
+                writer.finish_discovery(model)
+                self._write_batch(batch, "batch of the populate() dataloader", strategy=None)
         finally:
-            self._capturing = False
-            self._captured.clear()
-            self._remove_capture_hooks()
+            writer.end_batch()
+            writer.remove()
             model.train(was_training)
         return self.memory.num_seen - before
 
-    def _require_head(self) -> nn.Module:
-        if self._head_module is None:
-            raise MisconfigurationException(
-                "MbPA: the head is not known yet (no batch has been written by this callback); "
-                "name it with `head=...`."
+    def refresh(self, model: nn.Module) -> int:
+        """Recompute every stored key from its stored input with the model's current weights.
+
+        What ``refresh_keys`` runs: batches of ``refresh_batch_size`` stored inputs through
+        :meth:`embed`, under ``torch.no_grad`` with every module in eval mode (each module's
+        mode is restored afterwards); labels and inputs stay. Needs ``store_inputs=True``.
+        Under DDP every rank recomputes the keys and keeps rank 0's, so the ranks' memories
+        stay identical.
+
+        Returns:
+            The number of keys recomputed.
+        """
+        return self._refresh(model, None)
+
+    def _refresh(self, model: nn.Module, trainer: pl.Trainer | None) -> int:
+        memory = self.memory
+        if len(memory) == 0:
+            return 0
+        option = ("refresh_keys", self.refresh_keys)
+        self._drift.stored_inputs(memory, *option)  # its error before the head's
+        self._head.bind_named(model, memory.dim)
+        with self._hooks_paused():
+            n = self._drift.refresh(
+                memory,
+                model,
+                self.embed,
+                batch_size=self.refresh_batch_size,
+                option=option,
+                strategy=self._strategy,
+                trainer=trainer,
             )
-        return self._head_module
-
-
-def _saved_generator(state_dict: dict[str, Any], name: str) -> torch.Generator | None:
-    """The generator a checkpoint's ``name`` entry holds (None if absent); raises if corrupted."""
-    state = state_dict.get(name)
-    if state is None:
-        return None
-    generator = torch.Generator()
-    try:
-        generator.set_state(state)
-    except (RuntimeError, TypeError) as err:
-        raise MisconfigurationException(
-            f"MbPA: the checkpoint's {name!r} entry is not a CPU generator state ({err}); the "
-            "checkpoint is corrupted."
-        ) from err
-    return generator
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_real(value: Any) -> bool:
-    return (
-        isinstance(value, (int, float))
-        and not isinstance(value, bool)
-        and value == value
-        and abs(value) != float("inf")
-    )
-
-
-def _check(ok: bool, name: str, value: Any, allowed: str) -> None:
-    if not ok:
-        raise MisconfigurationException(f"MbPA(`{name}`={value!r}) is invalid: expected {allowed}.")
+        self._adapter.invalidate()
+        return n

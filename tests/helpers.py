@@ -166,5 +166,5 @@ def count_writes_and_adaptations(monkeypatch) -> dict[str, int]:
         return real_adapt(*args, **kwargs)
 
     monkeypatch.setattr(EpisodicMemory, "add", counting_add)
-    monkeypatch.setattr("lightning_mbpa._adapting.local_adapt", counting_adapt)
+    monkeypatch.setattr("lightning_mbpa.adaptation.local_adapt", counting_adapt)
     return calls

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from lightning_mbpa import EpisodicMemory, MbPA
+from lightning_mbpa._drift import Drift
 from tests.helpers import (
     TinyClassifier,
     assert_bit_identical,
@@ -297,7 +298,7 @@ def test_crash_then_resume_replays_the_same_examples(tmp_path, data):
     resumed, resumed_cb = run(ModelCheckpoint(dirpath=tmp_path), ckpt_path=tmp_path / "last.ckpt")
     assert_bit_identical(params(straight), resumed)
     assert torch.equal(resumed_cb.memory.payload["0"], straight_cb.memory.payload["0"])
-    assert torch.equal(resumed_cb._replay_slots, straight_cb._replay_slots)
+    assert torch.equal(resumed_cb._drift.replay_slots, straight_cb._drift.replay_slots)
 
 
 def test_refresh_of_a_memory_without_inputs_says_why(data):
@@ -343,7 +344,7 @@ def test_replay_adds_exactly_the_gradient_of_the_replayed_batch(data):
             self.grads: list[list[Tensor] | None] = []
 
         def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-            slots = cb._replay_slots
+            slots = cb._drift.replay_slots
             fresh = slots is not None and (not seen or seen[-1] is not slots)
             seen.append(slots)
             if not fresh:
@@ -385,7 +386,10 @@ def test_replay_gradients_are_unscaled_under_16_mixed(data):
     precision = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", 2.0**16))
     run = trainer(callbacks=[before, cb, after], max_steps=2, plugins=[precision])
     run.fit(model, loader(x, y))
-    inputs, labels = cb.memory.payload["0"][cb._replay_slots], cb.memory.values[cb._replay_slots]
+    inputs, labels = (
+        cb.memory.payload["0"][cb._drift.replay_slots],
+        cb.memory.values[cb._drift.replay_slots],
+    )
     w2, b2, w1, b1 = (p.requires_grad_() for p in after.params[1])
     loss = F.cross_entropy(F.linear(F.relu(F.linear(inputs, w1, b1)), w2, b2), labels)
     expected = torch.autograd.grad(loss, [w2, b2, w1, b1])  # float32, by hand
@@ -405,7 +409,7 @@ def test_replay_leaves_normalisation_statistics_alone(data):
 
     cb = MbPA(store_inputs=True, replay_every_n_steps=1, replay_batch_size=16, **ADAPT)
     trainer(callbacks=[Stats(), cb, Stats()], max_steps=3).fit(model, loader(x, y))
-    assert cb._replay_slots is not None
+    assert cb._drift.replay_slots is not None
     for b_before, b_after in zip(stats[0::2], stats[1::2], strict=True):
         for u, v in zip(b_before, b_after, strict=True):
             assert torch.equal(u, v)
@@ -440,7 +444,7 @@ def test_replay_is_refused_with_manual_optimization(data):
 def test_with_the_options_off_training_is_bit_identical_and_nothing_runs(data, monkeypatch):
     x, y, _, _ = data
     calls = {"embed": 0, "replay": 0, "update_keys": 0}
-    for name, owner in (("embed", MbPA), ("_replay", MbPA), ("update_keys", EpisodicMemory)):
+    for name, owner in (("embed", MbPA), ("replay", Drift), ("update_keys", EpisodicMemory)):
         real, key = getattr(owner, name), name.strip("_")
 
         def counting(self, *a, _real=real, _name=key, **kw):

@@ -19,6 +19,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader
 
 from lightning_mbpa import MbPA
+from lightning_mbpa.batches import as_label_tensor
 from lightning_mbpa.memory import EpisodicMemory
 from tests.helpers import TinyClassifier, blobs, loader, trainer
 
@@ -89,7 +90,7 @@ def assert_same_memory(got: EpisodicMemory, expected: EpisodicMemory) -> None:
 def test_buffered_writes_equal_one_add_per_batch(config, monkeypatch):
     config = dict(config)
     sequence = config.pop("sequence", False)
-    monkeypatch.setattr("lightning_mbpa._writes._WRITE_BUFFER_BYTES", 3 * 16 * 16 * 4)
+    monkeypatch.setattr("lightning_mbpa._writer._WRITE_BUFFER_BYTES", 3 * 16 * 16 * 4)
     torch.manual_seed(0)
     if sequence:
         g = torch.Generator().manual_seed(0)
@@ -128,7 +129,7 @@ class ReadsTheMemory(Callback):
 
 
 def test_the_memory_is_current_whenever_it_is_read_during_fit(tmp_path, monkeypatch):
-    monkeypatch.setattr("lightning_mbpa._writes._WRITE_BUFFER_BYTES", 1 << 30)  # never full
+    monkeypatch.setattr("lightning_mbpa._writer._WRITE_BUFFER_BYTES", 1 << 30)  # never full
     x, y = blobs(96, seed=0)
     cb = MbPA(k=4, memory_size=1000, **ADAPT)
     reader = ReadsTheMemory(cb)
@@ -143,45 +144,19 @@ def test_the_memory_is_current_whenever_it_is_read_during_fit(tmp_path, monkeypa
         step = int(path.stem.split("step=")[1])
         state = torch.load(path, weights_only=True)["callbacks"][cb.state_key]["memory"]
         assert int(state["num_seen"]) == 16 * step
-    assert not cb._pending_sizes  # fit end flushed
+    assert cb._writer.staged_rows == 0  # fit end flushed
 
 
-_STAGE_CHECKED = MbPA._stage_checked
-
-
-class StagedBy:
-    """Spies on ``MbPA._stage_checked`` (the common case's one-pass staging): records, per
-    training batch, whether it staged the batch; with ``fast=False`` it never does, so every
-    batch takes the general path (pairing, ``_check_pairs``, ``_keys_finite``, ``_stage``)."""
-
-    def __init__(self, monkeypatch, fast: bool) -> None:
-        self.calls: list[bool] = []
-
-        def spy(cb, keys, labels):
-            staged = fast and _STAGE_CHECKED(cb, keys, labels)
-            self.calls.append(staged)
-            return staged
-
-        monkeypatch.setattr(MbPA, "_stage_checked", spy)
-
-
-def test_the_one_pass_staging_writes_what_the_general_path_writes(monkeypatch):
-    monkeypatch.setattr("lightning_mbpa._writes._WRITE_BUFFER_BYTES", 5 * 16 * 16 * 4)
+def test_staged_writes_equal_one_add_per_batch_when_the_ring_wraps(monkeypatch):
+    monkeypatch.setattr("lightning_mbpa._writer._WRITE_BUFFER_BYTES", 5 * 16 * 16 * 4)
     x, y = blobs(192, seed=0)
-    memories = []
-    for fast in (True, False):
-        staged = StagedBy(monkeypatch, fast)
-        torch.manual_seed(0)
-        cb, recorder = MbPA(k=4, memory_size=150, **ADAPT), Recorder()  # the ring wraps
-        trainer(callbacks=[cb, recorder], max_epochs=2).fit(
-            TinyClassifier(), loader(x, y, shuffle=True)
-        )
-        assert_same_memory(cb.memory, one_add_per_batch(recorder.batches, 150))
-        memories.append(cb.memory)
-        # declined only where the general path must allocate or flush the buffer: the first
-        # batch and every fifth after it (the buffer holds five); epoch ends flush it too
-        assert sum(staged.calls) == (19 if fast else 0) and len(staged.calls) == 24
-    assert_same_memory(*memories)
+    torch.manual_seed(0)
+    cb, recorder = MbPA(k=4, memory_size=150, **ADAPT), Recorder()  # the ring wraps
+    trainer(callbacks=[cb, recorder], max_epochs=2).fit(
+        TinyClassifier(), loader(x, y, shuffle=True)
+    )
+    assert len(recorder.batches) == 24
+    assert_same_memory(cb.memory, one_add_per_batch(recorder.batches, 150))
 
 
 class Frozen(TinyClassifier):
@@ -221,19 +196,19 @@ def _huge(x):
 
 
 @pytest.mark.parametrize(
-    ("third_batch", "fast"),
+    ("third_batch", "outcome"),
     [
-        (_keys(_nan), False),
-        (_keys(_inf), False),
-        (_keys(_huge), True),
-        (_labels(lambda y: y + 3), False),  # beyond the head's 4 outputs
-        (_labels(lambda y: torch.where(y == 0, 4, y)), False),  # one past the last class
-        (_labels(lambda y: torch.where(y == 0, -1, y)), False),
-        (_labels(lambda y: torch.where(y == 1, -100, y)), False),  # rows to skip
-        (_labels(lambda y: torch.full_like(y, -100)), False),  # nothing to write
-        (_labels(lambda y: y.int()), True),  # cast by extract_labels
-        (_labels(lambda y: y[:, None]), True),  # squeezed by extract_labels
-        (_labels(lambda y: y.float()), True),
+        (_keys(_nan), "refused"),
+        (_keys(_inf), "refused"),
+        (_keys(_huge), "written"),
+        (_labels(lambda y: y + 3), "error"),  # beyond the head's 4 outputs
+        (_labels(lambda y: torch.where(y == 0, 4, y)), "error"),  # one past the last class
+        (_labels(lambda y: torch.where(y == 0, -1, y)), "error"),
+        (_labels(lambda y: torch.where(y == 1, -100, y)), "written"),  # rows to skip
+        (_labels(lambda y: torch.full_like(y, -100)), "written"),  # nothing to write
+        (_labels(lambda y: y.int()), "written"),  # cast by extract_labels
+        (_labels(lambda y: y[:, None]), "written"),  # squeezed by extract_labels
+        (_labels(lambda y: y.float()), "written"),
     ],
     ids=[
         "nan",
@@ -249,34 +224,33 @@ def _huge(x):
         "float",
     ],
 )
-def test_the_one_pass_staging_refuses_and_skips_exactly_like_the_general_path(
-    third_batch, fast, monkeypatch
-):
+def test_a_bad_batch_is_refused_or_skipped_at_the_batch_that_carries_it(third_batch, outcome):
     x, y = blobs(80)
     pairs = [(x[i : i + 16], y[i : i + 16]) for i in range(0, 80, 16)]
     pairs[2] = third_batch(*pairs[2])
-    outcomes = []
-    for one_pass in (True, False):
-        staged = StagedBy(monkeypatch, one_pass)
-        torch.manual_seed(0)
-        cb = MbPA(k=4, **ADAPT)
-        error = None
-        with warnings.catch_warnings(record=True) as record:
-            warnings.simplefilter("always")
-            try:
-                trainer(callbacks=[cb]).fit(Frozen(), DataLoader(pairs, batch_size=None))
-            except (ValueError, RuntimeError) as err:
-                error = (type(err), str(err))
-        said = [str(w.message) for w in record if str(w.message).startswith("MbPA")]
-        outcomes.append((cb.memory.state_dict(), said, error))
-        if one_pass:
-            # the first batch allocates the buffer; the bad one is left to the general path
-            assert staged.calls[:3] == [False, True, fast]
-    (memory, said, error), (expected_memory, expected_said, expected_error) = outcomes
-    assert error == expected_error and said == expected_said
-    assert memory.keys() == expected_memory.keys()
-    for name in memory:
-        assert torch.equal(memory[name], expected_memory[name]), name
+    torch.manual_seed(0)
+    model, cb = Frozen(), MbPA(k=4, **ADAPT)
+    with torch.no_grad():  # the reference: the (frozen) encoder's outputs, labels as int64
+        expected = [(model.encoder(bx), as_label_tensor(by)) for bx, by in pairs]
+    error = None
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        try:
+            trainer(callbacks=[cb]).fit(model, DataLoader(pairs, batch_size=None))
+        except ValueError as err:
+            error = str(err)
+    said = [str(w.message) for w in record if str(w.message).startswith("MbPA")]
+    if outcome == "error":  # raised at the third batch; the two before it are written
+        assert error is not None and "labels of the training batch must be" in error
+        assert said == []
+        written = [0, 1]
+    elif outcome == "refused":  # warned at the third batch and skipped
+        assert error is None and len(said) == 1 and "refused a training batch" in said[0]
+        written = [0, 1, 3, 4]
+    else:
+        assert error is None and said == []
+        written = [0, 1, 2, 3, 4]
+    assert_same_memory(cb.memory, one_add_per_batch([expected[i] for i in written], 100_000))
 
 
 class SwapsTheMemory(Callback):
@@ -298,14 +272,12 @@ class SwapsTheMemory(Callback):
     ],
     ids=["other-width", "index-cannot-take-the-width"],
 )
-def test_the_one_pass_staging_checks_the_width_of_a_new_memory(memory, message, monkeypatch):
+def test_a_new_memory_checks_the_width_of_the_next_batch(memory, message):
     x, y = blobs(80)
-    for one_pass in (True, False):
-        staged = StagedBy(monkeypatch, one_pass)
-        cb = MbPA(k=4, **ADAPT)
-        with pytest.raises(MisconfigurationException, match=message):
-            trainer(callbacks=[SwapsTheMemory(cb, memory()), cb]).fit(Frozen(), loader(x, y))
-        assert staged.calls == [False, one_pass, False] and len(cb.memory) == 0
+    cb = MbPA(k=4, **ADAPT)
+    with pytest.raises(MisconfigurationException, match=message):
+        trainer(callbacks=[SwapsTheMemory(cb, memory()), cb]).fit(Frozen(), loader(x, y))
+    assert len(cb.memory) == 0  # the new memory: the third batch was refused
 
 
 def test_a_refused_bulk_write_writes_the_batches_before_the_refused_one():
@@ -316,11 +288,11 @@ def test_a_refused_bulk_write_writes_the_batches_before_the_refused_one():
     batches += [(torch.randn(16, 8, generator=g), torch.full((16,), -5)), batches[0]]
     cb = MbPA(k=4, memory_size=1000, **ADAPT)
     for keys, labels in batches:
-        cb._stage(keys, labels)
+        cb._writer.stage(keys, labels)
     with pytest.raises(ValueError, match="non-negative"):
         len(cb.memory)
     assert cb.memory.num_seen == 16 and torch.equal(cb.memory.keys, batches[0][0])
-    assert not cb._pending_sizes
+    assert cb._writer.staged_rows == 0
 
 
 def test_a_refused_batch_leaves_the_staged_ones_to_be_written():
@@ -342,7 +314,7 @@ def test_lazy_output_cache_equals_a_recomputation():
     model = TinyClassifier()
     cb = MbPA(k=6, memory_size=1000, **ADAPT)
     cb.populate(model, loader(x, y))
-    cb._set_head(model, "head")
+    cb._head.bind(model, "head", cb.memory.dim)
     g = torch.Generator().manual_seed(0)
     first = torch.randint(0, 200, (7, 6), generator=g)
     second = torch.cat([first[:3], torch.randint(0, 200, (4, 6), generator=g)])  # overlaps
@@ -350,20 +322,20 @@ def test_lazy_output_cache_equals_a_recomputation():
     with torch.no_grad():
         expected = model.head(cb.memory.keys)
     for indices in (first, second):
-        got = cb._neighbour_outputs(indices, indices >= 0)
+        got = cb._adapter.neighbour_outputs(cb.memory, indices)
         torch.testing.assert_close(got, expected[indices.clamp_min(0)], rtol=1e-6, atol=1e-6)
     touched = torch.unique(torch.cat([first.flatten(), second.flatten()]).clamp_min(0))
-    computed = cb._slot_row >= 0
-    assert computed.sum() == cb._slot_rows_used == len(touched)
+    computed = cb._adapter.cached_slots
+    assert computed.sum() == len(touched)
     assert torch.equal(computed.nonzero().squeeze(1), touched)  # nothing else computed
     cb.memory.add(torch.randn(1, 16), torch.tensor([0]))  # any change clears the cache
     with torch.no_grad():
         expected = model.head(cb.memory.keys)
-    got = cb._neighbour_outputs(second, second >= 0)
+    got = cb._adapter.neighbour_outputs(cb.memory, second)
     torch.testing.assert_close(got, expected[second.clamp_min(0)], rtol=1e-6, atol=1e-6)
-    assert (cb._slot_row >= 0).sum() == len(torch.unique(second.clamp_min(0)))
+    assert cb._adapter.cached_slots.sum() == len(torch.unique(second.clamp_min(0)))
     last = torch.full((1, 6), 200)  # the new slot
-    torch.testing.assert_close(cb._neighbour_outputs(last, last >= 0), expected[last])
+    torch.testing.assert_close(cb._adapter.neighbour_outputs(cb.memory, last), expected[last])
 
 
 def test_lazy_output_cache_grows_past_its_first_table():
@@ -371,7 +343,7 @@ def test_lazy_output_cache_grows_past_its_first_table():
     model = TinyClassifier()
     cb = MbPA(k=6, memory_size=5000, **ADAPT)
     cb.populate(model, loader(x, y, batch_size=1000))
-    cb._set_head(model, "head")
+    cb._head.bind(model, "head", cb.memory.dim)
     with torch.no_grad():
         expected = model.head(cb.memory.keys)
     order = torch.randperm(5000, generator=torch.Generator().manual_seed(0))
@@ -379,6 +351,6 @@ def test_lazy_output_cache_grows_past_its_first_table():
         indices = (
             part.reshape(-1, 5) if len(part) % 5 == 0 else part[: len(part) // 5 * 5].reshape(-1, 5)
         )
-        got = cb._neighbour_outputs(indices, indices >= 0)
+        got = cb._adapter.neighbour_outputs(cb.memory, indices)
         torch.testing.assert_close(got, expected[indices], rtol=1e-6, atol=1e-6)
-    assert cb._slot_rows_used == 5000 and bool((cb._slot_row >= 0).all())
+    assert bool(cb._adapter.cached_slots.all()) and len(cb._adapter.cached_slots) == 5000

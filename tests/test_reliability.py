@@ -577,7 +577,7 @@ def test_adapt_on_may_be_empty_for_replay_alone(data):
     model = TinyClassifier()
     cb = MbPA(adapt_on=[], store_inputs=True, replay_every_n_steps=1, replay_batch_size=8, **ADAPT)
     trainer(callbacks=[cb]).fit(model, loader(x, y))
-    assert len(cb.memory) == 48 and cb._replay_slots is not None  # replay ran
+    assert len(cb.memory) == 48 and cb._drift.replay_slots is not None  # replay ran
     with torch.no_grad():
         base = model(xt)
     assert torch.equal(torch.cat(trainer(callbacks=[cb]).predict(model, loader(xt, yt))), base)
@@ -811,7 +811,7 @@ def test_a_fault_inside_test_or_predict_leaves_weights_memory_and_hooks_as_they_
     assert_bit_identical(before, model)
     assert_memory_is(cb, memory)
     assert_no_hooks(model)
-    assert cb._adapting_stage is None and not cb._adapted_calls and not cb._captured
+    assert cb._adapter.stage is None and not cb._adapter.calls and not cb._writer.captured
     with torch.no_grad():  # a plain forward is the base model again
         assert torch.equal(model(xt), TinyClassifier.forward(model, xt))
     # and the callback works as before the fault
@@ -903,12 +903,13 @@ def test_a_corrupted_memory_state_is_refused_before_anything_is_loaded(data, cas
     model, cb = TinyClassifier(), MbPA(k=8, **ADAPT)
     cb.setup(trainer(callbacks=[cb]), model, "test")
     cb.populate(model, loader(*blobs(8, seed=5)))
-    memory, head, generator = memory_state(cb), cb._head_module, cb._write_generator.get_state()
+    memory, head = memory_state(cb), cb._head.module
+    generator = cb.state_dict()["write_generator"]
     with pytest.raises(MisconfigurationException, match=message):
         cb.load_state_dict(state)
     assert_memory_is(cb, memory)
-    assert cb._head_module is head and cb.head_name == "head"
-    assert torch.equal(cb._write_generator.get_state(), generator)
+    assert cb._head.module is head and cb.head_name == "head"
+    assert torch.equal(cb.state_dict()["write_generator"], generator)
 
 
 def test_a_corrupted_or_truncated_checkpoint_file_is_refused_by_trainer_test(tmp_path, data):

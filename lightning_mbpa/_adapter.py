@@ -1,0 +1,364 @@
+"""The adapter of :class:`~lightning_mbpa.MbPA`: the head's adapted output at test time.
+
+During ``validate``/``test``/``predict`` a forward hook on the head replaces its output with the
+output of a copy of the head adapted, per query, on the query's K nearest memories
+(:func:`~lightning_mbpa.local_adapt`), so the module's own ``test_step`` and metrics see the
+adapted predictions; base vs adapted accuracy is logged at epoch end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torchmetrics
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning_utilities.core.rank_zero import WarningCache
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from lightning_mbpa import adaptation
+from lightning_mbpa._checks import IGNORE_INDEX, finite_rows, labels_outside
+from lightning_mbpa._head import HeadBinding
+from lightning_mbpa.memory import EpisodicMemory
+
+
+@dataclass(frozen=True)
+class AdaptSettings:
+    """The callback's adaptation arguments, as read when a stage starts."""
+
+    k: int
+    steps: int
+    lr: float
+    beta: float
+    kernel_eps: float
+
+
+class Adapter:
+    """Adapts the head's predictions during one stage at a time.
+
+    State (all transient: nothing of it is pickled or checkpointed):
+        stage: The stage being adapted (``"validate"``, ``"test"``, ``"predict"``) or ``None``.
+        calls: ``(head input, base output, adapted output)`` of the head's calls in the batch.
+        head_called: Whether the head ran adapted in the stage so far.
+        base_acc, adapted_acc: Accuracy of the base and adapted predictions (torchmetrics).
+        queries, seconds: Queries adapted in the stage and the time it took.
+        The per-slot cache of the trained head's outputs on the memory's keys.
+    """
+
+    def __init__(self, head: HeadBinding) -> None:
+        self.head = head
+        self._init_transient()
+
+    def _init_transient(self) -> None:
+        self.stage: str | None = None
+        self.settings: AdaptSettings | None = None
+        self.calls: list[tuple[Tensor, Tensor, Tensor]] = []
+        self.head_called = False
+        self.base_acc: torchmetrics.Metric | None = None
+        self.adapted_acc: torchmetrics.Metric | None = None
+        self.queries = 0
+        self.seconds = 0.0
+        self._memory_of: Callable[[], EpisodicMemory] | None = None
+        self._handle: RemovableHandle | None = None
+        self._labels_checked: int | None = None  # memory labels verified for this many classes
+        self._warnings = WarningCache()
+        self._slot_outputs: Tensor | None = None
+        self._slot_row: Tensor | None = None  # CPU: row of each slot in _slot_outputs, or -1
+        self._slot_rows_used = 0
+        self._slot_version = -1  # the memory's version the cache was made for
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"head": self.head}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.head = state["head"]
+        self._init_transient()
+
+    # ---- the stage
+    def start(
+        self, stage: str, settings: AdaptSettings, memory_of: Callable[[], EpisodicMemory]
+    ) -> None:
+        """Adapt ``stage``'s predictions with ``settings`` on the memory ``memory_of()`` returns
+        (read at every call, so writes made during the stage count)."""
+        self.stage, self.settings, self._memory_of = stage, settings, memory_of
+        self._labels_checked = None
+        self.queries, self.seconds = 0, 0.0
+        self.head_called = False
+        self.base_acc = self.adapted_acc = None
+        self.attach()
+
+    def stop(self) -> None:
+        self.detach()
+        self.stage = None
+        self.calls.clear()
+        self.invalidate()
+
+    def invalidate(self) -> None:
+        """Forget everything derived from the memory's contents (after a refresh or a load)."""
+        self._slot_outputs = None
+        self._labels_checked = None
+
+    # ---- the adapt hook (registered and removed here only)
+    def attach(self) -> None:
+        """Adapt the bound head's outputs while a stage is active."""
+        if self.stage is not None and self._handle is None and self.head.module is not None:
+            self.head.check_width(self._memory().dim)
+            self._handle = self.head.module.register_forward_hook(self._hook)
+
+    def detach(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    @property
+    def attached(self) -> bool:
+        return self._handle is not None
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """The head's plain outputs while the callback itself runs the model."""
+        attached = self.attached
+        self.detach()
+        try:
+            yield
+        finally:
+            if attached:
+                self.attach()
+
+    def _memory(self) -> EpisodicMemory:
+        assert self._memory_of is not None, "Adapter.start() was not called"
+        return self._memory_of()
+
+    def check_head_was_called(self, stage: str) -> None:
+        """A head never called in the stage's batches so far is a misconfiguration; a step that
+        skips the head for one batch after it ran for others is the user's business."""
+        if self.stage == stage and self.attached and not self.head_called:
+            raise MisconfigurationException(
+                f"MbPA: the head {self.head.name!r} was not called while processing the "
+                f"{stage} batch, so its predictions cannot be adapted. Name the module your "
+                "forward pass ends with via `head=...`."
+            )
+
+    @torch.compiler.disable
+    def _hook(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+        if not args or not isinstance(args[0], Tensor) or not isinstance(output, Tensor):
+            raise MisconfigurationException(
+                f"MbPA: the head {self.head.name!r} must take a tensor and return a tensor of "
+                f"logits; it returned {type(output).__name__}."
+            )
+        inputs = args[0]
+        if output.dim() != inputs.dim() or output.shape[:-1] != inputs.shape[:-1]:
+            raise MisconfigurationException(
+                f"MbPA: the head {self.head.name!r} maps inputs of shape {tuple(inputs.shape)} "
+                f"to outputs of shape {tuple(output.shape)}; MbPA needs [B, C] logits for "
+                "[B, D] inputs (or [B, T, C] for [B, T, D])."
+            )
+        start = time.perf_counter()
+        memory = self._memory()
+        settings = self.settings
+        assert settings is not None
+        queries = inputs.detach().reshape(-1, inputs.shape[-1])
+        base = output.detach().reshape(-1, output.shape[-1])
+        if queries.shape[0] == 0 or len(memory) == 0:
+            self.calls.append((inputs.detach(), base, base))
+            self.head_called = True
+            return output
+        self._check_query_geometry(memory, queries.shape[1], base.shape[1])
+        finite = None
+        if not bool(torch.isfinite(queries).all()):
+            # no neighbours for non-finite queries: they keep the base prediction
+            finite = finite_rows(queries)
+            queries = queries.masked_fill(~finite[:, None], 0)
+            self._warnings.warn(
+                f"MbPA: {int((~finite).sum())} of {finite.numel()} {self.stage} queries "
+                "hold NaN or infinite head inputs; they keep the model's base prediction.",
+                category=UserWarning,
+            )
+        neighbours = memory.search(queries, settings.k)
+        mask = neighbours.mask if finite is None else neighbours.mask & finite[:, None]
+        weights = adaptation.kernel_weights(neighbours.distances, mask, settings.kernel_eps)
+        adapted = adaptation.local_adapt(
+            module,
+            queries,
+            neighbours.keys,
+            neighbours.values,
+            weights,
+            steps=settings.steps,
+            lr=settings.lr,
+            beta=settings.beta,
+            base_outputs=base,
+            neighbour_outputs=self.neighbour_outputs(memory, neighbours.indices),
+        )
+        self.seconds += time.perf_counter() - start
+        self.queries += queries.shape[0]
+        self.calls.append((inputs.detach(), base, adapted))
+        self.head_called = True
+        return adapted.reshape(output.shape).to(output.dtype)
+
+    def _check_query_geometry(self, memory: EpisodicMemory, width: int, classes: int) -> None:
+        """The head's inputs must match the keys, and the stored labels its outputs."""
+        dim = memory.dim
+        if width != dim:
+            raise MisconfigurationException(
+                f"MbPA: the head {self.head.name!r} was called with inputs of width {width}, "
+                f"but the memory holds keys of width {dim}. MbPA needs a head with a fixed input "
+                "width that matches the memory: name such a module with `head=...`, or use a "
+                "fresh MbPA callback if the memory was written by another model."
+            )
+        self.head.classes_seen = classes  # later writes are checked against it
+        if self._labels_checked != classes:
+            problem = labels_outside(memory.values, classes)
+            if problem is not None:
+                raise MisconfigurationException(
+                    f"MbPA: the memory holds labels {problem[1]}, but the head "
+                    f"{self.head.name!r} needs {problem[0]}. The memory was written with labels "
+                    "this head does not predict (another model's checkpoint, or labels that are "
+                    "not class indices): use a fresh MbPA callback, or name the module that "
+                    "outputs one logit per class with `head=...`."
+                )
+            self._labels_checked = classes
+
+    # ---- the trained head's outputs on the memory's keys, cached per slot
+    def neighbour_outputs(self, memory: EpisodicMemory, indices: Tensor) -> Tensor | None:
+        """For a head adapted in dual form (an ``nn.Linear``), the trained head's outputs on the
+        neighbours ``indices`` (``-1`` for none), cached per memory slot for the rest of the run
+        (any change of the memory clears the cache).
+
+        On the CPU a slot's output is computed the first time a query retrieves it and appended
+        to a dense table, so a run never computes more than ``min(len(memory), queries · k)``
+        of them: computing all of a large memory up front costs more than a test set of fewer
+        than ``len / k`` queries needs, and a sparse ``[len, C]`` table would page-fault once
+        per retrieved slot. On a GPU all of them are computed at once: no per-batch
+        synchronisation.
+        """
+        head = adaptation._linear_head(self.head.module)
+        if head is None:  # the generic path would ignore them
+            return None
+        keys = memory.keys
+        if keys.shape[0] * head.out_features * 4 > 512 * 2**20:  # too large to cache
+            return None
+        lazy = keys.device.type == "cpu"
+        if self._slot_outputs is None or self._slot_version != memory.version:
+            self._slot_version = memory.version
+            with torch.inference_mode(False):
+                if lazy:
+                    rows = min(keys.shape[0], 4096)
+                    self._slot_outputs = keys.new_empty((rows, head.out_features))
+                    self._slot_row = torch.full((keys.shape[0],), -1, dtype=torch.int32)
+                    self._slot_rows_used = 0
+                else:
+                    self._slot_outputs = _head_outputs(head, keys)
+        outputs = self._slot_outputs
+        assert outputs is not None
+        safe = indices.clamp_min(0).to(outputs.device)
+        if not lazy:
+            return outputs[safe].to(indices.device)
+        assert self._slot_row is not None
+        flat = safe.reshape(-1)
+        slot_rows = self._slot_row[flat]
+        missing = slot_rows < 0
+        if bool(missing.any()):
+            new = torch.unique(flat[missing])
+            start = self._slot_rows_used
+            stop = start + new.numel()
+            if stop > outputs.shape[0]:  # grow the table by doubling
+                with torch.inference_mode(False):
+                    grown = outputs.new_empty(
+                        (min(keys.shape[0], max(stop, 2 * outputs.shape[0])), head.out_features)
+                    )
+                grown[:start] = outputs[:start]
+                outputs = self._slot_outputs = grown
+            outputs[start:stop] = _head_outputs(head, keys[new])
+            self._slot_row[new] = torch.arange(start, stop, dtype=torch.int32)
+            self._slot_rows_used = stop
+            slot_rows = self._slot_row[flat]
+        table = outputs[slot_rows.long()]
+        return table.view(*indices.shape, table.shape[-1]).to(indices.device)
+
+    @property
+    def cached_slots(self) -> Tensor:
+        """``[len(memory)]`` bool: the slots whose head outputs the CPU cache holds."""
+        if self._slot_row is None or self._slot_outputs is None:
+            return torch.zeros(0, dtype=torch.bool)
+        return self._slot_row >= 0
+
+    # ---- metrics
+    def update_metrics(self, labels: Tensor | None) -> None:
+        """Update base vs adapted accuracy with the batch's labels (``None``: unlabelled)."""
+        if labels is None:
+            return
+        for inputs, base, adapted in self.calls:
+            if tuple(inputs.shape[:-1]) != tuple(labels.shape):
+                continue
+            flat = labels.reshape(-1).to(base.device)
+            keep = flat != IGNORE_INDEX
+            if not bool(keep.all()):
+                flat, base, adapted = flat[keep], base[keep], adapted[keep]
+            if flat.numel() == 0:
+                continue
+            if self.base_acc is None or self.adapted_acc is None:
+                self.base_acc, self.adapted_acc = _make_metrics(base.shape[-1], base.device)
+            self.base_acc.update(_predictions(base), flat)
+            self.adapted_acc.update(_predictions(adapted), flat)
+
+    def log_epoch(self, pl_module: pl.LightningModule, memory_len: int, strategy: Any) -> None:
+        """Log the stage's metrics once, at epoch end.
+
+        The accuracies are logged as torchmetrics objects: Lightning computes them (one sync of
+        their states across processes) and resets them.
+        """
+        pl_module.log("mbpa/memory_size", float(memory_len), sync_dist=True, reduce_fx="max")
+        # Every rank makes the same calls, whatever its own batches held: each synced log and
+        # each metric's compute is a collective, and a call one rank skips would hang the others.
+        classes = 0 if self.base_acc is None else int(getattr(self.base_acc, "num_classes", 1))
+        adapted = int(self.seconds > 0)
+        if strategy is not None:
+            flags = torch.tensor([classes, adapted], device=pl_module.device)
+            classes, adapted = (int(v) for v in strategy.reduce(flags, reduce_op="max"))
+        if adapted:
+            rate = self.queries / self.seconds if self.seconds > 0 else 0.0
+            pl_module.log("mbpa/queries_per_s", rate, sync_dist=True, reduce_fx="sum")
+        if classes > 0:
+            if self.base_acc is None or self.adapted_acc is None:
+                # this rank saw no labelled batch: it adds nothing
+                self.base_acc, self.adapted_acc = _make_metrics(classes, pl_module.device)
+            pl_module.log("mbpa/base_acc", self.base_acc, metric_attribute="mbpa_base_acc")
+            pl_module.log("mbpa/adapted_acc", self.adapted_acc, metric_attribute="mbpa_adapted_acc")
+
+
+def _head_outputs(head: nn.Linear, keys: Tensor) -> Tensor:
+    """``head(keys)`` in float32 with the trained weights, autocast off."""
+    with torch.autocast(keys.device.type, enabled=False):
+        weight = head.weight.detach().to(device=keys.device, dtype=torch.float32)
+        bias = (
+            None
+            if head.bias is None
+            else head.bias.detach().to(device=keys.device, dtype=torch.float32)
+        )
+        return torch.nn.functional.linear(keys, weight, bias)
+
+
+def _make_metrics(
+    num_classes: int, device: torch.device
+) -> tuple[torchmetrics.Metric, torchmetrics.Metric]:
+    if num_classes == 1:
+        return (
+            torchmetrics.classification.BinaryAccuracy().to(device),
+            torchmetrics.classification.BinaryAccuracy().to(device),
+        )
+    return (
+        torchmetrics.classification.MulticlassAccuracy(num_classes, average="micro").to(device),
+        torchmetrics.classification.MulticlassAccuracy(num_classes, average="micro").to(device),
+    )
+
+
+def _predictions(logits: Tensor) -> Tensor:
+    if logits.shape[-1] == 1:
+        return (logits[..., 0] > 0).long()
+    return logits.argmax(-1)
