@@ -44,7 +44,10 @@ def _assert_same_contents(got: EpisodicMemory, expected: EpisodicMemory) -> None
     assert torch.equal(got.keys, expected.keys) and torch.equal(got.values, expected.values)
     q = torch.randn(7, 16, generator=torch.Generator().manual_seed(1))
     a, b = got.search(q, 5), expected.search(q, 5)
-    assert torch.equal(a.indices, b.indices) and torch.equal(a.distances, b.distances)
+    assert torch.equal(a.indices, b.indices)
+    # A restored HNSW graph is built in one add, the original batch by batch (with OpenMP), so
+    # faiss may compute a pair's distance through another SIMD path: equal up to float rounding.
+    torch.testing.assert_close(a.distances, b.distances, rtol=1e-6, atol=1e-6)
 
 
 def test_an_hnsw_memory_with_index_params_survives_state_dict_and_load_state_dict():
