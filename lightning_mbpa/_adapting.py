@@ -19,7 +19,13 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor, nn
 
-from lightning_mbpa._writes import _IGNORE_INDEX, _finite_rows, _labels_outside
+from lightning_mbpa._guards import (
+    drop_overflowed_neighbours,
+    overflowed_neighbours_message,
+    unstorable_queries_message,
+    unstorable_query_rows,
+)
+from lightning_mbpa._writes import _IGNORE_INDEX, _labels_outside
 from lightning_mbpa.adaptation import _linear_head, kernel_weights, local_adapt
 
 
@@ -182,17 +188,19 @@ class _AdaptsPredictions:
             return output
         self._check_query_geometry(queries.shape[1], base.shape[1])
         finite = None
-        if not bool(torch.isfinite(queries).all()):
+        unstorable = unstorable_query_rows(queries)  # NaN/inf, or beyond float32 (float64 heads)
+        if unstorable is not None:
             # no neighbours for non-finite queries: they keep the base prediction
-            finite = _finite_rows(queries)
+            finite = ~unstorable
             queries = queries.masked_fill(~finite[:, None], 0)
-            self._warnings.warn(
-                f"MbPA: {int((~finite).sum())} of {finite.numel()} {self._adapting_stage} queries "
-                "hold NaN or infinite head inputs; they keep the model's base prediction.",
-                category=UserWarning,
-            )
+            message = unstorable_queries_message(unstorable, self._adapting_stage)
+            self._warnings.warn(message, category=UserWarning)
         neighbours = self.memory.search(queries, self.k)
         mask = neighbours.mask if finite is None else neighbours.mask & finite[:, None]
+        mask, lost = drop_overflowed_neighbours(neighbours.distances, mask)  # huge head inputs
+        if lost is not None:
+            message = overflowed_neighbours_message(lost, self._adapting_stage)
+            self._warnings.warn(message, category=UserWarning)
         weights = kernel_weights(neighbours.distances, mask, self.kernel_eps)
         adapted = local_adapt(
             module,

@@ -42,7 +42,9 @@ from torch.utils.hooks import RemovableHandle
 
 from lightning_mbpa._adapting import _AdaptsPredictions
 from lightning_mbpa._drift import _KeyDrift, _module_device
+from lightning_mbpa._guards import skipped_training_step
 from lightning_mbpa._writes import _labels_outside, _MemoryWrites, _sentence
+from lightning_mbpa.adaptation import MIN_KERNEL_EPS
 from lightning_mbpa.batches import (
     as_label_tensor,
     describe,
@@ -82,7 +84,8 @@ class MbPA(_MemoryWrites, _KeyDrift, _AdaptsPredictions, Callback):
             The defaults of these three (20, 0.01, 0) had the best mean gain over the three
             demo streams on their validation splits with hidden-layer keys
             (``examples/sweep.py``; the README says how).
-        kernel_eps: ``ε`` of the neighbour weights ``w_k ∝ 1 / (ε + ||q − h_k||²)``.
+        kernel_eps: ``ε`` of the neighbour weights ``w_k ∝ 1 / (ε + ||q − h_k||²)``, at least
+            ``1.1755e-38`` (the smallest normal float32, so that ``1 / ε`` is finite).
         label_key: Where training batches keep their labels: a mapping key or attribute name,
             or a position in a tuple. ``None``: a tuple's second element, or a key/attribute
             named ``y``, ``label``, ``labels``, ``target`` or ``targets``.
@@ -178,7 +181,11 @@ class MbPA(_MemoryWrites, _KeyDrift, _AdaptsPredictions, Callback):
         )
         _check(_is_real(beta) and 0 <= beta <= 1, "beta", beta, "a float in [0, 1]")
         _check(
-            _is_real(kernel_eps) and kernel_eps > 0, "kernel_eps", kernel_eps, "a finite float > 0"
+            _is_real(kernel_eps) and kernel_eps >= MIN_KERNEL_EPS,
+            "kernel_eps",
+            kernel_eps,
+            f"a finite float >= {MIN_KERNEL_EPS!r} (the smallest normal float32, so that the "
+            "weight 1/kernel_eps of an exact match is finite)",
         )
         _check(
             label_key is None
@@ -311,6 +318,7 @@ class MbPA(_MemoryWrites, _KeyDrift, _AdaptsPredictions, Callback):
         self._classes_seen: int | None = None  # outputs of the head, once it ran adapted
         self._index_checked_dim: int | None = None  # key width the index was checked to take
         self._warned_unmatched_calls = False  # head calls skipped for not matching the labels
+        self._head_has_run = False  # the head ran in a training step: later steps may skip it
         self._labels_checked: int | None = None  # memory labels verified for this many classes
         self._refused_batches = 0
         self._refused_rows = 0
@@ -610,7 +618,10 @@ class MbPA(_MemoryWrites, _KeyDrift, _AdaptsPredictions, Callback):
         self._capturing = False
         try:
             self._finish_discovery(pl_module)
+            if skipped_training_step(self._captured, self._head_has_run):
+                return
             self._write_batch(batch, where="training batch")
+            self._head_has_run = True
         finally:
             self._captured.clear()
 
