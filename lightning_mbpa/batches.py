@@ -150,7 +150,7 @@ def as_label_tensor(labels: Any, argument: str = "labels") -> Tensor:
 def slice_inputs(batch: Any, label_name: str | int | None) -> Any:
     """A batch without its labels: what the model's ``forward`` takes.
 
-    A tuple/list gives its first element, a mapping the mapping without its label key, a
+    A tuple/list gives its first element (its second when the labels are first), a mapping the mapping without its label key, a
     NamedTuple/dataclass its first non-label field (a plain object its first non-label
     attribute), a tensor itself.
     """
@@ -165,6 +165,9 @@ def slice_inputs(batch: Any, label_name: str | int | None) -> Any:
                 return value
         raise ValueError(f"The batch {describe(batch)} has no field besides its labels.")
     if isinstance(batch, (tuple, list)) and len(batch) >= 1:
+        first_is_label = isinstance(label_name, int) and label_name % len(batch) == 0
+        if first_is_label and len(batch) >= 2:  # `(y, x)` with `label_key=0`
+            return batch[1]
         return batch[0]
     raise ValueError(f"Cannot find model inputs in a batch of type {describe(batch)}.")
 

@@ -841,6 +841,7 @@ class MbPA(_MemoryWrites, _KeyDrift, _AdaptsPredictions, Callback):
                     batch = model.transfer_batch_to_device(batch, device, 0)
                 else:
                     batch = move_data_to_device(batch, device)
+                self.extract_labels(batch)  # a wrong `label_key` fails before the model runs
                 self._captured.clear()
                 self._capturing = True
                 model(self.extract_inputs(batch))
