@@ -96,6 +96,12 @@ def get_item(batch: Any, key: str | int) -> Any:
     named = _records(batch)
     if named is not None and key in named:
         return named[key]
+    if not isinstance(batch, (Tensor, tuple, list, str, bytes)):
+        # an object that serves attributes dynamically (``__getattr__``, properties)
+        try:
+            return getattr(batch, key)
+        except AttributeError:
+            pass
     raise KeyError(key)
 
 

@@ -77,6 +77,31 @@ def test_custom_batch_object_with_slots_and_populate(data):
         assert torch.equal(cb.memory.keys, model.encoder(x))
 
 
+class Stored:
+    """Serves its fields through ``__getattr__`` from a private store (as graph data objects do)."""
+
+    def __init__(self, x: Tensor, y: Tensor) -> None:
+        self._store = {"x": x, "y": y}
+
+    def __getattr__(self, name: str) -> Tensor:
+        try:
+            return self.__dict__["_store"][name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+def test_batch_object_with_dynamic_attributes_and_label_key(data):
+    x, y, _, _ = data
+    torch.manual_seed(0)
+    model, cb = ObjectBatches(), MbPA(k=4, label_key="y", **ADAPT)
+    trainer(callbacks=[cb]).fit(model, object_loader(x, y, Stored))
+    assert torch.equal(cb.memory.values, y)
+    with pytest.raises(MisconfigurationException, match=r"label_key='z'.*no such item"):
+        trainer(callbacks=[MbPA(k=4, label_key="z", **ADAPT)]).fit(
+            ObjectBatches(), object_loader(x, y, Stored)
+        )
+
+
 def test_custom_batch_object_without_labels_names_its_attributes(data):
     x, y, _, _ = data
 
