@@ -23,7 +23,12 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from lightning_mbpa import adaptation
-from lightning_mbpa._checks import IGNORE_INDEX, finite_rows, labels_outside
+from lightning_mbpa._checks import IGNORE_INDEX, finite_rows, keys_finite, labels_outside
+from lightning_mbpa._guards import (
+    drop_overflowed_neighbours,
+    overflowed_neighbours_message,
+    unstorable_queries_message,
+)
 from lightning_mbpa._head import HeadBinding
 from lightning_mbpa.memory import EpisodicMemory
 
@@ -171,17 +176,18 @@ class Adapter:
             return output
         self._check_query_geometry(memory, queries.shape[1], base.shape[1])
         finite = None
-        if not bool(torch.isfinite(queries).all()):
-            # no neighbours for non-finite queries: they keep the base prediction
+        if not keys_finite(queries):  # NaN/inf, or beyond float32 (float64 heads)
+            # no neighbours for such queries: they keep the base prediction
             finite = finite_rows(queries)
             queries = queries.masked_fill(~finite[:, None], 0)
-            self._warnings.warn(
-                f"MbPA: {int((~finite).sum())} of {finite.numel()} {self.stage} queries "
-                "hold NaN or infinite head inputs; they keep the model's base prediction.",
-                category=UserWarning,
-            )
+            message = unstorable_queries_message(~finite, self.stage)
+            self._warnings.warn(message, category=UserWarning)
         neighbours = memory.search(queries, settings.k)
         mask = neighbours.mask if finite is None else neighbours.mask & finite[:, None]
+        mask, lost = drop_overflowed_neighbours(neighbours.distances, mask)  # huge head inputs
+        if lost is not None:
+            message = overflowed_neighbours_message(lost, self.stage)
+            self._warnings.warn(message, category=UserWarning)
         weights = adaptation.kernel_weights(neighbours.distances, mask, settings.kernel_eps)
         adapted = adaptation.local_adapt(
             module,

@@ -8,6 +8,7 @@ from typing import Any
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_mbpa._checks import check, is_int, is_real
+from lightning_mbpa.adaptation import MIN_KERNEL_EPS
 
 STAGES: tuple[str, ...] = ("validate", "test", "predict")
 REFRESH: tuple[str, ...] = ("never", "on_test", "epoch_end")
@@ -59,7 +60,13 @@ def check_arguments(
         "a finite float >= 0",
     )
     check(is_real(beta) and 0 <= beta <= 1, "beta", beta, "a float in [0, 1]")
-    check(is_real(kernel_eps) and kernel_eps > 0, "kernel_eps", kernel_eps, "a finite float > 0")
+    check(
+        is_real(kernel_eps) and kernel_eps >= MIN_KERNEL_EPS,
+        "kernel_eps",
+        kernel_eps,
+        f"a finite float >= {MIN_KERNEL_EPS!r} (the smallest normal float32, so that the "
+        "weight 1/kernel_eps of an exact match is finite)",
+    )
     check(
         label_key is None
         or (isinstance(label_key, (str, int)) and not isinstance(label_key, bool)),

@@ -61,6 +61,8 @@ class Writer:
         capturing: Whether the capture hooks record the head's inputs now.
         captured: ``(module, head input)`` of every capture since the batch started.
         discovering: The hooks sit on every ``nn.Linear`` until the head is found.
+        head_has_run: The head ran in a training step written so far: a later step that does
+            not call it is skipped (:meth:`skipped_training_step`), not refused.
 
     Everything but ``target``, ``generator`` and the refusal counts is transient.
     """
@@ -77,6 +79,7 @@ class Writer:
         self.capturing = False
         self.captured: list[tuple[nn.Module, Tensor]] = []
         self.discovering = False
+        self.head_has_run = False
         self._handles: list[RemovableHandle] = []
         self._warnings = WarningCache()
         self._warned_unmatched_calls = False  # head calls skipped for not matching the labels
@@ -246,6 +249,15 @@ class Writer:
             return
         for keys, values, _ in pairs:
             self._add(keys, values, fraction, payload)
+
+    def skipped_training_step(self) -> bool:
+        """A training step that did not call the head after the head ran in earlier steps.
+
+        A ``training_step`` returning ``None`` (Lightning then skips the optimizer step) or one
+        that trains another part of the model for a batch has nothing to write; only a head that
+        never ran is a misconfiguration (:meth:`require_captured`).
+        """
+        return not self.captured and self.head_has_run
 
     def require_captured(self, where: str) -> None:
         """Raise unless the head's inputs were captured while processing the batch."""

@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -42,7 +43,11 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 from torch.profiler import record_function
 
-__all__ = ["kernel_weights", "local_adapt"]
+__all__ = ["MIN_KERNEL_EPS", "kernel_weights", "local_adapt"]
+
+#: The smallest ``eps`` of :func:`kernel_weights` (and ``MbPA(kernel_eps=...)``): the smallest
+#: normal float32, so that the weight of an exact match, ``1 / eps``, is finite in float32.
+MIN_KERNEL_EPS = float(torch.finfo(torch.float32).tiny)
 
 _DEFAULT_MEMORY_BUDGET = 256 * 2**20
 # Per-query working set of the generic path, in multiples of |θ|: θx, its gradient, the
@@ -67,22 +72,29 @@ def kernel_weights(distances: Tensor, mask: Tensor, eps: float = 1e-3) -> Tensor
             Negative values (round-off of ``||q||² - 2q·h + ||h||²``) are clamped to 0.
         mask: ``[B, K]`` boolean, ``True`` where the neighbour is valid (e.g. ``False`` for
             padding when the memory holds fewer than K entries).
-        eps: Strictly positive constant bounding the weight of an exact match.
+        eps: Constant bounding the weight of an exact match, at least :data:`MIN_KERNEL_EPS`
+            (``1.1755e-38``, the smallest normal float32) so that ``1 / eps`` is finite.
 
     Returns:
         ``[B, K]`` weights in the floating dtype of ``distances`` (float32 if it is an integer
         tensor). Masked neighbours weigh exactly 0; a row with no valid neighbour is all zeros.
+        A row whose unnormalised sum overflows (several exact matches with a tiny ``eps``) is
+        normalised by its largest weight first, so the weights stay finite.
 
     Raises:
-        ValueError: On a non-positive ``eps``, or shapes/dtypes that do not match.
+        ValueError: On an ``eps`` below :data:`MIN_KERNEL_EPS` or not finite, or shapes/dtypes
+            that do not match.
 
     Example:
         >>> d = torch.tensor([[0.0, 1.0, 5.0]])
         >>> kernel_weights(d, torch.tensor([[True, True, False]]), eps=1.0)
         tensor([[0.6667, 0.3333, 0.0000]])
     """
-    if not isinstance(eps, numbers.Real) or not math.isfinite(eps) or eps <= 0:
-        raise ValueError(f"`eps` must be a finite float > 0, got {eps!r}.")
+    if not isinstance(eps, numbers.Real) or not math.isfinite(eps) or eps < MIN_KERNEL_EPS:
+        raise ValueError(
+            f"`eps` must be a finite float >= {MIN_KERNEL_EPS!r} (the smallest normal float32, so "
+            f"that the weight 1/eps of an exact match is finite), got {eps!r}."
+        )
     if distances.dim() != 2:
         raise ValueError(f"`distances` must be 2-D [B, K], got shape {tuple(distances.shape)}.")
     if mask.shape != distances.shape:
@@ -98,7 +110,17 @@ def kernel_weights(distances: Tensor, mask: Tensor, eps: float = 1e-3) -> Tensor
     inv = torch.where(mask, inv, torch.zeros((), dtype=work_dtype, device=inv.device))
     total = inv.sum(dim=-1, keepdim=True)
     weights = inv / torch.where(total > 0, total, torch.ones_like(total))
+    weights = torch.where(torch.isfinite(total), weights, _normalised_by_largest(inv))
     return weights.to(out_dtype)
+
+
+def _normalised_by_largest(inv: Tensor) -> Tensor:
+    """``inv`` normalised to rows summing to 1 after dividing by each row's largest entry, so
+    the sum cannot overflow (every term is in [0, 1])."""
+    largest = inv.amax(dim=-1, keepdim=True)
+    scaled = inv / torch.where(largest > 0, largest, torch.ones_like(largest))
+    total = scaled.sum(dim=-1, keepdim=True)
+    return scaled / torch.where(total > 0, total, torch.ones_like(total))
 
 
 def local_adapt(
@@ -157,7 +179,9 @@ def local_adapt(
             capped to stay cache-sized, which is faster.
 
     Returns:
-        ``[B, C]`` outputs of the adapted heads on the queries, without autograd history.
+        ``[B, C]`` outputs of the adapted heads on the queries, without autograd history. A
+        query whose adapted outputs overflow (keys or queries too large for their products to
+        be represented, or a huge ``lr``) keeps its base outputs, with a ``UserWarning``.
 
     Raises:
         ValueError: On shapes that do not match, labels of valid neighbours outside the
@@ -250,7 +274,26 @@ def local_adapt(
                 memory_budget_bytes,
             )
         adapted = adapted.to(base_outputs.dtype)
+        active = _without_overflow(adapted, base_outputs, active)
         return torch.where(active[:, None], adapted, base_outputs)
+
+
+def _without_overflow(adapted: Tensor, base: Tensor, active: Tensor) -> Tensor:
+    """``active`` without the queries whose adapted outputs overflowed to NaN/inf where their
+    base outputs are finite; those keep the base outputs, with a warning that says why."""
+    overflowed = active & ~torch.isfinite(adapted).all(-1) & torch.isfinite(base).all(-1)
+    if not bool(overflowed.any()):
+        return active
+    warnings.warn(
+        f"local_adapt: the adapted outputs of {int(overflowed.sum())} of {active.numel()} "
+        f"queries overflowed {adapted.dtype} (NaN or infinite), so they keep the head's base "
+        "outputs. The keys and queries are too large for their products (Gram matrix, "
+        "logits) to be represented, or the step size is: scale the head's inputs down (e.g. "
+        "normalise the embedding) or lower `lr` (MbPA's `adaptation_lr`).",
+        category=UserWarning,
+        stacklevel=3,
+    )
+    return active & ~overflowed
 
 
 # --------------------------------------------------------------------------- dual form

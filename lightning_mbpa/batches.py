@@ -2,7 +2,8 @@
 
 MbPA writes ``(embedding, label)`` pairs during training; the embedding comes from a hook on
 the head, the label from the batch. Batches come in many shapes (tuples, dicts, NamedTuples,
-dataclasses), so the look-up here follows the conventions most Lightning data pipelines use.
+dataclasses, plain objects with attributes), so the look-up here follows the conventions most
+Lightning data pipelines use.
 Framework-free: no Lightning import.
 """
 
@@ -29,10 +30,36 @@ def _fields(batch: Any) -> dict[str, Any] | None:
     return None
 
 
+def _attributes(batch: Any) -> dict[str, Any] | None:
+    """The public instance attributes of a plain object (a custom batch class), else ``None``.
+
+    Tensors, containers, strings, numbers and classes are not plain objects; attributes whose
+    name starts with ``_`` are left out.
+    """
+    if isinstance(batch, (Tensor, Mapping, tuple, list, str, bytes, int, float, type)):
+        return None
+    names: list[str] = list(getattr(batch, "__dict__", {}))
+    for cls in type(batch).__mro__:
+        slots = vars(cls).get("__slots__", ())
+        names += [slots] if isinstance(slots, str) else list(slots)
+    found = {
+        name: getattr(batch, name)
+        for name in dict.fromkeys(names)
+        if not name.startswith("_") and hasattr(batch, name)
+    }
+    return found or None
+
+
+def _records(batch: Any) -> dict[str, Any] | None:
+    """The named fields of a NamedTuple or dataclass, or the attributes of a plain object."""
+    named = _fields(batch)
+    return named if named is not None else _attributes(batch)
+
+
 def _named(batch: Any) -> dict[str, Any] | None:
     if isinstance(batch, Mapping):
         return {str(key): value for key, value in batch.items()}
-    return _fields(batch)
+    return _records(batch)
 
 
 def find_label_name(batch: Any, label_key: str | int | None = None) -> str | int | None:
@@ -52,7 +79,8 @@ def find_label_name(batch: Any, label_key: str | int | None = None) -> str | int
 
 
 def get_item(batch: Any, key: str | int) -> Any:
-    """``batch[key]`` for sequences and mappings, ``getattr(batch, key)`` for records.
+    """``batch[key]`` for sequences and mappings, ``getattr(batch, key)`` for records
+    (NamedTuples, dataclasses and plain objects with attributes).
 
     Raises:
         KeyError: when the batch has no such item.
@@ -65,9 +93,15 @@ def get_item(batch: Any, key: str | int) -> Any:
         if isinstance(batch, (tuple, list)) and -len(batch) <= key < len(batch):
             return batch[key]
         raise KeyError(key)
-    named = _fields(batch)
+    named = _records(batch)
     if named is not None and key in named:
         return named[key]
+    if not isinstance(batch, (Tensor, tuple, list, str, bytes)):
+        # an object that serves attributes dynamically (``__getattr__``, properties)
+        try:
+            return getattr(batch, key)
+        except AttributeError:
+            pass
     raise KeyError(key)
 
 
@@ -122,20 +156,24 @@ def as_label_tensor(labels: Any, argument: str = "labels") -> Tensor:
 def slice_inputs(batch: Any, label_name: str | int | None) -> Any:
     """A batch without its labels: what the model's ``forward`` takes.
 
-    A tuple/list gives its first element, a mapping the mapping without its label key, a
-    NamedTuple/dataclass its first non-label field, a tensor itself.
+    A tuple/list gives its first element (its second when the labels are first), a mapping the mapping without its label key, a
+    NamedTuple/dataclass its first non-label field (a plain object its first non-label
+    attribute), a tensor itself.
     """
     if isinstance(batch, Tensor):
         return batch
     if isinstance(batch, Mapping):
         return {key: value for key, value in batch.items() if key != label_name}
-    named = _fields(batch)
+    named = _records(batch)
     if named is not None:
         for name, value in named.items():
             if name != label_name:
                 return value
         raise ValueError(f"The batch {describe(batch)} has no field besides its labels.")
     if isinstance(batch, (tuple, list)) and len(batch) >= 1:
+        first_is_label = isinstance(label_name, int) and label_name % len(batch) == 0
+        if first_is_label and len(batch) >= 2:  # `(y, x)` with `label_key=0`
+            return batch[1]
         return batch[0]
     raise ValueError(f"Cannot find model inputs in a batch of type {describe(batch)}.")
 

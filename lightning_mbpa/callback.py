@@ -87,7 +87,8 @@ class MbPA(Callback):
             The defaults of these three (20, 0.01, 0) had the best mean gain over the three
             demo streams on their validation splits with hidden-layer keys
             (``examples/sweep.py``; the README says how).
-        kernel_eps: ``ε`` of the neighbour weights ``w_k ∝ 1 / (ε + ||q − h_k||²)``.
+        kernel_eps: ``ε`` of the neighbour weights ``w_k ∝ 1 / (ε + ||q − h_k||²)``, at least
+            ``1.1755e-38`` (the smallest normal float32, so that ``1 / ε`` is finite).
         label_key: Where training batches keep their labels: a mapping key or attribute name,
             or a position in a tuple. ``None``: a tuple's second element, or a key/attribute
             named ``y``, ``label``, ``labels``, ``target`` or ``targets``.
@@ -459,7 +460,10 @@ class MbPA(Callback):
         self._writer.capturing = False
         try:
             self._writer.finish_discovery(pl_module)
+            if self._writer.skipped_training_step():
+                return
             self._write_batch(batch, "training batch", self._strategy)
+            self._writer.head_has_run = True
         finally:
             self._writer.end_batch()
 
@@ -757,6 +761,7 @@ class MbPA(Callback):
                     batch = model.transfer_batch_to_device(batch, device, 0)
                 else:
                     batch = move_data_to_device(batch, device)
+                self.extract_labels(batch)  # a wrong `label_key` fails before the model runs
                 writer.start_batch()
                 model(self.extract_inputs(batch))
                 writer.capturing = False
