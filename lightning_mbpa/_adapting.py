@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from lightning_mbpa._writes import _IGNORE_INDEX, _finite_rows, _labels_outside
 from lightning_mbpa.adaptation import _linear_head, kernel_weights, local_adapt
+from lightning_mbpa.mixture import mix_log_probs, neighbour_weights
 
 
 class _AdaptsPredictions:
@@ -36,14 +37,26 @@ class _AdaptsPredictions:
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str
     ) -> None:
         self._move_memory(pl_module)
-        populated = len(self.memory) == 0  # then filled below with the current weights
+        # ---- write_on_fit=False with online_writes: the memory is this test run's history only
+        test_history = not self.write_on_fit and self.online_writes
+        if test_history and stage == "test":
+            self.memory.clear()
+        # ----
+        populated = len(self.memory) == 0 and not test_history  # then filled with current weights
         if populated:
             self._auto_populate(trainer, pl_module)
         if self._head_module is None and self._head_name is not None:
             self._set_head(pl_module, self._head_name)
         if self.refresh_keys == "on_test" and not populated:
             self._refresh(pl_module, trainer)
-        if len(self.memory) == 0:
+        if len(self.memory) == 0 and not self.write_on_fit and not self.online_writes:
+            raise MisconfigurationException(
+                f"MbPA(write_on_fit=False, online_writes=False): the memory is empty at the start "
+                f"of {stage} and nothing can fill it. Call `MbPA.populate(model, dataloader)` "
+                "first (or give the datamodule a train_dataloader), or set online_writes=True "
+                "(memory from the test history) or write_on_fit=True."
+            )
+        if len(self.memory) == 0 and not (test_history and stage == "test"):
             rank_zero_warn(
                 f"MbPA: the episodic memory is empty, so {stage} uses the model's base "
                 "predictions until something is written. Fit with the callback attached, restore "
@@ -176,10 +189,18 @@ class _AdaptsPredictions:
         start = time.perf_counter()
         queries = inputs.detach().reshape(-1, inputs.shape[-1])
         base = output.detach().reshape(-1, output.shape[-1])
+        mixing = self._mixture[0] < 1.0  # base_weight or memory_weight set
+        if mixing and base.shape[1] < 2:
+            raise MisconfigurationException(
+                f"MbPA(base_weight={self.base_weight}, memory_weight={self.memory_weight}): output "
+                f"mixtures need a head with one output per class (>= 2); {self._head_name!r} "
+                "has 1. Set both weights to 0."
+            )
         if queries.shape[0] == 0 or len(self.memory) == 0:
-            self._adapted_calls.append((inputs.detach(), base, base))
+            mixed = self._mix(base, None, None) if mixing else base
+            self._adapted_calls.append((inputs.detach(), base, mixed))
             self._head_called_in_stage = True
-            return output
+            return mixed.reshape(output.shape).to(output.dtype) if mixing else output
         self._check_query_geometry(queries.shape[1], base.shape[1])
         finite = None
         if not bool(torch.isfinite(queries).all()):
@@ -194,23 +215,51 @@ class _AdaptsPredictions:
         neighbours = self.memory.search(queries, self.k)
         mask = neighbours.mask if finite is None else neighbours.mask & finite[:, None]
         weights = kernel_weights(neighbours.distances, mask, self.kernel_eps)
-        adapted = local_adapt(
-            module,
-            queries,
-            neighbours.keys,
-            neighbours.values,
-            weights,
-            steps=self.adaptation_steps,
-            lr=self.adaptation_lr,
-            beta=self.beta,
-            base_outputs=base,
-            neighbour_outputs=self._neighbour_outputs(neighbours.indices, neighbours.mask),
-        )
+        if self._mixture[0] > 0 and self.adaptation_steps > 0:  # λa > 0: the adapted heads
+            adapted = local_adapt(
+                module,
+                queries,
+                neighbours.keys,
+                neighbours.values,
+                weights,
+                steps=self.adaptation_steps,
+                lr=self.adaptation_lr,
+                beta=self.beta,
+                base_outputs=base,
+                neighbour_outputs=self._neighbour_outputs(neighbours.indices, neighbours.mask),
+            )
+        else:  # nothing to adapt, or λa = 0 (cache, kNN-LM): the adapted heads are not computed
+            adapted = base
+        if mixing:
+            adapted = self._mix(base, None if adapted is base else adapted, (neighbours, mask))
         self._adapt_seconds += time.perf_counter() - start
         self._queries += queries.shape[0]
         self._adapted_calls.append((inputs.detach(), base, adapted))
         self._head_called_in_stage = True
         return adapted.reshape(output.shape).to(output.dtype)
+
+    def _mix(
+        self, base: Tensor, adapted: Tensor | None, found: tuple[Any, Tensor] | None
+    ) -> Tensor:
+        """The output mixture (``base_weight``/``memory_weight``) of one head call's queries."""
+        memory_weights = labels = None
+        if found is not None and self.memory_weight > 0:
+            neighbours, mask = found
+            memory_weights = neighbour_weights(
+                neighbours.distances,
+                mask,
+                kernel_eps=self.kernel_eps,
+                temperature=self.memory_temperature,
+            )
+            labels = neighbours.values
+        return mix_log_probs(
+            base,
+            base_weight=self.base_weight,
+            memory_weight=self.memory_weight,
+            adapted_logits=adapted,
+            memory_weights=memory_weights,
+            memory_labels=labels,
+        )
 
     def _check_query_geometry(self, width: int, classes: int) -> None:
         """The head's inputs must match the keys, and the stored labels its outputs."""

@@ -51,6 +51,7 @@ from lightning_mbpa.batches import (
     slice_inputs,
 )
 from lightning_mbpa.memory import EpisodicMemory
+from lightning_mbpa.mixture import mixture_weights
 
 Stage = Literal["validate", "test", "predict"]
 _STAGES: tuple[str, ...] = ("validate", "test", "predict")
@@ -120,6 +121,31 @@ class MbPA(_MemoryWrites, _KeyDrift, _AdaptsPredictions, Callback):
             writes nothing to the memory.
         replay_batch_size: Stored examples per replay step (MbPA++ replays about 1% of the
             examples seen: ``replay_batch_size / (replay_every_n_steps * batch size)``).
+        base_weight: Output mixtures (language models): weight ``λb`` of the trained head's
+            distribution in the head's output ``log(λa·p_adapted + λb·p_base + λm·p_memory)``,
+            with ``λa = 1 − base_weight − memory_weight`` (:func:`~lightning_mbpa.mix_log_probs`).
+            When either weight is non-zero the head returns these log-probabilities (floored at
+            about −87.3, so a class no component gives mass to keeps a finite loss) instead of
+            logits; ``mbpa/adapted_acc`` measures the mixture. Both 0 (the default): no mixture,
+            the adapted logits as they are. In [0, 1].
+        memory_weight: Weight ``λm`` of the neighbours' label distribution
+            ``p_memory(y) = Σ_k w_k·[y_k = y]``. A query without neighbours (empty memory, all
+            neighbours masked) uses ``p_base`` for the memory part. ``λa = 0`` with
+            ``write_on_fit=False, online_writes=True`` is the neural cache (Grave et al., 2017);
+            ``λa = 0`` with ``memory_temperature`` set and the training tokens in memory is
+            kNN-LM (Khandelwal et al., 2020). In [0, 1], ``base_weight + memory_weight <= 1``.
+        memory_temperature: ``None``: ``p_memory`` uses MbPA's kernel weights
+            ``w_k ∝ 1/(kernel_eps + d_k)``; a float ``τ > 0``: kNN-LM's ``softmax(−d_k/τ)`` over
+            the K neighbours' squared distances.
+        write_on_fit: Write the training examples to memory during ``fit`` (the paper).
+            ``False``: nothing is written during ``fit``. With ``online_writes=True`` the memory
+            then holds only the test history (the neural-cache setting, ``memory_size`` being
+            the cache length): it is cleared when ``test`` starts, never filled from the train
+            data, and each token is written after it was predicted. With ``online_writes=False``
+            the memory is filled only by :meth:`populate` (or, when it is empty at the start of
+            validate/test/predict, from the datamodule's ``train_dataloader()`` with the current
+            weights, as kNN-LM builds its datastore with the trained model); a stage that
+            starts with an empty memory then raises, as nothing else could fill it.
 
     Training writes are staged in a small buffer and reach the memory in bulk; reading
     ``mbpa.memory`` (and every epoch end, checkpoint and stage start) writes what is staged, so
@@ -154,6 +180,10 @@ class MbPA(_MemoryWrites, _KeyDrift, _AdaptsPredictions, Callback):
         refresh_batch_size: int = 1024,
         replay_every_n_steps: int | None = None,
         replay_batch_size: int = 64,
+        base_weight: float = 0.0,
+        memory_weight: float = 0.0,
+        memory_temperature: float | None = None,
+        write_on_fit: bool = True,
     ) -> None:
         super().__init__()
         _check(
@@ -240,6 +270,19 @@ class MbPA(_MemoryWrites, _KeyDrift, _AdaptsPredictions, Callback):
             f"a non-empty list of stages from {list(_STAGES)}, unless replay_every_n_steps is "
             "set (without adaptation or replay nothing reads the memory)",
         )
+        # ---- output mixtures and the test-history memory (lightning_mbpa.mixture)
+        try:
+            self._mixture = mixture_weights(base_weight, memory_weight)  # (λa, λb, λm)
+        except ValueError as err:
+            raise MisconfigurationException(f"MbPA: {err}") from err
+        _check(
+            memory_temperature is None or (_is_real(memory_temperature) and memory_temperature > 0),
+            "memory_temperature",
+            memory_temperature,
+            "a float > 0 (kNN-LM's softmax(-d/τ)) or None (MbPA's kernel weights)",
+        )
+        _check(isinstance(write_on_fit, bool), "write_on_fit", write_on_fit, "a bool")
+        # ----
         for name, value, off in (
             ("refresh_keys", refresh_keys, "'never'"),
             ("replay_every_n_steps", replay_every_n_steps, "None"),
@@ -272,6 +315,10 @@ class MbPA(_MemoryWrites, _KeyDrift, _AdaptsPredictions, Callback):
             None if replay_every_n_steps is None else int(replay_every_n_steps)
         )
         self.replay_batch_size = int(replay_batch_size)
+        self.base_weight = float(base_weight)
+        self.memory_weight = float(memory_weight)
+        self.memory_temperature = None if memory_temperature is None else float(memory_temperature)
+        self.write_on_fit = write_on_fit
         self._inputs_structure: str | None = None  # how stored input leaves join into inputs
 
         try:
@@ -574,7 +621,8 @@ class MbPA(_MemoryWrites, _KeyDrift, _AdaptsPredictions, Callback):
     # ---- fit: writing
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._move_memory(pl_module)
-        self._install_capture_hooks(pl_module)
+        if self.write_on_fit:
+            self._install_capture_hooks(pl_module)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._remove_capture_hooks()
@@ -597,7 +645,7 @@ class MbPA(_MemoryWrites, _KeyDrift, _AdaptsPredictions, Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         self._captured.clear()
-        self._capturing = True
+        self._capturing = self.write_on_fit
 
     def on_train_batch_end(
         self,
@@ -608,6 +656,8 @@ class MbPA(_MemoryWrites, _KeyDrift, _AdaptsPredictions, Callback):
         batch_idx: int,
     ) -> None:
         self._capturing = False
+        if not self.write_on_fit:
+            return
         try:
             self._finish_discovery(pl_module)
             self._write_batch(batch, where="training batch")
