@@ -189,7 +189,8 @@ class _AdaptsPredictions:
         start = time.perf_counter()
         queries = inputs.detach().reshape(-1, inputs.shape[-1])
         base = output.detach().reshape(-1, output.shape[-1])
-        mixing = self._mixture[0] < 1.0  # base_weight or memory_weight set
+        adapted_weight = 1.0 - self.base_weight - self.memory_weight  # λa
+        mixing = adapted_weight < 1.0  # base_weight or memory_weight set
         if mixing and base.shape[1] < 2:
             raise MisconfigurationException(
                 f"MbPA(base_weight={self.base_weight}, memory_weight={self.memory_weight}): output "
@@ -215,7 +216,7 @@ class _AdaptsPredictions:
         neighbours = self.memory.search(queries, self.k)
         mask = neighbours.mask if finite is None else neighbours.mask & finite[:, None]
         weights = kernel_weights(neighbours.distances, mask, self.kernel_eps)
-        if self._mixture[0] > 0 and self.adaptation_steps > 0:  # λa > 0: the adapted heads
+        if adapted_weight > 1e-9 and self.adaptation_steps > 0:  # λa > 0: the adapted heads
             adapted = local_adapt(
                 module,
                 queries,

@@ -272,7 +272,7 @@ class MbPA(_MemoryWrites, _KeyDrift, _AdaptsPredictions, Callback):
         )
         # ---- output mixtures and the test-history memory (lightning_mbpa.mixture)
         try:
-            self._mixture = mixture_weights(base_weight, memory_weight)  # (λa, λb, λm)
+            mixture_weights(base_weight, memory_weight)
         except ValueError as err:
             raise MisconfigurationException(f"MbPA: {err}") from err
         _check(
