@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from lightning_mbpa.adaptation import kernel_weights, local_adapt
     from lightning_mbpa.callback import MbPA
     from lightning_mbpa.memory import EpisodicMemory, Neighbours
+    from lightning_mbpa.mixture import mix_log_probs, neighbour_weights
 
 _EXPORTS = {
     "EpisodicMemory": "lightning_mbpa.memory",
@@ -22,9 +23,19 @@ _EXPORTS = {
     "kernel_weights": "lightning_mbpa.adaptation",
     "local_adapt": "lightning_mbpa.adaptation",
     "MbPA": "lightning_mbpa.callback",
+    "mix_log_probs": "lightning_mbpa.mixture",
+    "neighbour_weights": "lightning_mbpa.mixture",
 }
 
-__all__ = ["EpisodicMemory", "MbPA", "Neighbours", "kernel_weights", "local_adapt"]
+__all__ = [
+    "EpisodicMemory",
+    "MbPA",
+    "Neighbours",
+    "kernel_weights",
+    "local_adapt",
+    "mix_log_probs",
+    "neighbour_weights",
+]
 __version__ = "0.1.0"
 
 

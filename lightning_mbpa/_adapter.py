@@ -3,7 +3,9 @@
 During ``validate``/``test``/``predict`` a forward hook on the head replaces its output with the
 output of a copy of the head adapted, per query, on the query's K nearest memories
 (:func:`~lightning_mbpa.local_adapt`), so the module's own ``test_step`` and metrics see the
-adapted predictions; base vs adapted accuracy is logged at epoch end.
+adapted predictions; base vs adapted accuracy is logged at epoch end. With ``base_weight`` or
+``memory_weight`` set the head returns the output mixture of :mod:`lightning_mbpa.mixture`
+instead (the adapted heads computed only when their weight ``λa`` is non-zero).
 """
 
 from __future__ import annotations
@@ -30,18 +32,37 @@ from lightning_mbpa._guards import (
     unstorable_queries_message,
 )
 from lightning_mbpa._head import HeadBinding
+from lightning_mbpa._neighbours import Neighbours
 from lightning_mbpa.memory import EpisodicMemory
+from lightning_mbpa.mixture import mix_log_probs, mixture_weights, neighbour_weights
 
 
 @dataclass(frozen=True)
 class AdaptSettings:
-    """The callback's adaptation arguments, as read when a stage starts."""
+    """The callback's adaptation arguments, as read when a stage starts.
+
+    ``base_weight``/``memory_weight`` (``λb``/``λm``) and ``memory_temperature`` configure the
+    output mixture (:mod:`lightning_mbpa.mixture`); both weights 0 (the default) is no mixture.
+    """
 
     k: int
     steps: int
     lr: float
     beta: float
     kernel_eps: float
+    base_weight: float = 0.0
+    memory_weight: float = 0.0
+    memory_temperature: float | None = None
+
+    @property
+    def mixing(self) -> bool:
+        """Whether the head returns the output mixture instead of the adapted logits."""
+        return self.base_weight > 0 or self.memory_weight > 0
+
+    @property
+    def adapted_weight(self) -> float:
+        """``λa = 1 − base_weight − memory_weight`` (exactly 0 within float round-off)."""
+        return mixture_weights(self.base_weight, self.memory_weight)[0]
 
 
 class Adapter:
@@ -170,10 +191,22 @@ class Adapter:
         assert settings is not None
         queries = inputs.detach().reshape(-1, inputs.shape[-1])
         base = output.detach().reshape(-1, output.shape[-1])
+        mixing = settings.mixing
+        if mixing and base.shape[1] < 2:
+            raise MisconfigurationException(
+                f"MbPA(base_weight={settings.base_weight}, memory_weight="
+                f"{settings.memory_weight}): output mixtures need a head with one output per "
+                f"class (>= 2); {self.head.name!r} has 1. Set both weights to 0."
+            )
         if queries.shape[0] == 0 or len(memory) == 0:
-            self.calls.append((inputs.detach(), base, base))
+            if not mixing:
+                self.calls.append((inputs.detach(), base, base))
+                self.head_called = True
+                return output
+            mixed = self._mix(settings, base, None, None)
+            self.calls.append((inputs.detach(), base, mixed))
             self.head_called = True
-            return output
+            return mixed.reshape(output.shape).to(output.dtype)
         self._check_query_geometry(memory, queries.shape[1], base.shape[1])
         finite = None
         if not keys_finite(queries):  # NaN/inf, or beyond float32 (float64 heads)
@@ -188,24 +221,58 @@ class Adapter:
         if lost is not None:
             message = overflowed_neighbours_message(lost, self.stage)
             self._warnings.warn(message, category=UserWarning)
-        weights = adaptation.kernel_weights(neighbours.distances, mask, settings.kernel_eps)
-        adapted = adaptation.local_adapt(
-            module,
-            queries,
-            neighbours.keys,
-            neighbours.values,
-            weights,
-            steps=settings.steps,
-            lr=settings.lr,
-            beta=settings.beta,
-            base_outputs=base,
-            neighbour_outputs=self.neighbour_outputs(memory, neighbours.indices),
-        )
+        if not mixing or (settings.adapted_weight > 0 and settings.steps > 0):
+            weights = adaptation.kernel_weights(neighbours.distances, mask, settings.kernel_eps)
+            adapted = adaptation.local_adapt(
+                module,
+                queries,
+                neighbours.keys,
+                neighbours.values,
+                weights,
+                steps=settings.steps,
+                lr=settings.lr,
+                beta=settings.beta,
+                base_outputs=base,
+                neighbour_outputs=self.neighbour_outputs(memory, neighbours.indices),
+            )
+        else:  # no adaptation steps, or λa = 0 (cache, kNN-LM): no adapted heads to compute
+            adapted = base
+        if mixing:
+            found = (neighbours, mask)
+            adapted = self._mix(settings, base, None if adapted is base else adapted, found)
         self.seconds += time.perf_counter() - start
         self.queries += queries.shape[0]
         self.calls.append((inputs.detach(), base, adapted))
         self.head_called = True
         return adapted.reshape(output.shape).to(output.dtype)
+
+    @staticmethod
+    def _mix(
+        settings: AdaptSettings,
+        base: Tensor,
+        adapted: Tensor | None,
+        found: tuple[Neighbours, Tensor] | None,
+    ) -> Tensor:
+        """The output mixture of one head call's queries: ``adapted`` None means
+        ``p_adapted = p_base``; ``found`` (neighbours, valid mask) None means no neighbours."""
+        memory_weights = labels = None
+        if found is not None and settings.memory_weight > 0:
+            neighbours, mask = found
+            memory_weights = neighbour_weights(
+                neighbours.distances,
+                mask,
+                kernel_eps=settings.kernel_eps,
+                temperature=settings.memory_temperature,
+            )
+            labels = neighbours.values
+        return mix_log_probs(
+            base,
+            base_weight=settings.base_weight,
+            memory_weight=settings.memory_weight,
+            adapted_logits=adapted,
+            memory_weights=memory_weights,
+            memory_labels=labels,
+        )
 
     def _check_query_geometry(self, memory: EpisodicMemory, width: int, classes: int) -> None:
         """The head's inputs must match the keys, and the stored labels its outputs."""

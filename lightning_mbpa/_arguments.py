@@ -9,6 +9,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_mbpa._checks import check, is_int, is_real
 from lightning_mbpa.adaptation import MIN_KERNEL_EPS
+from lightning_mbpa.mixture import mixture_weights
 
 STAGES: tuple[str, ...] = ("validate", "test", "predict")
 REFRESH: tuple[str, ...] = ("never", "on_test", "epoch_end")
@@ -36,6 +37,10 @@ def check_arguments(
     refresh_batch_size: Any,
     replay_every_n_steps: Any,
     replay_batch_size: Any,
+    base_weight: Any,
+    memory_weight: Any,
+    memory_temperature: Any,
+    write_on_fit: Any,
 ) -> tuple[str, ...]:
     """Raise a MisconfigurationException naming the first bad argument; returns ``adapt_on`` as
     a tuple of distinct stages."""
@@ -127,6 +132,18 @@ def check_arguments(
         f"a non-empty list of stages from {list(STAGES)}, unless replay_every_n_steps is "
         "set (without adaptation or replay nothing reads the memory)",
     )
+    # output mixtures and the test-history memory (lightning_mbpa.mixture)
+    try:
+        mixture_weights(base_weight, memory_weight)
+    except ValueError as err:
+        raise MisconfigurationException(f"MbPA: {err}") from err
+    check(
+        memory_temperature is None or (is_real(memory_temperature) and memory_temperature > 0),
+        "memory_temperature",
+        memory_temperature,
+        "a float > 0 (kNN-LM's softmax(-d/τ)) or None (MbPA's kernel weights)",
+    )
+    check(isinstance(write_on_fit, bool), "write_on_fit", write_on_fit, "a bool")
     for name, value, off in (
         ("refresh_keys", refresh_keys, "'never'"),
         ("replay_every_n_steps", replay_every_n_steps, "None"),

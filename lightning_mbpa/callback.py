@@ -126,6 +126,31 @@ class MbPA(Callback):
             writes nothing to the memory.
         replay_batch_size: Stored examples per replay step (MbPA++ replays about 1% of the
             examples seen: ``replay_batch_size / (replay_every_n_steps * batch size)``).
+        base_weight: Output mixtures (language models): weight ``λb`` of the trained head's
+            distribution in the head's output ``log(λa·p_adapted + λb·p_base + λm·p_memory)``,
+            with ``λa = 1 − base_weight − memory_weight`` (:func:`~lightning_mbpa.mix_log_probs`).
+            When either weight is non-zero the head returns these log-probabilities (floored at
+            about −87.3, so a class no component gives mass to keeps a finite loss) instead of
+            logits; ``mbpa/adapted_acc`` measures the mixture. Both 0 (the default): no mixture,
+            the adapted logits as they are. In [0, 1].
+        memory_weight: Weight ``λm`` of the neighbours' label distribution
+            ``p_memory(y) = Σ_k w_k·[y_k = y]``. A query without neighbours (empty memory, all
+            neighbours masked) uses ``p_base`` for the memory part. ``λa = 0`` with
+            ``write_on_fit=False, online_writes=True`` is the neural cache (Grave et al., 2017);
+            ``λa = 0`` with ``memory_temperature`` set and the training tokens in memory is
+            kNN-LM (Khandelwal et al., 2020). In [0, 1], ``base_weight + memory_weight <= 1``.
+        memory_temperature: ``None``: ``p_memory`` uses MbPA's kernel weights
+            ``w_k ∝ 1/(kernel_eps + d_k)``; a float ``τ > 0``: kNN-LM's ``softmax(−d_k/τ)`` over
+            the K neighbours' squared distances.
+        write_on_fit: Write the training examples to memory during ``fit`` (the paper).
+            ``False``: nothing is written during ``fit``. With ``online_writes=True`` the memory
+            then holds only the test history (the neural-cache setting, ``memory_size`` being
+            the cache length): it is cleared when ``test`` starts, never filled from the train
+            data, and each token is written after it was predicted. With ``online_writes=False``
+            the memory is filled only by :meth:`populate` (or, when it is empty at the start of
+            validate/test/predict, from the datamodule's ``train_dataloader()`` with the current
+            weights, as kNN-LM builds its datastore with the trained model); a stage that
+            starts with an empty memory then raises, as nothing else could fill it.
 
     Errors: a bad argument or setup (a missing head, a memory that does not fit the model or
     a checkpoint that does not fit the callback) raises ``MisconfigurationException`` naming
@@ -167,6 +192,10 @@ class MbPA(Callback):
         replay_every_n_steps: int | None = None,
         replay_batch_size: int = 64,
         memory: EpisodicMemory | None = None,
+        base_weight: float = 0.0,
+        memory_weight: float = 0.0,
+        memory_temperature: float | None = None,
+        write_on_fit: bool = True,
     ) -> None:
         super().__init__()
         self.adapt_on = check_arguments(
@@ -190,6 +219,10 @@ class MbPA(Callback):
             refresh_batch_size=refresh_batch_size,
             replay_every_n_steps=replay_every_n_steps,
             replay_batch_size=replay_batch_size,
+            base_weight=base_weight,
+            memory_weight=memory_weight,
+            memory_temperature=memory_temperature,
+            write_on_fit=write_on_fit,
         )
         self.head = head
         self.k = int(k)
@@ -209,6 +242,10 @@ class MbPA(Callback):
             None if replay_every_n_steps is None else int(replay_every_n_steps)
         )
         self.replay_batch_size = int(replay_batch_size)
+        self.base_weight = float(base_weight)
+        self.memory_weight = float(memory_weight)
+        self.memory_temperature = None if memory_temperature is None else float(memory_temperature)
+        self.write_on_fit = write_on_fit
         self._memory = build_memory(memory, memory_size, eviction, index, self.seed)
         self._head = HeadBinding(head)
         self._writer = Writer(self._memory, self._head, seed=self.seed)
@@ -411,7 +448,8 @@ class MbPA(Callback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._move_memory(pl_module)
-        self._writer.install(pl_module)
+        if self.write_on_fit:  # else nothing is written during fit
+            self._writer.install(pl_module)
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -446,7 +484,8 @@ class MbPA(Callback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        self._writer.start_batch()
+        if self.write_on_fit:
+            self._writer.start_batch()
 
     @override
     def on_train_batch_end(
@@ -457,6 +496,8 @@ class MbPA(Callback):
         batch: Any,
         batch_idx: int,
     ) -> None:
+        if not self.write_on_fit:  # the writer's hooks were not installed
+            return
         self._writer.capturing = False
         try:
             self._writer.finish_discovery(pl_module)
@@ -518,13 +559,24 @@ class MbPA(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str
     ) -> None:
         self._move_memory(pl_module)
-        populated = len(self.memory) == 0  # then filled below with the current weights
+        # write_on_fit=False with online_writes: the memory is this test run's history only
+        test_history = not self.write_on_fit and self.online_writes
+        if test_history and stage == "test":
+            self.memory.clear()
+        populated = len(self.memory) == 0 and not test_history  # then filled with current weights
         if populated:
             self._auto_populate(trainer, pl_module)
         self._head.bind_named(pl_module, self.memory.dim)
         if self.refresh_keys == "on_test" and not populated:
             self._refresh(pl_module, trainer)
-        if len(self.memory) == 0:
+        if len(self.memory) == 0 and not self.write_on_fit and not self.online_writes:
+            raise MisconfigurationException(
+                f"MbPA(write_on_fit=False, online_writes=False): the memory is empty at the start "
+                f"of {stage} and nothing can fill it. Call `MbPA.populate(model, dataloader)` "
+                "first (or give the datamodule a train_dataloader), or set online_writes=True "
+                "(memory from the test history) or write_on_fit=True."
+            )
+        if len(self.memory) == 0 and not (test_history and stage == "test"):
             rank_zero_warn(
                 f"MbPA: the episodic memory is empty, so {stage} uses the model's base "
                 "predictions until something is written. Fit with the callback attached, restore "
@@ -532,7 +584,14 @@ class MbPA(Callback):
                 category=UserWarning,
             )
         settings = AdaptSettings(
-            self.k, self.adaptation_steps, self.adaptation_lr, self.beta, self.kernel_eps
+            k=self.k,
+            steps=self.adaptation_steps,
+            lr=self.adaptation_lr,
+            beta=self.beta,
+            kernel_eps=self.kernel_eps,
+            base_weight=self.base_weight,
+            memory_weight=self.memory_weight,
+            memory_temperature=self.memory_temperature,
         )
         self._adapter.start(stage, settings, lambda: self.memory)
         if self._head.module is None and self.online_writes and stage == "test":

@@ -1,0 +1,224 @@
+"""Output mixtures: MbPA's adapted head mixed with the base model and the memory's own vote.
+
+Every language-modelling result of Sprechmann et al. ("Memory-based Parameter Adaptation",
+ICLR 2018, arXiv:1802.10542) mixes three distributions over the vocabulary,
+
+    p = λa·p_adapted + λb·p_base + λm·p_memory,   p_memory(y) = Σ_k w_k·[y_k = y],
+
+where ``p_memory`` is the label distribution of a query's K neighbours under normalised weights
+``w_k``. Two well-known models are special cases with ``λa = 0``: the neural cache (Grave et al.,
+"Improving Neural Language Models with a Continuous Cache", ICLR 2017, arXiv:1612.04426; the
+memory is the recent test history) and kNN-LM (Khandelwal et al., "Generalization through
+Memorization: Nearest Neighbor Language Models", ICLR 2020, arXiv:1911.00172; the memory holds
+every training token and ``w = softmax(−d/τ)`` over squared distances ``d``).
+
+Pure torch functions, no Lightning import; :class:`~lightning_mbpa.MbPA` calls them from its head
+hook when ``base_weight`` or ``memory_weight`` is set.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+from torch import Tensor
+
+from lightning_mbpa.adaptation import kernel_weights
+
+#: Log-probabilities are floored at ``log`` of float32's smallest normal number (≈ −87.34), so a
+#: class that no component gives mass to (e.g. a word absent from the neighbours of a memory-only
+#: model) gets a large finite loss instead of ``-inf`` (whose cross-entropy gradient is NaN).
+LOG_FLOOR = math.log(torch.finfo(torch.float32).tiny)
+
+# 1 − base_weight − memory_weight below this is taken as exactly 0 (float round-off of sums such
+# as 1 − 0.3 − 0.7), and sums above 1 by at most this much are accepted.
+_TOLERANCE = 1e-9
+
+
+def mixture_weights(base_weight: float, memory_weight: float) -> tuple[float, float, float]:
+    """``(λa, λb, λm)``: the adapted head's weight ``1 − base_weight − memory_weight`` and the two
+    given weights, checked.
+
+    Raises:
+        ValueError: If a weight is not a real number in [0, 1] or the two sum above 1; the
+            message names the argument and its value.
+
+    Example:
+        >>> mixture_weights(0.25, 0.5)
+        (0.25, 0.25, 0.5)
+    """
+    for name, value in (("base_weight", base_weight), ("memory_weight", memory_weight)):
+        if (
+            not isinstance(value, numbers.Real)
+            or isinstance(value, bool)
+            or not math.isfinite(float(value))
+            or not 0.0 <= float(value) <= 1.0
+        ):
+            raise ValueError(f"`{name}`={value!r} is invalid: expected a float in [0, 1].")
+    total = float(base_weight) + float(memory_weight)
+    if total > 1.0 + _TOLERANCE:
+        raise ValueError(
+            f"`base_weight`={base_weight!r} and `memory_weight`={memory_weight!r} sum to "
+            f"{total:g}: expected a sum of at most 1 (the adapted head gets 1 minus the sum)."
+        )
+    adapted = 1.0 - total
+    if adapted < _TOLERANCE:
+        adapted = 0.0
+    return adapted, float(base_weight), float(memory_weight)
+
+
+def neighbour_weights(
+    distances: Tensor,
+    mask: Tensor,
+    *,
+    kernel_eps: float = 1e-3,
+    temperature: float | None = None,
+) -> Tensor:
+    """Normalised weights of each query's K neighbours, for ``p_memory``.
+
+    Args:
+        distances: ``[B, K]`` squared Euclidean distances (negative round-off is clamped to 0).
+        mask: ``[B, K]`` bool, True for a real neighbour.
+        kernel_eps: ``ε`` of MbPA's kernel ``w_k ∝ 1 / (ε + d_k)``, used when ``temperature`` is
+            None.
+        temperature: ``τ`` of kNN-LM's ``w = softmax(−d/τ)`` over the valid neighbours; None
+            uses MbPA's kernel.
+
+    Returns:
+        ``[B, K]`` float32 (float64 for float64 distances) weights summing to 1 over each row's
+        valid neighbours; masked neighbours weigh 0 and a row without any is all zeros.
+
+    Example:
+        >>> d = torch.tensor([[0.0, 1.0, 5.0]])
+        >>> neighbour_weights(d, torch.tensor([[True, True, False]]), temperature=1.0)
+        tensor([[0.7311, 0.2689, 0.0000]])
+    """
+    if distances.dim() != 2 or mask.shape != distances.shape or mask.dtype != torch.bool:
+        raise ValueError(
+            f"`distances` must be [B, K] with a bool `mask` of the same shape, got "
+            f"{tuple(distances.shape)} and {tuple(mask.shape)} ({mask.dtype})."
+        )
+    if temperature is None:
+        return kernel_weights(distances, mask, kernel_eps).to(_work_dtype(distances))
+    if not _positive(temperature):
+        raise ValueError(f"`temperature`={temperature!r} is invalid: expected a float > 0.")
+    dtype = _work_dtype(distances)
+    scores = -distances.to(dtype).clamp_min(0) / float(temperature)
+    scores = scores.masked_fill(~mask, -math.inf)
+    any_valid = mask.any(dim=-1, keepdim=True)
+    # a row without neighbours would be softmax of all −inf (NaN): give it zeros instead
+    weights = torch.softmax(scores.masked_fill(~any_valid, 0.0), dim=-1)
+    return torch.where(mask & any_valid, weights, torch.zeros((), dtype=dtype))
+
+
+def memory_log_probs(weights: Tensor, labels: Tensor, num_classes: int) -> Tensor:
+    """``log p_memory``: ``log Σ_k w_k·[y_k = y]`` for every class ``y``, ``[B, C]``.
+
+    Classes no neighbour holds get ``-inf``; so does every class of a row whose weights are all 0
+    (:func:`mix_log_probs` replaces such rows by the base distribution). Labels of zero-weight
+    neighbours may hold anything in ``[0, num_classes)`` (masked neighbours hold 0).
+    """
+    if weights.dim() != 2 or labels.shape != weights.shape:
+        raise ValueError(
+            f"`weights` and `labels` must both be [B, K], got {tuple(weights.shape)} and "
+            f"{tuple(labels.shape)}."
+        )
+    mass = weights.new_zeros((weights.shape[0], num_classes))
+    mass.scatter_add_(1, labels.long().clamp(0, num_classes - 1), weights)
+    return mass.log()
+
+
+def mix_log_probs(
+    base_logits: Tensor,
+    *,
+    base_weight: float,
+    memory_weight: float,
+    adapted_logits: Tensor | None = None,
+    memory_weights: Tensor | None = None,
+    memory_labels: Tensor | None = None,
+) -> Tensor:
+    """``log(λa·p_adapted + base_weight·p_base + memory_weight·p_memory)``, ``[B, C]``.
+
+    ``λa = 1 − base_weight − memory_weight``. Computed in log space (a ``logsumexp`` over the
+    components with non-zero weight, each ``log λ + log p``), in float32 (float64 for float64
+    logits), then floored at :data:`LOG_FLOOR` (≈ −87.34) so that a class no component gives
+    mass to stays finite.
+
+    Args:
+        base_logits: ``[B, C]`` logits of the trained head (``p_base = softmax``), C >= 2.
+        base_weight: ``λb`` in [0, 1].
+        memory_weight: ``λm`` in [0, 1]; ``base_weight + memory_weight <= 1``.
+        adapted_logits: ``[B, C]`` logits of the adapted heads. None: ``p_adapted = p_base``
+            (no adaptation steps).
+        memory_weights: ``[B, K]`` normalised neighbour weights (:func:`neighbour_weights`).
+            A row whose weights are all 0 (no neighbours: empty memory, all masked) uses
+            ``p_base`` as its memory part. None: no neighbours for any row.
+        memory_labels: ``[B, K]`` class indices of the neighbours (needed with
+            ``memory_weights``).
+
+    Returns:
+        ``[B, C]`` log-probabilities of the mixture (floored as said above).
+
+    Raises:
+        ValueError: On weights outside [0, 1] or summing above 1, or mismatched shapes.
+
+    Example:
+        >>> base = torch.tensor([[0.0, 0.0]])
+        >>> w, y = torch.tensor([[1.0]]), torch.tensor([[1]])
+        >>> mix_log_probs(base, base_weight=0.5, memory_weight=0.5,
+        ...               memory_weights=w, memory_labels=y).exp()
+        tensor([[0.2500, 0.7500]])
+    """
+    adapted_weight, base_weight, memory_weight = mixture_weights(base_weight, memory_weight)
+    if base_logits.dim() != 2 or base_logits.shape[1] < 2:
+        raise ValueError(
+            f"`base_logits` must be [B, C] with C >= 2 classes, got {tuple(base_logits.shape)}."
+        )
+    dtype = _work_dtype(base_logits)
+    log_base = torch.log_softmax(base_logits.to(dtype), dim=-1)
+    if adapted_logits is None:
+        base_weight, adapted_weight = base_weight + adapted_weight, 0.0
+    elif adapted_logits.shape != base_logits.shape:
+        raise ValueError(
+            f"`adapted_logits` must have the shape of `base_logits` {tuple(base_logits.shape)}, "
+            f"got {tuple(adapted_logits.shape)}."
+        )
+    log_memory = None
+    if memory_weight > 0:
+        if memory_weights is None:
+            base_weight, memory_weight = base_weight + memory_weight, 0.0
+        else:
+            if memory_labels is None or memory_weights.shape[0] != base_logits.shape[0]:
+                raise ValueError(
+                    "`memory_weights` needs `memory_labels` of its shape, with one row per row "
+                    f"of `base_logits` ({base_logits.shape[0]})."
+                )
+            log_memory = memory_log_probs(
+                memory_weights.to(dtype), memory_labels, base_logits.shape[1]
+            )
+            empty = ~(memory_weights > 0).any(dim=-1, keepdim=True)
+            log_memory = torch.where(empty, log_base, log_memory)
+    terms = []
+    if adapted_weight > 0:
+        assert adapted_logits is not None
+        terms.append(math.log(adapted_weight) + torch.log_softmax(adapted_logits.to(dtype), -1))
+    if base_weight > 0:
+        terms.append(math.log(base_weight) + log_base)
+    if log_memory is not None:
+        terms.append(math.log(memory_weight) + log_memory)
+    mixed = terms[0] if len(terms) == 1 else torch.logsumexp(torch.stack(terms), dim=0)
+    return mixed.clamp_min(LOG_FLOOR)
+
+
+def _work_dtype(t: Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _positive(value: object) -> bool:
+    return (
+        isinstance(value, numbers.Real)
+        and not isinstance(value, bool)
+        and math.isfinite(float(value))
+        and float(value) > 0
+    )

@@ -1,0 +1,121 @@
+"""The language-model demo (examples/language_model.py) on a tiny generated corpus: no download,
+no WikiText-2 files needed."""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import json
+import math
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from examples import language_model as lm
+
+CONFIG = str(Path(__file__).resolve().parent.parent / "examples/configs/wikitext2_quick.yaml")
+
+
+def write_corpus(folder: Path) -> None:
+    rng = random.Random(0)
+    words = [f"w{i}" for i in range(30)]
+    for name, lines in (("valid.txt", 40), ("test.txt", 15)):
+        with open(folder / name, "w") as f:
+            for _ in range(lines):
+                f.write(" " + " ".join(rng.choice(words[: rng.randint(4, 30)]) for _ in range(8)))
+                f.write(" \n")
+
+
+def tiny_args(folder: Path) -> list[str]:
+    return [
+        "--config",
+        CONFIG,
+        "--data.data_dir",
+        str(folder),
+        "--data.download",
+        "false",
+        "--data.batch_size",
+        "4",
+        "--data.bptt",
+        "6",
+        "--model.embedding_dim",
+        "8",
+        "--model.hidden_dim",
+        "16",
+        "--trainer.max_epochs",
+        "1",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--weights",
+        "[0.3, 0.5]",
+        "--steps",
+        "[1]",
+        "--cache_size",
+        "50",
+        "--out_dir",
+        str(folder / "out"),
+    ]
+
+
+def test_pipeline_runs_and_reports_every_row(tmp_path: Path) -> None:
+    write_corpus(tmp_path)
+    result = lm.run(tiny_args(tmp_path))
+    rows = result["rows"]
+    assert list(rows) == ["base", "cache", "kNN-LM", "MbPA", "MbPA + base", "MbPA + base + memory"]
+    assert all(math.isfinite(row["perplexity"]) and row["perplexity"] > 1 for row in rows.values())
+    # the buckets cover every predicted test token
+    n = result["tokens"]["test"]  # 4 streams of (n - 1) // 4 tokens each
+    assert sum(b["tokens"] for b in result["buckets"].values()) == (n - 1) // 4 * 4
+    assert Path(result["plot"]).exists()
+    saved = json.loads((tmp_path / "out" / "wikitext2.json").read_text())
+    assert saved["rows"]["base"]["perplexity"] == pytest.approx(rows["base"]["perplexity"])
+    report = lm.report(result)
+    assert "MbPA + base + memory" in report and "Wall time" in report
+
+
+def test_best_mixture_matches_a_brute_force_search() -> None:
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.rand(50, generator=g) * 5, torch.rand(50, generator=g) * 5  # NLLs
+    grid = [(1 - w, w) for w in (0.1, 0.3, 0.5, 0.9)]
+    best = lm.best_mixture({"a": a, "b": b}, grid)
+    ppl = {
+        w: math.exp(-((1 - w[1]) * (-a).exp() + w[1] * (-b).exp()).log().mean().item())
+        for w in grid
+    }
+    assert best == min(ppl, key=ppl.get)
+
+
+def test_windows_keep_stream_order_and_pad_the_last_window() -> None:
+    ids = torch.arange(23)
+    windows = lm.Windows(ids, batch_size=2, bptt=4)  # 2 streams of 11 tokens, windows of 4
+    assert len(windows) == 3
+    x, y = windows[2]
+    assert x.tolist() == [[8, 9, 10, 0], [19, 20, 21, 0]]
+    assert y.tolist() == [[9, 10, 11, -100], [20, 21, 22, -100]]
+
+
+def test_missing_files_are_downloaded_or_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with pytest.raises(FileNotFoundError, match=r"valid\.txt"):
+        lm.WikiText2(data_dir=str(tmp_path / "none"), download=False).prepare_data()
+    fetched = []
+
+    def fake_fetch(url: str, path: Path) -> None:
+        fetched.append(url)
+        Path(path).write_text(" a b \n")
+
+    monkeypatch.setattr(lm.urllib.request, "urlretrieve", fake_fetch)
+    data = lm.WikiText2(data_dir=str(tmp_path / "new"))
+    data.setup()
+    assert fetched == [lm.URL + "valid.txt", lm.URL + "test.txt"]
+    assert data.vocab == ["<eos>", "a", "b"]
+
+
+def test_the_language_model_knows_nothing_of_mbpa() -> None:
+    (tree,) = ast.parse(inspect.getsource(lm.WordLSTM)).body
+    assert isinstance(tree, ast.ClassDef)
+    tree.body = tree.body[1:]  # the docstring says so; the code must not mention it
+    assert "mbpa" not in ast.unparse(tree).lower()
