@@ -1,4 +1,5 @@
-"""Examples of :class:`lightning_mbpa.MbPA` on continual-learning streams built from MNIST.
+"""Examples of :class:`lightning_mbpa.MbPA`: continual-learning streams built from MNIST, and a
+language model.
 
 * :mod:`examples.classifier` — an ordinary Lightning MLP classifier that knows nothing of MbPA,
   and a LightningCLI entry point (``python -m examples.classifier fit --config ...``).
@@ -7,4 +8,8 @@
 * :mod:`examples.continual` — trains over a stream task by task and tests every seen task with
   and without MbPA after each one.
 * :mod:`examples.sweep` — a hyper-parameter sweep of MbPA on the validation split.
+* :mod:`examples.baselines` — the streams against naive fine-tuning, EWC (:mod:`examples.ewc`) and
+  replay alone, same seed, model and data.
+* :mod:`examples.language_model` — a word-level LSTM on WikiText-2 with the neural cache, kNN-LM,
+  MbPA and their mixtures as callback settings.
 """

@@ -56,6 +56,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from examples.continual import find_mbpa
 from lightning_mbpa import EpisodicMemory, MbPA
 
 URL = "https://raw.githubusercontent.com/pytorch/examples/main/word_language_model/data/wikitext-2/"
@@ -289,15 +290,6 @@ def build(args: list[str] | None = None) -> LanguageModelCLI:
         save_config_callback=None,
         parser_kwargs={"description": __doc__.split("\n\n")[0]},
     )
-
-
-def find_mbpa(trainer: pl.Trainer) -> MbPA:
-    found = [cb for cb in trainer.callbacks if isinstance(cb, MbPA)]
-    if not found:
-        raise SystemExit(
-            "No MbPA callback: add `- class_path: lightning_mbpa.MbPA` under `trainer.callbacks`."
-        )
-    return found[0]
 
 
 @torch.no_grad()
