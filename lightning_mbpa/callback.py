@@ -126,6 +126,13 @@ class MbPA(Callback):
             writes nothing to the memory.
         replay_batch_size: Stored examples per replay step (MbPA++ replays about 1% of the
             examples seen: ``replay_batch_size / (replay_every_n_steps * batch size)``).
+        replay_sampling: How a replay step draws its ``min(len(memory), replay_batch_size)``
+            stored examples, with the seeded replay generator (checkpointed; the same draws on
+            every DDP rank): ``"uniform"`` distinct entries uniformly from the memory (MbPA++);
+            ``"class_balanced"`` each example independently (so an entry may repeat) by picking a
+            class uniformly among the labels present in memory, then an entry of that class
+            uniformly, so on an imbalanced stream a rare class is replayed as often as a
+            frequent one. Harmless (ignored) when ``replay_every_n_steps`` is ``None``.
         base_weight: Output mixtures (language models): weight ``λb`` of the trained head's
             distribution in the head's output ``log(λa·p_adapted + λb·p_base + λm·p_memory)``,
             with ``λa = 1 − base_weight − memory_weight`` (:func:`~lightning_mbpa.mix_log_probs`).
@@ -191,6 +198,7 @@ class MbPA(Callback):
         refresh_batch_size: int = 1024,
         replay_every_n_steps: int | None = None,
         replay_batch_size: int = 64,
+        replay_sampling: Literal["uniform", "class_balanced"] = "uniform",
         memory: EpisodicMemory | None = None,
         base_weight: float = 0.0,
         memory_weight: float = 0.0,
@@ -219,6 +227,7 @@ class MbPA(Callback):
             refresh_batch_size=refresh_batch_size,
             replay_every_n_steps=replay_every_n_steps,
             replay_batch_size=replay_batch_size,
+            replay_sampling=replay_sampling,
             base_weight=base_weight,
             memory_weight=memory_weight,
             memory_temperature=memory_temperature,
@@ -242,6 +251,7 @@ class MbPA(Callback):
             None if replay_every_n_steps is None else int(replay_every_n_steps)
         )
         self.replay_batch_size = int(replay_batch_size)
+        self.replay_sampling = replay_sampling
         self.base_weight = float(base_weight)
         self.memory_weight = float(memory_weight)
         self.memory_temperature = None if memory_temperature is None else float(memory_temperature)
@@ -250,7 +260,7 @@ class MbPA(Callback):
         self._head = HeadBinding(head)
         self._writer = Writer(self._memory, self._head, seed=self.seed)
         self._adapter = Adapter(self._head)
-        self._drift = Drift(self._head, seed=self.seed + 1)
+        self._drift = Drift(self._head, seed=self.seed + 1, replay_sampling=replay_sampling)
         self._init_transient()
 
     def _init_transient(self) -> None:

@@ -1,0 +1,186 @@
+"""Class-balanced replay and class-balanced eviction for imbalanced streams.
+
+Every draw and every slot is compared to a plain-Python reference of the same rule that consumes
+the same random numbers, so the comparisons are exact.
+"""
+
+from __future__ import annotations
+
+import math
+import pickle
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+from lightning_mbpa import MbPA
+from lightning_mbpa._drift import draw_replay_slots
+from tests.helpers import TinyClassifier, assert_bit_identical, blobs, loader, params, trainer
+
+ADAPT = dict(k=8, adaptation_steps=1)
+
+
+# ---------------------------------------------------------------------- references
+
+
+def reference_class_balanced_draw(labels: list[int], m: int, generator: torch.Generator) -> list:
+    """Plain Python: a class uniformly among those present, then one of its slots uniformly."""
+    classes = sorted(set(labels))
+    members = {c: [slot for slot, label in enumerate(labels) if label == c] for c in classes}
+    picked = torch.randint(len(classes), (m,), generator=generator).tolist()
+    u = torch.rand(m, dtype=torch.float64, generator=generator).tolist()
+    out = []
+    for ci, ui in zip(picked, u, strict=True):
+        slots = members[classes[ci]]
+        out.append(slots[math.floor(ui * len(slots))])
+    return out
+
+
+def imbalanced_labels(n_common: int = 190, n_rare: int = 10) -> torch.Tensor:
+    """Classes 0 and 1 common, 2 and 3 rare (5% of the common classes' count), interleaved."""
+    g = torch.Generator().manual_seed(7)
+    labels = torch.tensor([0] * n_common + [1] * n_common + [2] * n_rare + [3] * n_rare)
+    return labels[torch.randperm(labels.shape[0], generator=g)]
+
+
+# ---------------------------------------------------------------------- replay sampling
+
+
+def test_replay_sampling_is_validated():
+    with pytest.raises(MisconfigurationException, match=r"replay_sampling.*'balanced'.*uniform"):
+        MbPA(store_inputs=True, replay_every_n_steps=1, replay_sampling="balanced")
+    # harmless without replay (ignored), so a config can switch replay off alone
+    assert MbPA(replay_sampling="class_balanced").replay_sampling == "class_balanced"
+
+
+def test_class_balanced_draws_equal_the_reference():
+    labels = imbalanced_labels()
+    ours, theirs = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    for _ in range(50):
+        slots = draw_replay_slots(labels, 64, "class_balanced", ours)
+        assert slots.dtype == torch.int64
+        assert slots.tolist() == reference_class_balanced_draw(labels.tolist(), 64, theirs)
+    assert torch.equal(ours.get_state(), theirs.get_state())
+
+
+def test_class_balanced_draws_each_class_about_equally():
+    labels = imbalanced_labels()
+    g = torch.Generator().manual_seed(0)
+    draws = torch.cat([draw_replay_slots(labels, 64, "class_balanced", g) for _ in range(500)])
+    counts = torch.bincount(labels[draws], minlength=4).tolist()
+    n, p = draws.numel(), 0.25
+    bound = 5 * math.sqrt(n * p * (1 - p))  # 5 standard deviations of a binomial count
+    assert all(abs(c - n * p) < bound for c in counts), counts
+    # a uniform draw replays the rare classes at their 2.5% share
+    uniform = torch.cat([draw_replay_slots(labels, 64, "uniform", g) for _ in range(500)])
+    rare = int((labels[uniform] >= 2).sum())
+    assert rare < 0.05 * uniform.numel()
+    # every draw of a class is one of its slots, and every slot of a rare class comes up
+    assert set(draws[labels[draws] == 3].tolist()) == set(
+        torch.nonzero(labels == 3).flatten().tolist()
+    )
+
+
+def test_class_balanced_draw_of_a_small_memory_and_one_class():
+    g = torch.Generator().manual_seed(0)
+    assert draw_replay_slots(torch.tensor([2, 2, 2]), 8, "class_balanced", g).shape == (3,)
+    slots = draw_replay_slots(torch.tensor([5]), 4, "class_balanced", g)
+    assert slots.tolist() == [0]
+
+
+#: Replay slots of the run in ``replayed_slots`` as drawn before ``replay_sampling`` existed.
+UNIFORM_REFERENCE = [
+    None,
+    [5, 15, 6, 4, 11, 2, 7, 12],
+    [28, 9, 23, 13, 12, 11, 19, 0],
+    [38, 25, 7, 27, 16, 10, 26, 31],
+    [10, 14, 9, 34, 37, 20, 1, 11],
+    [9, 24, 5, 26, 32, 36, 15, 2],
+]
+
+
+def replayed_slots(**kwargs):
+    x, y = blobs(96, seed=0)
+    torch.manual_seed(0)
+    cb = MbPA(
+        store_inputs=True, memory_size=40, replay_every_n_steps=1, replay_batch_size=8, **kwargs
+    )
+    seen: list = []
+
+    class Record(Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            slots = cb._drift.replay_slots
+            seen.append(None if slots is None else slots.tolist())
+
+    trainer(callbacks=[cb, Record()], max_epochs=1).fit(TinyClassifier(), loader(x, y))
+    return seen, cb
+
+
+def test_uniform_replay_draws_are_those_of_before():
+    assert replayed_slots(k=8, adaptation_steps=1)[0] == UNIFORM_REFERENCE
+    assert replayed_slots(replay_sampling="uniform", **ADAPT)[0] == UNIFORM_REFERENCE
+
+
+def test_class_balanced_replay_in_fit_draws_the_reference_slots():
+    seen, cb = replayed_slots(replay_sampling="class_balanced", **ADAPT)
+    # the memory at each step: 16 rows per earlier batch, FIFO over 40 slots
+    _, y = blobs(96, seed=0)
+    g = torch.Generator().manual_seed(cb.seed + 1)
+    for step, slots in enumerate(seen):
+        if step == 0:
+            assert slots is None
+            continue
+        written = y[: 16 * step]  # this step's batch is written after its replay
+        labels = [0] * 40
+        for t, label in enumerate(written.tolist()):
+            labels[t % 40] = label
+        labels = labels[: min(40, len(written))]
+        assert slots == reference_class_balanced_draw(labels, 8, g)
+
+
+class Killed(Exception):
+    pass
+
+
+class CrashAt(Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            raise Killed
+
+
+def test_class_balanced_replay_resumes_with_the_same_draws(tmp_path):
+    x, y = blobs(96, seed=0)
+    kwargs = dict(
+        store_inputs=True,
+        memory_size=150,
+        replay_every_n_steps=3,
+        replay_batch_size=8,
+        replay_sampling="class_balanced",
+    )
+
+    def run(*callbacks, ckpt_path=None):
+        torch.manual_seed(0)
+        model = TinyClassifier()
+        cb = MbPA(**kwargs, **ADAPT)
+        trainer(callbacks=[cb, *callbacks], max_epochs=3, enable_checkpointing=bool(callbacks)).fit(
+            model, loader(x, y), ckpt_path=ckpt_path
+        )
+        return model, cb
+
+    straight, straight_cb = run()
+    with pytest.raises(Killed):  # at step 8; last.ckpt is from the end of epoch 0 (step 6)
+        run(ModelCheckpoint(dirpath=tmp_path, save_last=True), CrashAt(8))
+    resumed, resumed_cb = run(ModelCheckpoint(dirpath=tmp_path), ckpt_path=tmp_path / "last.ckpt")
+    assert_bit_identical(params(straight), resumed)
+    assert torch.equal(resumed_cb._drift.replay_slots, straight_cb._drift.replay_slots)
+
+
+def test_pickled_callback_keeps_its_replay_sampling():
+    cb = MbPA(store_inputs=True, replay_every_n_steps=1, replay_sampling="class_balanced")
+    copy = pickle.loads(pickle.dumps(cb))
+    assert copy.replay_sampling == "class_balanced"
+    assert copy._drift.replay_sampling == "class_balanced"
