@@ -81,7 +81,12 @@ def check_arguments(
         label_key,
         "a str, an int or None",
     )
-    check(eviction in ("fifo", "reservoir"), "eviction", eviction, "'fifo' or 'reservoir'")
+    check(
+        eviction in ("fifo", "reservoir", "class_balanced"),
+        "eviction",
+        eviction,
+        "'fifo', 'reservoir' or 'class_balanced'",
+    )
     check(
         isinstance(index, str) and index.strip() != "",
         "index",

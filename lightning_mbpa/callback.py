@@ -93,7 +93,10 @@ class MbPA(Callback):
             or a position in a tuple. ``None``: a tuple's second element, or a key/attribute
             named ``y``, ``label``, ``labels``, ``target`` or ``targets``.
         eviction: What a full memory overwrites: ``"fifo"`` the oldest entry (the paper),
-            ``"reservoir"`` a uniform sample of everything seen.
+            ``"reservoir"`` a uniform sample of everything seen, ``"class_balanced"`` the oldest
+            entry of the class holding the most entries (on ties the new entry's own class if
+            it is one of them, else the smallest label), so an imbalanced stream keeps equal
+            per-class quotas and its rare classes (see :class:`EpisodicMemory`).
         index: A faiss ``index_factory`` string: ``"Flat"`` (exact) or approximate indexes
             such as ``"HNSW32"`` or ``"IVF1024,Flat"`` for large memories.
         write_fraction: Fraction of training examples written to memory, chosen at random
@@ -186,7 +189,7 @@ class MbPA(Callback):
         beta: float = 0.0,
         kernel_eps: float = 1e-3,
         label_key: str | int | None = None,
-        eviction: Literal["fifo", "reservoir"] = "fifo",
+        eviction: Literal["fifo", "reservoir", "class_balanced"] = "fifo",
         index: str = "Flat",
         write_fraction: float = 1.0,
         adapt_on: Sequence[Literal["validate", "test", "predict"]] = ("test", "predict"),

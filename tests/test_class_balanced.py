@@ -14,7 +14,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from lightning_mbpa import MbPA
+from lightning_mbpa import EpisodicMemory, MbPA
 from lightning_mbpa._drift import draw_replay_slots
 from tests.helpers import TinyClassifier, assert_bit_identical, blobs, loader, params, trainer
 
@@ -184,3 +184,177 @@ def test_pickled_callback_keeps_its_replay_sampling():
     copy = pickle.loads(pickle.dumps(cb))
     assert copy.replay_sampling == "class_balanced"
     assert copy._drift.replay_sampling == "class_balanced"
+
+
+# ---------------------------------------------------------------------- class-balanced eviction
+
+
+def reference_eviction(batches: list[list[int]], capacity: int):
+    """Plain Python, one row at a time, O(capacity) per row: the label and write count of each
+    slot, and per batch the slot of each row (-1: overwritten later in the same batch)."""
+    labels: list[int] = []
+    ticks: list[int] = []
+    returned = []
+    t = 0
+    for batch in batches:
+        slots = []
+        for y in batch:
+            if t < capacity:
+                s = t
+                labels.append(y)
+                ticks.append(t)
+            else:
+                counts = {c: labels.count(c) for c in set(labels)}
+                top = max(counts.values())
+                tied = [c for c, n in counts.items() if n == top]
+                largest = y if y in tied else min(tied)
+                s = min((ticks[i], i) for i in range(capacity) if labels[i] == largest)[1]
+                labels[s], ticks[s] = y, t
+            slots.append(s)
+            t += 1
+        returned.append([s if s not in slots[i + 1 :] else -1 for i, s in enumerate(slots)])
+    return labels, ticks, returned
+
+
+def imbalanced_stream(n: int, seed: int, rare: float = 0.05) -> list[int]:
+    """Classes 0-2 common, 3-5 rare (each ``rare`` times as likely as a common one)."""
+    g = torch.Generator().manual_seed(seed)
+    weights = torch.tensor([1.0, 1.0, 1.0, rare, rare, rare])
+    return torch.multinomial(weights, n, replacement=True, generator=g).tolist()
+
+
+def split(stream: list[int], seed: int, largest: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    batches, i = [], 0
+    while i < len(stream):
+        size = int(torch.randint(1, largest + 1, (), generator=g))
+        batches.append(stream[i : i + size])
+        i += size
+    return batches
+
+
+def write(memory: EpisodicMemory, batch: list[int]) -> list[int]:
+    labels = torch.tensor(batch, dtype=torch.int64)
+    keys = torch.stack([labels.float(), torch.arange(len(batch)).float()], 1)
+    return memory.add(keys, labels).tolist()
+
+
+@pytest.mark.parametrize(
+    ("capacity", "largest", "seed"), [(1, 3, 0), (7, 3, 1), (20, 8, 2), (20, 50, 3), (64, 40, 4)]
+)
+def test_class_balanced_eviction_equals_one_at_a_time_insertion(capacity, largest, seed):
+    stream = imbalanced_stream(400, seed)
+    batches = split(stream, seed, largest)
+    labels, ticks, returned = reference_eviction(batches, capacity)
+    memory = EpisodicMemory(capacity, dim=2, eviction="class_balanced")
+    got = [write(memory, batch) for batch in batches]
+    assert got == returned
+    assert memory.values.tolist() == labels
+    assert memory.state_dict()["inserted"].tolist() == ticks
+    # the whole stream as one batch (larger than the capacity) ends the same
+    whole = EpisodicMemory(capacity, dim=2, eviction="class_balanced")
+    write(whole, stream)
+    assert whole.values.tolist() == labels
+
+
+def test_rare_classes_are_kept_while_a_larger_class_exists():
+    stream = imbalanced_stream(1500, 5, rare=0.02)
+    memory = EpisodicMemory(120, dim=2, eviction="class_balanced")
+    for y in stream:  # one row at a time: only a largest class ever loses an entry
+        before = torch.bincount(memory.values, minlength=6)
+        write(memory, [y])
+        after = torch.bincount(memory.values, minlength=6)
+        lost = torch.nonzero(after < before).flatten().tolist()
+        assert lost == [] or (len(lost) == 1 and before[lost[0]] == before.max())
+    counts = torch.bincount(memory.values, minlength=6)
+    seen = torch.bincount(torch.tensor(stream), minlength=6)
+    # every rare example seen is still there; the common classes share the rest equally
+    assert 0 < seen[3:].max() < 30
+    assert counts[3:].tolist() == seen[3:].tolist()
+    assert int(counts[:3].max() - counts[:3].min()) <= 1
+    fifo = EpisodicMemory(120, dim=2)
+    write(fifo, stream)
+    assert int((fifo.values >= 3).sum()) < int(counts[3:].sum())
+
+
+def test_class_balanced_state_continues_exactly(tmp_path):
+    stream = imbalanced_stream(500, 6)
+    batches = split(stream, 6, 25)
+    straight = EpisodicMemory(30, dim=2, eviction="class_balanced")
+    for batch in batches:
+        write(straight, batch)
+
+    first = EpisodicMemory(30, dim=2, eviction="class_balanced")
+    for batch in batches[:10]:
+        write(first, batch)
+    torch.save(first.state_dict(), tmp_path / "memory.pt")
+    restored = EpisodicMemory(30, dim=2, eviction="class_balanced")
+    restored.load_state_dict(torch.load(tmp_path / "memory.pt", weights_only=True))
+    unpickled = pickle.loads(pickle.dumps(first))
+    for memory in (restored, unpickled, first):
+        for batch in batches[10:]:
+            write(memory, batch)
+        assert torch.equal(memory.values, straight.values)
+        assert torch.equal(memory.keys, straight.keys)
+        assert torch.equal(memory.state_dict()["inserted"], straight.state_dict()["inserted"])
+    # clear starts over
+    first.clear()
+    for batch in batches:
+        write(first, batch)
+    assert torch.equal(first.values, straight.values)
+
+
+def test_states_without_write_counts():
+    fifo = EpisodicMemory(8, dim=2)
+    write(fifo, [0, 1, 2])
+    state = fifo.state_dict()
+    assert "inserted" not in state  # fifo and reservoir states are as before
+    balanced = EpisodicMemory(8, dim=2, eviction="class_balanced")
+    write(balanced, [5])
+    with pytest.raises(ValueError, match="inserted"):
+        balanced.load_state_dict(state)
+    assert balanced.values.tolist() == [5]  # nothing changed
+    bad = dict(balanced.state_dict(), inserted=torch.tensor([3]))
+    with pytest.raises(ValueError, match=r"inserted.*distinct"):
+        balanced.load_state_dict(bad)
+    # an empty state loads; a class-balanced state loads into a fifo memory (counts unused)
+    balanced.load_state_dict(EpisodicMemory(8, eviction="class_balanced").state_dict())
+    assert len(balanced) == 0
+    fifo.load_state_dict(EpisodicMemory(8, dim=2, eviction="class_balanced").state_dict())
+
+
+def test_class_balanced_eviction_is_validated():
+    with pytest.raises(MisconfigurationException, match=r"eviction.*'balanced'.*class_balanced"):
+        MbPA(eviction="balanced")
+    with pytest.raises(ValueError, match="eviction"):
+        EpisodicMemory(4, eviction="balanced")  # type: ignore[arg-type]
+    assert MbPA(eviction="class_balanced").eviction == "class_balanced"
+
+
+def test_imbalanced_stream_in_fit_keeps_the_reference_memory():
+    """An imbalanced stream through ``trainer.fit`` with class-balanced eviction and replay."""
+    g = torch.Generator().manual_seed(0)
+    x_all, y_all = blobs(400, seed=3)
+    keep = (y_all < 2) | (torch.rand(400, generator=g) < 0.05)  # classes 2 and 3 at 5%
+    x, y = x_all[keep], y_all[keep]
+    torch.manual_seed(0)
+    cb = MbPA(
+        store_inputs=True,
+        memory_size=24,
+        eviction="class_balanced",
+        replay_every_n_steps=1,
+        replay_batch_size=8,
+        replay_sampling="class_balanced",
+        **ADAPT,
+    )
+    trainer(callbacks=[cb], max_epochs=1).fit(TinyClassifier(), loader(x, y))
+    labels, _, _ = reference_eviction([y.tolist()], 24)
+    assert cb.memory.values.tolist() == labels
+    stored, rare = cb.memory.payload["0"][cb.memory.values == 3], x[y == 3]
+    assert stored.shape == rare.shape  # every rare image seen is kept, with its label
+    assert bool((stored[:, None] == rare[None]).all(-1).any(0).all())
+    counts = torch.bincount(cb.memory.values, minlength=4).tolist()
+    rare_seen = [int((y == 2).sum()), int((y == 3).sum())]
+    assert 0 < max(rare_seen) < 24 // 4
+    assert counts[2:] == rare_seen
+    assert sorted(counts[:2]) == [(24 - sum(rare_seen)) // 2, (25 - sum(rare_seen)) // 2]
