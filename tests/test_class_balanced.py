@@ -358,3 +358,22 @@ def test_imbalanced_stream_in_fit_keeps_the_reference_memory():
     assert 0 < max(rare_seen) < 24 // 4
     assert counts[2:] == rare_seen
     assert sorted(counts[:2]) == [(24 - sum(rare_seen)) // 2, (25 - sum(rare_seen)) // 2]
+
+
+def test_callback_checkpoint_and_pickle_keep_the_class_balanced_memory(tmp_path):
+    x, y = blobs(96, seed=0)
+    kwargs = dict(memory_size=20, eviction="class_balanced", **ADAPT)
+    cb = MbPA(**kwargs)
+    trainer(callbacks=[cb], max_epochs=1).fit(TinyClassifier(), loader(x[:60], y[:60]))
+    torch.save(cb.state_dict(), tmp_path / "mbpa.pt")
+    restored = MbPA(**kwargs)
+    restored.load_state_dict(torch.load(tmp_path / "mbpa.pt", weights_only=True))
+    unpickled = pickle.loads(pickle.dumps(cb))
+    keys = torch.randn(36, 16, generator=torch.Generator().manual_seed(0))
+    for each in (cb, restored, unpickled):
+        each.memory.add(keys, y[60:])
+    for each in (restored, unpickled):
+        assert torch.equal(each.memory.values, cb.memory.values)
+        assert torch.equal(each.memory.keys, cb.memory.keys)
+    labels, _, _ = reference_eviction([y.tolist()], 20)
+    assert cb.memory.values.tolist() == labels
