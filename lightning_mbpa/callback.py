@@ -120,13 +120,13 @@ class MbPA(Callback):
             ``store_inputs``.
         refresh_batch_size: Stored inputs per forward pass when refreshing keys.
         replay_every_n_steps: Sparse experience replay (MbPA++): every this many optimizer
-            steps, ``replay_batch_size`` stored examples drawn uniformly from the memory add the
-            gradient of their loss (cross-entropy of the head's logits against the stored labels;
-            binary cross-entropy for a one-logit head) to the step's gradients, after the
-            training step's backward and before the optimizer steps (and gradient clipping).
-            ``None`` disables it. Needs ``store_inputs`` and automatic optimization. The replay
-            forward runs in train mode but leaves normalisation running statistics unchanged and
-            writes nothing to the memory.
+            steps, ``replay_batch_size`` stored examples drawn from the memory (see
+            ``replay_sampling``) add the gradient of their loss (cross-entropy of the head's
+            logits against the stored labels; binary cross-entropy for a one-logit head) to the
+            step's gradients, after the training step's backward and before the optimizer
+            steps (and gradient clipping). ``None`` disables it. Needs ``store_inputs`` and
+            automatic optimization. The replay forward runs in train mode but leaves
+            normalisation running statistics unchanged and writes nothing to the memory.
         replay_batch_size: Stored examples per replay step (MbPA++ replays about 1% of the
             examples seen: ``replay_batch_size / (replay_every_n_steps * batch size)``).
         replay_sampling: How a replay step draws its ``min(len(memory), replay_batch_size)``
