@@ -8,6 +8,7 @@ from typing import Any
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_mbpa._checks import check, is_int, is_real
+from lightning_mbpa._drift import REPLAY_SAMPLING
 from lightning_mbpa.adaptation import MIN_KERNEL_EPS
 from lightning_mbpa.mixture import mixture_weights
 
@@ -37,6 +38,7 @@ def check_arguments(
     refresh_batch_size: Any,
     replay_every_n_steps: Any,
     replay_batch_size: Any,
+    replay_sampling: Any,
     base_weight: Any,
     memory_weight: Any,
     memory_temperature: Any,
@@ -79,7 +81,12 @@ def check_arguments(
         label_key,
         "a str, an int or None",
     )
-    check(eviction in ("fifo", "reservoir"), "eviction", eviction, "'fifo' or 'reservoir'")
+    check(
+        eviction in ("fifo", "reservoir", "class_balanced"),
+        "eviction",
+        eviction,
+        "'fifo', 'reservoir' or 'class_balanced'",
+    )
     check(
         isinstance(index, str) and index.strip() != "",
         "index",
@@ -124,6 +131,12 @@ def check_arguments(
         "replay_batch_size",
         replay_batch_size,
         "an int >= 1",
+    )
+    check(
+        isinstance(replay_sampling, str) and replay_sampling in REPLAY_SAMPLING,
+        "replay_sampling",
+        replay_sampling,
+        f"one of {list(REPLAY_SAMPLING)}",
     )
     check(
         len(adapt_on) > 0 or replay_every_n_steps is not None,

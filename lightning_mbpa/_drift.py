@@ -13,7 +13,7 @@ import contextlib
 import math
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -37,6 +37,10 @@ from lightning_mbpa.memory import EpisodicMemory
 #: Memories at least this large say when their keys are being refreshed and how long it took.
 _ANNOUNCE_REFRESH = 50_000
 
+#: How replay draws the stored examples (``MbPA(replay_sampling=...)``).
+ReplaySampling = Literal["uniform", "class_balanced"]
+REPLAY_SAMPLING: tuple[str, ...] = ("uniform", "class_balanced")
+
 #: ``embed(model, inputs) -> keys`` (``MbPA.embed``).
 Embed = Callable[[nn.Module, Any], Tensor]
 
@@ -48,13 +52,17 @@ class Drift:
         inputs_structure: How the stored input leaves join into a model input (a JSON string
             from :func:`~lightning_mbpa.batches.split_inputs`; checkpointed), or ``None``.
         replay_generator: Draws the replayed slots (checkpointed).
+        replay_sampling: ``"uniform"`` or ``"class_balanced"`` (see :func:`draw_replay_slots`).
         replay_slots: The memory slots the last replay step used (transient).
         refresh_seconds: Seconds spent recomputing keys so far; ``last_refresh_seconds`` the
             last refresh's.
     """
 
-    def __init__(self, head: HeadBinding, seed: int) -> None:
+    def __init__(
+        self, head: HeadBinding, seed: int, replay_sampling: ReplaySampling = "uniform"
+    ) -> None:
         self.head = head
+        self.replay_sampling: ReplaySampling = replay_sampling
         self.inputs_structure: str | None = None
         self.replay_generator = torch.Generator().manual_seed(seed)
         self.refresh_seconds = 0.0
@@ -70,12 +78,14 @@ class Drift:
             "head": self.head,
             "inputs_structure": self.inputs_structure,
             "replay_generator": generator_state_bytes(self.replay_generator),
+            "replay_sampling": self.replay_sampling,
             "refresh_seconds": self.refresh_seconds,
             "last_refresh_seconds": self.last_refresh_seconds,
         }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         state = dict(state)
+        state.setdefault("replay_sampling", "uniform")  # pickled before replay_sampling existed
         self.replay_generator = generator_from_bytes(state.pop("replay_generator"))
         self.__dict__.update(state)
         self._init_transient()
@@ -241,7 +251,9 @@ class Drift:
             return
         leaves, structure = self.stored_inputs(memory, *option)
         head = self.head.require()
-        slots = torch.randperm(n, generator=self.replay_generator)[:batch_size]
+        slots = draw_replay_slots(
+            memory.values, batch_size, self.replay_sampling, self.replay_generator
+        )
         self.replay_slots = slots
         device = module_device(pl_module)
         inputs = join_inputs([leaf.index_select(0, slots) for leaf in leaves], structure)
@@ -300,6 +312,34 @@ class Drift:
                 f"strategies, whose parameters hold full gradients; got "
                 f"{type(strategy).__name__}. Set replay_every_n_steps=None."
             )
+
+
+def draw_replay_slots(
+    labels: Tensor, batch_size: int, sampling: ReplaySampling, generator: torch.Generator
+) -> Tensor:
+    """The memory slots one replay step uses, drawn with ``generator`` (CPU int64).
+
+    ``labels`` are the ``n`` stored labels in slot order; ``min(n, batch_size)`` slots are drawn.
+
+    * ``"uniform"``: distinct slots, uniformly: ``torch.randperm(n)[:batch_size]``.
+    * ``"class_balanced"``: each draw independently (with replacement) picks a class uniformly
+      among the distinct labels in ``labels``, then a slot of that class uniformly. Consumes
+      ``torch.randint(C, (m,))`` (the classes, in increasing label order) then
+      ``torch.rand(m, dtype=float64)`` (slot ``floor(u * count)`` among the class's slots in
+      increasing slot order) from ``generator``.
+    """
+    n = int(labels.shape[0])
+    if sampling == "uniform":
+        return torch.randperm(n, generator=generator)[:batch_size]
+    m = min(n, batch_size)
+    labels = labels.detach().to("cpu", torch.int64)
+    classes, counts = torch.unique(labels, sorted=True, return_counts=True)
+    by_class = torch.argsort(labels, stable=True)  # slots grouped by label, slot order within
+    starts = torch.cumsum(counts, 0) - counts
+    picked = torch.randint(int(classes.shape[0]), (m,), generator=generator)
+    u = torch.rand(m, dtype=torch.float64, generator=generator)
+    within = torch.floor(u * counts[picked].to(torch.float64)).to(torch.int64)
+    return by_class[starts[picked] + within]
 
 
 def _mean_over_ranks(strategy: Any, grads: tuple[Tensor | None, ...]) -> tuple[Tensor | None, ...]:

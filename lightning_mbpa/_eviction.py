@@ -1,12 +1,18 @@
-"""Which slot each newly written row of a fixed-capacity memory takes: a FIFO ring or a reservoir.
+"""Which slot each newly written row of a fixed-capacity memory takes: a FIFO ring, a reservoir
+or class-balanced quotas.
 
 One idea: slot assignment with sequential semantics. A FIFO ring overwrites the oldest entry
 (the choice of Sprechmann et al., 2018, arXiv:1802.10542); a reservoir (Vitter's Algorithm R)
-keeps a uniform sample of every row ever offered. :class:`SlotAssigner` owns the only state this
-needs: how many rows were offered so far and the reservoir's random generator.
+keeps a uniform sample of every row ever offered; class-balanced eviction overwrites the oldest
+entry of the largest class. :class:`SlotAssigner` owns the only state this needs: how many rows
+were offered so far, the reservoir's random generator and, for class-balanced eviction, when each
+slot was written and the per-class queues derived from it.
 """
 
 from __future__ import annotations
+
+import heapq
+from collections import deque
 
 import numpy as np
 import numpy.typing as npt
@@ -20,13 +26,19 @@ Run = tuple[int, int, int]
 
 
 class SlotAssigner:
-    """Slots for new rows under ``"fifo"`` or ``"reservoir"`` eviction.
+    """Slots for new rows under ``"fifo"``, ``"reservoir"`` or ``"class_balanced"`` eviction.
 
     * ``"fifo"``: row ``t`` (0-based over all writes) takes slot ``t % capacity``; within a batch
       larger than the capacity only the last ``capacity`` rows are kept.
     * ``"reservoir"``: row ``t`` takes slot ``t`` while ``t < capacity``, else draws ``j`` uniform
       in ``[0, t]`` and replaces slot ``j`` if ``j < capacity``. Within one batch the later of two
       rows drawing the same slot wins, exactly as one-at-a-time insertion would.
+    * ``"class_balanced"``: row ``t`` takes slot ``t`` while ``t < capacity``, else overwrites the
+      oldest entry (smallest ``t``) of the currently largest class; among equally large
+      classes the row's own class if it is one of them, else the smallest label. Rows are processed in order,
+      exactly as one-at-a-time insertion would. ``inserted[slot]`` is the ``t`` of the row
+      in each slot; per class a queue of its slots, oldest first, and a heap of
+      ``(-count, label)`` (stale entries skipped) make each row O(log capacity).
     """
 
     def __init__(self, eviction: Eviction, capacity: int, seed: int) -> None:
@@ -35,6 +47,14 @@ class SlotAssigner:
         self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)
         self.num_seen = 0
+        self._init_classes()
+
+    def _init_classes(self) -> None:
+        self.inserted: Int64Array | None = None
+        self._queues: dict[int, deque[int]] = {}
+        self._heap: list[tuple[int, int]] = []
+        if self.eviction == "class_balanced":
+            self.inserted = np.zeros(self.capacity, dtype=np.int64)
 
     @property
     def size(self) -> int:
@@ -50,18 +70,45 @@ class SlotAssigner:
         """Back to an empty memory: nothing seen, the generator re-seeded."""
         self.generator = torch.Generator().manual_seed(self.seed)
         self.num_seen = 0
+        self._init_classes()
 
-    def restore(self, num_seen: int, generator: torch.Generator) -> None:
+    def restore(
+        self,
+        num_seen: int,
+        generator: torch.Generator,
+        labels: Int64Array | None = None,
+        inserted: Int64Array | None = None,
+    ) -> None:
+        """Continue from a saved state; class-balanced eviction needs the stored ``labels`` and
+        ``inserted`` (``[min(num_seen, capacity)]``) to rebuild its queues."""
         self.num_seen = num_seen
         self.generator = generator
+        self._init_classes()
+        if self.inserted is None:
+            return
+        size = self.size
+        if not size:
+            return
+        assert labels is not None and inserted is not None
+        self.inserted[:size] = inserted
+        for slot in np.argsort(inserted, kind="stable").tolist():
+            self._queues.setdefault(int(labels[slot]), deque()).append(slot)
+        self._heap = [(-len(queue), label) for label, queue in self._queues.items()]
+        heapq.heapify(self._heap)
 
-    def assign(self, n: int) -> tuple[Int64Array, list[Run] | None]:
+    def assign(
+        self, n: int, labels: Int64Array | None = None
+    ) -> tuple[Int64Array, list[Run] | None]:
         """Slot of each of ``n`` new rows (``-1``: not kept), and, when the kept rows land in at
         most two contiguous runs of slots (FIFO, a filling reservoir), those runs; None otherwise.
 
-        Draws the reservoir's random numbers; :meth:`advance` then counts the rows as seen.
+        Draws the reservoir's random numbers, and updates the class-balanced queues (which need
+        the rows' ``labels``); :meth:`advance` then counts the rows as seen.
         """
         cap, seen = self.capacity, self.num_seen
+        if self.eviction == "class_balanced":
+            assert labels is not None and labels.shape == (n,)
+            return self._assign_class_balanced(labels)
         if self.eviction == "fifo":
             first = max(0, n - cap)  # earlier rows of an oversized batch are overwritten within it
             start = (seen + first) % cap
@@ -85,14 +132,52 @@ class SlotAssigner:
         u = torch.rand(m, dtype=torch.float64, generator=self.generator).numpy()
         j = np.floor(u * (t[late] + 1).astype(np.float64)).astype(np.int64)
         slot[late] = np.where(j < cap, j, -1)
-        # Two rows drawing the same slot: the later one wins (keep-last dedupe).
-        kept = np.flatnonzero(slot >= 0)
-        _, last_rev = np.unique(slot[kept][::-1], return_index=True)
-        winners = kept[::-1][last_rev]
-        deduped = np.full(n, -1, dtype=np.int64)
-        deduped[winners] = slot[winners]
-        return deduped, None
+        return _keep_last(slot), None
+
+    def _assign_class_balanced(self, labels: Int64Array) -> tuple[Int64Array, list[Run] | None]:
+        assert self.inserted is not None
+        cap, seen, n = self.capacity, self.num_seen, labels.shape[0]
+        queues, heap, inserted = self._queues, self._heap, self.inserted
+        slot = np.empty(n, dtype=np.int64)
+        for row, label in enumerate(labels.tolist()):
+            t = seen + row
+            if t < cap:
+                s = t
+            else:
+                while True:  # the largest class (smallest label on ties); skip stale entries
+                    count, largest = heap[0]
+                    if len(queues[largest]) == -count:
+                        break
+                    heapq.heappop(heap)
+                own = queues.get(label)
+                if own is not None and len(own) == -count:  # the row's class is a largest one
+                    largest = label
+                s = queues[largest].popleft()
+                heapq.heappush(heap, (-len(queues[largest]), largest))
+            queue = queues.get(label)
+            if queue is None:
+                queue = queues[label] = deque()
+            queue.append(s)
+            heapq.heappush(heap, (-len(queue), label))
+            inserted[s] = t
+            slot[row] = s
+        if len(heap) > 4 * len(queues) + 64:  # drop the stale entries
+            self._heap = [(-len(q), label) for label, q in queues.items() if q]
+            heapq.heapify(self._heap)
+        if seen + n <= cap:
+            return slot, [(0, seen, n)]
+        return _keep_last(slot), None
 
     def advance(self, n: int) -> None:
         """Counts ``n`` more rows as offered."""
         self.num_seen += n
+
+
+def _keep_last(slot: Int64Array) -> Int64Array:
+    """Of two rows taking the same slot, the later one wins (the earlier becomes ``-1``)."""
+    kept = np.flatnonzero(slot >= 0)
+    _, last_rev = np.unique(slot[kept][::-1], return_index=True)
+    winners = kept[::-1][last_rev]
+    deduped = np.full(slot.shape[0], -1, dtype=np.int64)
+    deduped[winners] = slot[winners]
+    return deduped

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from lightning_mbpa._faiss_index import _check_index_syntax, _LiveRowIndex
 
-Eviction = Literal["fifo", "reservoir"]
+Eviction = Literal["fifo", "reservoir", "class_balanced"]
 Backend = Literal["auto", "faiss", "torch"]
 EVICTIONS: tuple[str, ...] = get_args(Eviction)
 BACKENDS: tuple[str, ...] = get_args(Backend)
@@ -31,6 +31,9 @@ EXACT_INDEX = "Flat"
 STATE_KEYS = ("keys", "values", "capacity", "dim", "cursor", "num_seen", "generator_state")
 #: Optional entry of :meth:`EpisodicMemory.state_dict`: the per-entry payload tensors by name.
 PAYLOAD_KEY = "payload"
+#: Optional entry of :meth:`EpisodicMemory.state_dict` (class-balanced eviction): ``[len]`` int64,
+#: when each slot was written (its row's 0-based count over all writes).
+INSERTED_KEY = "inserted"
 
 
 def check_config(
@@ -263,6 +266,7 @@ class CheckedState:
     values: Tensor
     generator: torch.Generator
     payload: Mapping[str, Tensor] | None
+    inserted: Tensor | None = None
 
 
 def check_state(state: Any, capacity: int, dim: int | None) -> CheckedState:
@@ -272,10 +276,11 @@ def check_state(state: Any, capacity: int, dim: int | None) -> CheckedState:
             f"`state` must be a mapping from {STATE_KEYS}; got {type(state).__name__}."
         )
     missing = [key for key in STATE_KEYS if key not in state]
-    unexpected = [key for key in state if key not in (*STATE_KEYS, PAYLOAD_KEY)]
+    unexpected = [key for key in state if key not in (*STATE_KEYS, PAYLOAD_KEY, INSERTED_KEY)]
     if missing or unexpected:
         raise ValueError(
-            f"`state` must hold exactly {STATE_KEYS} (and optionally {PAYLOAD_KEY!r}); missing"
+            f"`state` must hold exactly {STATE_KEYS} (and optionally {PAYLOAD_KEY!r}, "
+            f"{INSERTED_KEY!r}); missing"
             f" {missing}, unexpected {unexpected}."
         )
     for key in STATE_KEYS:
@@ -346,7 +351,20 @@ def check_state(state: Any, capacity: int, dim: int | None) -> CheckedState:
             f"`state[{PAYLOAD_KEY!r}]",
             f"{size} rows (len = min(num_seen, capacity))",
         )
-    return CheckedState(stored_dim, size, num_seen, keys, values, generator, payload)
+    inserted = state.get(INSERTED_KEY)
+    if inserted is not None:
+        ok = isinstance(inserted, Tensor) and inserted.dtype == torch.int64
+        ok = ok and inserted.shape == (size,)
+        if ok and size:
+            ticks = inserted.detach().cpu()
+            ok = bool((ticks >= 0).all()) and bool((ticks < num_seen).all())
+            ok = ok and int(torch.unique(ticks).numel()) == size
+        if not ok:
+            raise ValueError(
+                f"`state[{INSERTED_KEY!r}]` must be int64 of shape [{size}] holding distinct "
+                f"write counts in [0, num_seen={num_seen}); got {describe_tensor(inserted)}."
+            )
+    return CheckedState(stored_dim, size, num_seen, keys, values, generator, payload, inserted)
 
 
 def squared_norms_np(keys: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:

@@ -93,7 +93,10 @@ class MbPA(Callback):
             or a position in a tuple. ``None``: a tuple's second element, or a key/attribute
             named ``y``, ``label``, ``labels``, ``target`` or ``targets``.
         eviction: What a full memory overwrites: ``"fifo"`` the oldest entry (the paper),
-            ``"reservoir"`` a uniform sample of everything seen.
+            ``"reservoir"`` a uniform sample of everything seen, ``"class_balanced"`` the oldest
+            entry of the class holding the most entries (on ties the new entry's own class if
+            it is one of them, else the smallest label), so an imbalanced stream keeps equal
+            per-class quotas and its rare classes (see :class:`EpisodicMemory`).
         index: A faiss ``index_factory`` string: ``"Flat"`` (exact) or approximate indexes
             such as ``"HNSW32"`` or ``"IVF1024,Flat"`` for large memories.
         write_fraction: Fraction of training examples written to memory, chosen at random
@@ -117,15 +120,22 @@ class MbPA(Callback):
             ``store_inputs``.
         refresh_batch_size: Stored inputs per forward pass when refreshing keys.
         replay_every_n_steps: Sparse experience replay (MbPA++): every this many optimizer
-            steps, ``replay_batch_size`` stored examples drawn uniformly from the memory add the
-            gradient of their loss (cross-entropy of the head's logits against the stored labels;
-            binary cross-entropy for a one-logit head) to the step's gradients, after the
-            training step's backward and before the optimizer steps (and gradient clipping).
-            ``None`` disables it. Needs ``store_inputs`` and automatic optimization. The replay
-            forward runs in train mode but leaves normalisation running statistics unchanged and
-            writes nothing to the memory.
+            steps, ``replay_batch_size`` stored examples drawn from the memory (see
+            ``replay_sampling``) add the gradient of their loss (cross-entropy of the head's
+            logits against the stored labels; binary cross-entropy for a one-logit head) to the
+            step's gradients, after the training step's backward and before the optimizer
+            steps (and gradient clipping). ``None`` disables it. Needs ``store_inputs`` and
+            automatic optimization. The replay forward runs in train mode but leaves
+            normalisation running statistics unchanged and writes nothing to the memory.
         replay_batch_size: Stored examples per replay step (MbPA++ replays about 1% of the
             examples seen: ``replay_batch_size / (replay_every_n_steps * batch size)``).
+        replay_sampling: How a replay step draws its ``min(len(memory), replay_batch_size)``
+            stored examples, with the seeded replay generator (checkpointed; the same draws on
+            every DDP rank): ``"uniform"`` distinct entries uniformly from the memory (MbPA++);
+            ``"class_balanced"`` each example independently (so an entry may repeat) by picking a
+            class uniformly among the labels present in memory, then an entry of that class
+            uniformly, so on an imbalanced stream a rare class is replayed as often as a
+            frequent one. Harmless (ignored) when ``replay_every_n_steps`` is ``None``.
         base_weight: Output mixtures (language models): weight ``λb`` of the trained head's
             distribution in the head's output ``log(λa·p_adapted + λb·p_base + λm·p_memory)``,
             with ``λa = 1 − base_weight − memory_weight`` (:func:`~lightning_mbpa.mix_log_probs`).
@@ -179,7 +189,7 @@ class MbPA(Callback):
         beta: float = 0.0,
         kernel_eps: float = 1e-3,
         label_key: str | int | None = None,
-        eviction: Literal["fifo", "reservoir"] = "fifo",
+        eviction: Literal["fifo", "reservoir", "class_balanced"] = "fifo",
         index: str = "Flat",
         write_fraction: float = 1.0,
         adapt_on: Sequence[Literal["validate", "test", "predict"]] = ("test", "predict"),
@@ -191,6 +201,7 @@ class MbPA(Callback):
         refresh_batch_size: int = 1024,
         replay_every_n_steps: int | None = None,
         replay_batch_size: int = 64,
+        replay_sampling: Literal["uniform", "class_balanced"] = "uniform",
         memory: EpisodicMemory | None = None,
         base_weight: float = 0.0,
         memory_weight: float = 0.0,
@@ -219,6 +230,7 @@ class MbPA(Callback):
             refresh_batch_size=refresh_batch_size,
             replay_every_n_steps=replay_every_n_steps,
             replay_batch_size=replay_batch_size,
+            replay_sampling=replay_sampling,
             base_weight=base_weight,
             memory_weight=memory_weight,
             memory_temperature=memory_temperature,
@@ -242,6 +254,7 @@ class MbPA(Callback):
             None if replay_every_n_steps is None else int(replay_every_n_steps)
         )
         self.replay_batch_size = int(replay_batch_size)
+        self.replay_sampling = replay_sampling
         self.base_weight = float(base_weight)
         self.memory_weight = float(memory_weight)
         self.memory_temperature = None if memory_temperature is None else float(memory_temperature)
@@ -250,7 +263,7 @@ class MbPA(Callback):
         self._head = HeadBinding(head)
         self._writer = Writer(self._memory, self._head, seed=self.seed)
         self._adapter = Adapter(self._head)
-        self._drift = Drift(self._head, seed=self.seed + 1)
+        self._drift = Drift(self._head, seed=self.seed + 1, replay_sampling=replay_sampling)
         self._init_transient()
 
     def _init_transient(self) -> None:

@@ -50,6 +50,7 @@ from lightning_mbpa._faiss_index import Int64Array, _LiveRowIndex, _new_index
 from lightning_mbpa._kernel_choice import forget_kernel_choices, kernel_choices
 from lightning_mbpa._memory_checks import (
     EXACT_INDEX,
+    INSERTED_KEY,
     PAYLOAD_KEY,
     STATE_KEYS,
     Backend,
@@ -92,6 +93,14 @@ class EpisodicMemory:
       and replaces slot ``j`` if ``j < capacity``. The memory is then a uniform sample of the whole
       stream. Draws come from a ``torch.Generator`` seeded with ``seed``; within one batch the later
       of two rows drawing the same slot wins, exactly as one-at-a-time insertion would.
+    * ``"class_balanced"``: for imbalanced streams. Item ``t`` takes slot ``t`` while
+      ``t < capacity``; then it overwrites the oldest entry of the class that currently holds the
+      most entries. Among equally large classes: the item's own class if it is one of them (so
+      their counts stay within one of each other), else the smallest label. A full memory so
+      keeps per-class counts as equal as the stream allows: an entry of a smaller class is never
+      evicted while a larger class exists. A batch is processed row by row in order, exactly as
+      one-at-a-time insertion would (O(log capacity) per row). The write count of each slot is
+      kept (``state_dict()["inserted"]``) so a restored memory evicts exactly as this one would.
 
     Search (:meth:`search`) returns the ``k`` nearest keys by squared Euclidean distance:
 
@@ -130,7 +139,7 @@ class EpisodicMemory:
     Args:
         capacity: Maximum number of entries (>= 1).
         dim: Key width; fixed by the first :meth:`add` when None.
-        eviction: ``"fifo"`` or ``"reservoir"`` (see above).
+        eviction: ``"fifo"``, ``"reservoir"`` or ``"class_balanced"`` (see above).
         index: ``"Flat"`` for exact search, or a ``faiss.index_factory`` string for an approximate
             index (faiss backend only).
         backend: ``"faiss"``, ``"torch"``, or ``"auto"``: faiss for an approximate index; for
@@ -386,7 +395,9 @@ class EpisodicMemory:
             self._allocate(keys32.shape[1])
         if payload is not None and store.payload is None:
             store.allocate_payload(payload)
-        slot_of_row, runs = self._slots.assign(n)
+        slot_of_row, runs = self._slots.assign(
+            n, labels.cpu().numpy() if self._eviction == "class_balanced" else None
+        )
         slots = store.write(keys32, labels, new_norms, slot_of_row, runs)
         if payload is not None:
             store.write_payload(payload, slot_of_row)
@@ -501,7 +512,9 @@ class EpisodicMemory:
         ``values`` ``[len]`` int64, int64 scalars ``capacity``, ``dim`` (``-1`` when not fixed),
         ``cursor`` (the next FIFO slot) and ``num_seen``, and ``generator_state`` (uint8), so a
         restored memory continues exactly as this one would. A memory with a payload adds
-        ``payload``: a dict of the filled payload tensors by name (CPU). Approximate indexes are
+        ``payload``: a dict of the filled payload tensors by name (CPU); class-balanced
+        eviction adds ``inserted``, ``[len]`` int64: the write count (0-based over all writes)
+        of each slot's entry. Approximate indexes are
         not stored; :meth:`load_state_dict` rebuilds them from the keys.
         """
         d = -1 if self.dim is None else self.dim
@@ -516,6 +529,8 @@ class EpisodicMemory:
         }
         if self._store.payload is not None:
             state[PAYLOAD_KEY] = {name: t.clone() for name, t in self.payload.items()}
+        if self._slots.inserted is not None:
+            state[INSERTED_KEY] = torch.from_numpy(self._slots.inserted[: len(self)].copy())
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -527,6 +542,12 @@ class EpisodicMemory:
                 bad generator state. The memory is left as it was.
         """
         checked = check_state(state, self._capacity, self.dim)
+        if self._eviction == "class_balanced" and checked.size and checked.inserted is None:
+            raise ValueError(
+                f"`state[{INSERTED_KEY!r}]` is missing: a memory with eviction='class_balanced' "
+                "needs the write count of each entry (the state of a 'fifo' or 'reservoir' "
+                "memory does not have it)."
+            )
         ann = None
         if self._index_string != EXACT_INDEX and checked.dim != -1:
             ann = _LiveRowIndex(self._index_string, checked.dim, self._index_params, self._capacity)
@@ -535,7 +556,12 @@ class EpisodicMemory:
         new_dim = checked.dim if checked.dim != -1 else self.dim
         if new_dim is not None:
             self._allocate(new_dim)
-        self._slots.restore(checked.num_seen, checked.generator)
+        self._slots.restore(
+            checked.num_seen,
+            checked.generator,
+            checked.values.cpu().numpy(),
+            None if checked.inserted is None else checked.inserted.cpu().numpy(),
+        )
         self._store.load(None, checked.size, checked.keys, checked.values, checked.payload)
         self._version += 1
         if ann is not None:

@@ -321,7 +321,7 @@ def test_fifo_wraps_and_keeps_the_tail_of_an_oversized_batch() -> None:
     assert memory.values.tolist() == [15, 16, 17, 18, 14]
 
 
-@pytest.mark.parametrize("eviction", ["fifo", "reservoir"])
+@pytest.mark.parametrize("eviction", ["fifo", "reservoir", "class_balanced"])
 def test_one_bulk_add_leaves_the_memory_of_one_add_per_batch(eviction: str) -> None:
     # The callback writes training batches in bulk: the memory must be bit-identical, squared
     # norms included (the torch backend ranks by them).
@@ -468,14 +468,15 @@ def roundtrip(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return torch.load(buffer, weights_only=True)
 
 
-@pytest.mark.parametrize("eviction", ["fifo", "reservoir"])
+@pytest.mark.parametrize("eviction", ["fifo", "reservoir", "class_balanced"])
 @pytest.mark.parametrize("index", ["Flat", "HNSW32"])
 def test_state_dict_round_trip_and_continuation(eviction: str, index: str) -> None:
     original = EpisodicMemory(40, eviction=eviction, index=index, seed=5)
     for i in range(5):
         original.add(*clustered(17, 6, seed=i))
     state = roundtrip(original.state_dict())
-    assert set(state) == set(memory_module.STATE_KEYS)
+    extra = {"inserted"} if eviction == "class_balanced" else set()
+    assert set(state) == set(memory_module.STATE_KEYS) | extra
     assert state["keys"].shape == (40, 6) and state["values"].shape == (40,)
     assert state["keys"].untyped_storage().nbytes() == 40 * 6 * 4  # compact copy, not the buffer
     assert state["keys"].data_ptr() != original.keys.data_ptr()
@@ -640,7 +641,7 @@ def test_approximate_search_without_dead_rows_equals_the_filtered_search(
     assert_consistent(fast, memory)
 
 
-@pytest.mark.parametrize("eviction", ["fifo", "reservoir"])
+@pytest.mark.parametrize("eviction", ["fifo", "reservoir", "class_balanced"])
 @pytest.mark.parametrize(("index", "params"), [("HNSW32", ""), ("IVF16,Flat", "nprobe=4")])
 def test_approximate_recall_and_no_stale_entries(eviction: str, index: str, params: str) -> None:
     d, k = 16, 10
@@ -779,7 +780,7 @@ BAD_ADDS = [
 ]
 
 
-@pytest.mark.parametrize("eviction", ["fifo", "reservoir"])
+@pytest.mark.parametrize("eviction", ["fifo", "reservoir", "class_balanced"])
 @pytest.mark.parametrize(("keys", "values", "argument", "detail"), BAD_ADDS)
 def test_add_rejects_and_leaves_memory_unchanged(
     eviction: str, keys: torch.Tensor, values: torch.Tensor, argument: str, detail: str
