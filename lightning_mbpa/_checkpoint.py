@@ -1,4 +1,4 @@
-"""Reading :class:`~lightning_mbpa.MbPA` checkpoints, and building the callback's memory.
+"""Writing and reading :class:`~lightning_mbpa.MbPA` checkpoints, and building its memory.
 
 A checkpoint's MbPA entry is checked against the model and the callback's memory before
 anything changes (:func:`read_checkpoint`), so a refused checkpoint leaves everything as it was.
@@ -6,8 +6,9 @@ anything changes (:func:`read_checkpoint`), so a refused checkpoint leaves every
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -17,6 +18,9 @@ from lightning_mbpa._checks import labels_outside
 from lightning_mbpa._drift import Drift
 from lightning_mbpa._head import HeadBinding
 from lightning_mbpa.memory import EpisodicMemory
+
+if TYPE_CHECKING:
+    from lightning_mbpa.callback import MbPA
 
 #: The arguments that build a memory when ``MbPA(memory=None)``, with their defaults.
 CONVENIENCE_DEFAULTS: tuple[tuple[str, Any], ...] = (
@@ -36,6 +40,67 @@ class SavedState:
     write_generator: torch.Generator | None
     replay_generator: torch.Generator | None
     inputs_structure: Any
+
+
+def checkpoint_entry(cb: MbPA) -> dict[str, Any]:
+    """The callback's checkpoint entry: plain tensors and primitives (``weights_only=True``)."""
+    return {
+        "memory": cb.memory.state_dict(),
+        "memory_config": cb._memory.config,
+        "head": cb._head.name,
+        "write_generator": cb._writer.generator.get_state(),
+        "replay_generator": cb._drift.replay_generator.get_state(),
+        "inputs_structure": cb._drift.inputs_structure,
+    }
+
+
+def restore_checkpoint(cb: MbPA, state_dict: dict[str, Any]) -> None:
+    """Restore a checkpoint entry; everything is checked before anything changes."""
+    module = cb._module_ref() if cb._module_ref is not None else None
+    saved = read_checkpoint(
+        state_dict,
+        cb._head,
+        configured_head=cb.head,
+        model=module,
+        capacity=cb._memory.capacity,
+        store_inputs=cb.store_inputs,
+    )
+    try:
+        cb.memory.load_state_dict(saved.memory_state)  # validates everything before mutating
+    except ValueError as err:
+        raise MisconfigurationException(
+            f"MbPA: cannot restore the memory from the checkpoint: {err}"
+        ) from err
+    cb._head.module, cb._head.name = saved.head_module, saved.head_name
+    if saved.write_generator is not None:
+        cb._writer.generator = saved.write_generator
+    if saved.replay_generator is not None:
+        cb._drift.replay_generator = saved.replay_generator
+    cb._adapter.invalidate()
+    cb._drift.inputs_structure = saved.inputs_structure if cb.store_inputs else None
+
+
+def pickled_state(cb: MbPA) -> dict[str, Any]:
+    """The callback's pickled state: everything but the run it is attached to, with the memory
+    as bytes, not tensors: torch's multiprocessing pickler (ddp_spawn) would share tensors
+    through file descriptors, which fails for empty ones."""
+    cb._writer.flush()
+    state = {k: v for k, v in cb.__dict__.items() if k not in ("_module_ref", "_strategy")}
+    buffer = io.BytesIO()
+    torch.save({"config": cb._memory.config, "state": cb._memory.state_dict()}, buffer)
+    state["_memory"] = buffer.getvalue()
+    return state
+
+
+def unpickle(cb: MbPA, state: dict[str, Any]) -> None:
+    """Restore the callback from :func:`pickled_state`."""
+    state = dict(state)
+    saved = torch.load(io.BytesIO(state.pop("_memory")), weights_only=True)
+    cb.__dict__.update(state)
+    cb._init_transient()
+    cb._memory = EpisodicMemory(**saved["config"])
+    cb._memory.load_state_dict(saved["state"])
+    cb._writer.rebind(cb._memory, cb._head)
 
 
 def read_checkpoint(

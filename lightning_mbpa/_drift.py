@@ -52,17 +52,13 @@ class Drift:
         inputs_structure: How the stored input leaves join into a model input (a JSON string
             from :func:`~lightning_mbpa.batches.split_inputs`; checkpointed), or ``None``.
         replay_generator: Draws the replayed slots (checkpointed).
-        replay_sampling: ``"uniform"`` or ``"class_balanced"`` (see :func:`draw_replay_slots`).
         replay_slots: The memory slots the last replay step used (transient).
         refresh_seconds: Seconds spent recomputing keys so far; ``last_refresh_seconds`` the
             last refresh's.
     """
 
-    def __init__(
-        self, head: HeadBinding, seed: int, replay_sampling: ReplaySampling = "uniform"
-    ) -> None:
+    def __init__(self, head: HeadBinding, seed: int) -> None:
         self.head = head
-        self.replay_sampling: ReplaySampling = replay_sampling
         self.inputs_structure: str | None = None
         self.replay_generator = torch.Generator().manual_seed(seed)
         self.refresh_seconds = 0.0
@@ -78,14 +74,12 @@ class Drift:
             "head": self.head,
             "inputs_structure": self.inputs_structure,
             "replay_generator": generator_state_bytes(self.replay_generator),
-            "replay_sampling": self.replay_sampling,
             "refresh_seconds": self.refresh_seconds,
             "last_refresh_seconds": self.last_refresh_seconds,
         }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         state = dict(state)
-        state.setdefault("replay_sampling", "uniform")  # pickled before replay_sampling existed
         self.replay_generator = generator_from_bytes(state.pop("replay_generator"))
         self.__dict__.update(state)
         self._init_transient()
@@ -238,6 +232,7 @@ class Drift:
         embed: Embed,
         *,
         batch_size: int,
+        sampling: ReplaySampling,
         option: tuple[str, Any],
         strategy: Any,
     ) -> None:
@@ -251,9 +246,7 @@ class Drift:
             return
         leaves, structure = self.stored_inputs(memory, *option)
         head = self.head.require()
-        slots = draw_replay_slots(
-            memory.values, batch_size, self.replay_sampling, self.replay_generator
-        )
+        slots = draw_replay_slots(memory.values, batch_size, sampling, self.replay_generator)
         self.replay_slots = slots
         device = module_device(pl_module)
         inputs = join_inputs([leaf.index_select(0, slots) for leaf in leaves], structure)

@@ -12,13 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
 
-from lightning_mbpa.adaptation import (
-    _leading_linear,
-    _linear_head,
-    _may_write_its_input,
-    kernel_weights,
-    local_adapt,
-)
+from lightning_mbpa._head_layers import _leading_linear, _linear_head, _may_write_its_input
+from lightning_mbpa.adaptation import kernel_weights, local_adapt
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh}
 
