@@ -7,8 +7,9 @@ from typing import Any
 
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from lightning_mbpa._checks import check, is_int, is_real
+from lightning_mbpa._checks import check
 from lightning_mbpa._drift import REPLAY_SAMPLING
+from lightning_mbpa._numbers import is_int, is_real
 from lightning_mbpa.adaptation import MIN_KERNEL_EPS
 from lightning_mbpa.mixture import mixture_weights
 

@@ -16,16 +16,6 @@ from torch import Tensor, nn
 IGNORE_INDEX = -100
 
 
-def is_int(value: Any) -> bool:
-    """An ``int`` that is not a ``bool``."""
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def is_real(value: Any) -> bool:
-    """A finite ``int`` or ``float`` that is not a ``bool``."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def check(ok: bool, name: str, value: Any, allowed: str) -> None:
     """Raise the callback's configuration error for argument ``name`` unless ``ok``."""
     if not ok:

@@ -8,7 +8,6 @@ given and what is allowed. Nothing here holds state or mutates a memory.
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
@@ -19,6 +18,7 @@ import torch
 from torch import Tensor
 
 from lightning_mbpa._faiss_index import _check_index_syntax, _LiveRowIndex
+from lightning_mbpa._numbers import is_int
 
 Eviction = Literal["fifo", "reservoir", "class_balanced"]
 Backend = Literal["auto", "faiss", "torch"]
@@ -394,10 +394,6 @@ def describe_tensor(x: Any) -> str:
     if isinstance(x, Tensor):
         return f"a tensor of dtype {x.dtype} and shape {tuple(x.shape)}"
     return type(x).__name__
-
-
-def is_int(x: object) -> bool:
-    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
 def resolve_device(device: torch.device | str | None) -> torch.device:

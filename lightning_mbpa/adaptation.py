@@ -43,6 +43,7 @@ from torch import Tensor, nn
 from lightning_mbpa._dual_form import _adapt_linear_dual_chunked
 from lightning_mbpa._generic_form import _adapt_generic
 from lightning_mbpa._head_layers import _leading_linear, _linear_head
+from lightning_mbpa._numbers import is_real
 
 __all__ = ["MIN_KERNEL_EPS", "kernel_weights", "local_adapt"]
 
@@ -324,9 +325,9 @@ def _check_arguments(
         raise ValueError(f"`head` must be a torch.nn.Module, got {type(head).__name__}.")
     if not isinstance(steps, numbers.Integral) or isinstance(steps, bool) or steps < 0:
         raise ValueError(f"`steps` must be an int >= 0, got {steps!r}.")
-    if not _is_real(lr) or not math.isfinite(lr) or lr < 0:
+    if not is_real(lr) or lr < 0:
         raise ValueError(f"`lr` must be a finite float >= 0, got {lr!r}.")
-    if not _is_real(beta) or not 0 <= beta <= 1:
+    if not is_real(beta) or not 0 <= beta <= 1:
         raise ValueError(f"`beta` must be a float in [0, 1], got {beta!r}.")
     if (
         not isinstance(memory_budget_bytes, numbers.Integral)
@@ -384,7 +385,3 @@ def _describe(x: object) -> str:
     if isinstance(x, Tensor):
         return f"shape {tuple(x.shape)} dtype {x.dtype}"
     return type(x).__name__
-
-
-def _is_real(x: object) -> bool:
-    return isinstance(x, numbers.Real) and not isinstance(x, bool)
