@@ -70,10 +70,18 @@ def mixture(m: int, d: int, seed: int, draw: int) -> torch.Tensor:
     return latent @ lift + NOISE * torch.randn(m, d, generator=g)
 
 
-def build(n: int, d: int, index: str, params: str) -> tuple[EpisodicMemory, float]:
+def build(
+    n: int, d: int, index: str, params: str, backend: str = "faiss"
+) -> tuple[EpisodicMemory, float]:
     """An N-key memory and the seconds spent inside ``add`` (an IVF index trains on its first
     39 x max(nlist, 256) keys, when the memory reaches that many)."""
-    memory = EpisodicMemory(n, d, index=index, index_params=params, backend="faiss")
+    memory = EpisodicMemory(
+        n,
+        d,
+        index=index,
+        index_params=params,
+        backend=backend,  # type: ignore[arg-type]
+    )
     spent = 0.0
     for start in range(0, n, CHUNK):
         keys = mixture(min(CHUNK, n - start), d, seed=0, draw=start)
@@ -133,6 +141,12 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=256, help="queries per search call")
     parser.add_argument("--recall-queries", type=int, default=1024, help="queries for recall@K")
     parser.add_argument("--repeats", type=int, default=3, help="timed searches (median)")
+    parser.add_argument(
+        "--flat-backend",
+        choices=("faiss", "torch", "auto"),
+        default="faiss",
+        help="exact-search kernel of the Flat row (the memory's default is auto)",
+    )
     parser.add_argument("--hnsw", default="HNSW32", help="HNSW index string ('' skips it)")
     parser.add_argument("--hnsw-params", default="efSearch=64")
     parser.add_argument("--ivf", default="IVF1024,PQ32", help="IVF index string ('' skips it)")
@@ -179,7 +193,8 @@ def main() -> None:
     exact_by_n: dict[int, np.ndarray] = {}
     for index, params, built_n in configs:
         torch.set_num_threads(threads_before)
-        memory, add_s = build(built_n, d, index, params)
+        backend = args.flat_backend if index == "Flat" else "faiss"
+        memory, add_s = build(built_n, d, index, params, backend)
         buffers, index_bytes = resident_bytes(memory)
         per_key = (buffers + index_bytes) / built_n
         times = {}
@@ -199,7 +214,7 @@ def main() -> None:
                 exact_by_n[built_n] = flat.search(rq, k).indices.numpy()
                 del flat
             quality = f"{recall(found, exact_by_n[built_n]):.3f}"
-        name = f"{index} ({params})" if params else index
+        name = f"{index} ({params})" if params else f"{index} ({backend})"
         total = per_key * n
         note = "" if built_n == n else " *"
         cells = [
