@@ -16,12 +16,13 @@ An approximate index larger than ``--ann-max`` keys is measured at ``--ann-max``
 extrapolated linearly to N (search time and recall are those at ``--ann-max``; HNSW search grows
 about with log N at fixed efSearch, IVF search with N / nlist x nprobe). A last block extrapolates
 every row to ``--extrapolate`` keys: bytes linearly; Flat search linearly; HNSW search by
-log N / log N_measured; IVF search linearly in N at a fixed nlist (use nlist ~ sqrt(N), which
-keeps the per-query scan about constant in list lengths but grows the coarse search).
+log N / log N_measured; IVF search linearly in N at a fixed nlist (in practice grow nlist with
+N, 4 sqrt(N) to 16 sqrt(N), so that the lists scanned per query stay short).
 
 Usage:
-    python benchmarks/datastore.py                      # N = 1M, D = 256: a few minutes
-    python benchmarks/datastore.py --n 2000 --ivf IVF16,PQ32 --repeats 1   # seconds
+    python benchmarks/datastore.py --ann-max 250000   # N = 1M, D = 256: ~8 min on 2 busy cores
+    python benchmarks/datastore.py --flat-backend torch --hnsw '' --ivf ''   # exact only
+    python benchmarks/datastore.py --n 2000 --ivf IVF4,PQ8x4 --repeats 1     # seconds
 """
 
 from __future__ import annotations
