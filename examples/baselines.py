@@ -17,7 +17,11 @@ initial weights, and after every task tests every task seen so far:
   ``store_inputs: true``, ``refresh_keys: epoch_end``, the same replay as "replay alone", and the
   callback's default adaptation settings (``k=32``, 20 steps, lr 0.01, ``beta=0``, chosen on the
   demos' validation splits by ``examples/sweep.py``). Replay alone is this row's training without
-  the test-time adaptation: the two rows train the same weights.
+  the test-time adaptation: the two rows train the same weights;
+* **replay alone, class-balanced** and **MbPA, hidden keys + class-balanced replay**: the two
+  rows above with ``replay_sampling: class_balanced`` (every replayed example is drawn from a
+  class chosen uniformly among the classes in memory, so rare classes are replayed as often as
+  common ones); again the two rows train the same weights.
 
     python examples/baselines.py --config examples/configs/permuted.yaml
     python examples/baselines.py --config examples/configs/class_incremental.yaml
@@ -65,6 +69,7 @@ HIDDEN_ADAPTATION = [
     f"{ARG}adaptation_lr", "0.01",
     f"{ARG}beta", "0.0",
 ]  # fmt: skip
+BALANCED = [f"{ARG}replay_sampling", "class_balanced"]
 ROWS: dict[str, tuple[str, list[str]]] = {
     "naive": ("naive fine-tuning", []),
     "ewc": ("EWC", []),
@@ -73,6 +78,21 @@ ROWS: dict[str, tuple[str, list[str]]] = {
     "mbpa_hidden": (
         "MbPA, hidden keys+refresh+replay",
         [*sweep.HIDDEN_KEYS, *REPLAY, f"{ARG}refresh_keys", "epoch_end", *HIDDEN_ADAPTATION],
+    ),
+    "replay_cb": (
+        "replay alone, class-balanced",
+        [*sweep.HIDDEN_KEYS, *REPLAY, *BALANCED, f"{ARG}adapt_on", "[]"],
+    ),
+    "mbpa_hidden_cb": (
+        "MbPA, hidden keys+cb replay",
+        [
+            *sweep.HIDDEN_KEYS,
+            *REPLAY,
+            *BALANCED,
+            f"{ARG}refresh_keys",
+            "epoch_end",
+            *HIDDEN_ADAPTATION,
+        ],
     ),
 }
 WITHOUT_MBPA = ("naive", "ewc")
@@ -177,10 +197,11 @@ def describe_setting(name: str, mbpa: MbPA | None, ewc_lambda: float | None) -> 
     assert mbpa is not None
     replay = (
         f"replay every {mbpa.replay_every_n_steps} step(s) x {mbpa.replay_batch_size}"
+        + (f" ({mbpa.replay_sampling})" if mbpa.replay_sampling != "uniform" else "")
         if mbpa.replay_every_n_steps
         else "no replay"
     )
-    if name == "replay":
+    if name.startswith("replay"):
         return f"{replay}, no adaptation"
     return (
         f"head={mbpa.head_name}, k={mbpa.k}, steps={mbpa.adaptation_steps}, "
@@ -233,12 +254,15 @@ def run(
 
 def summarise(row: Row, imbalanced: bool) -> dict[str, Any]:
     out = asdict(row)
+    base = None if row.base is None else np.asarray(row.base, dtype=float)[:, -1]
     out.update(
         final=row.final.tolist(),
         final_average=row.final_average,
         val_average=row.val_average,
         wall_s=row.wall_s,
         rare=float(row.final[0]) if imbalanced else None,
+        base_final_average=None if base is None else float(base.mean()),
+        base_rare=float(base[0]) if imbalanced and base is not None else None,
     )
     return out
 
@@ -278,6 +302,18 @@ def report(result: dict[str, Any]) -> str:
         lines.append(
             f"rare = the first task's classes ({tasks[0]}), trained on "
             f"{result['minority_fraction']:g} of their images; validation and test are balanced."
+        )
+    for r in rows:
+        if r["base_final_average"] is None:
+            continue
+        lines.append(
+            f"{r['label']}: the same weights without adaptation (mbpa/base_acc) "
+            f"{100 * r['base_final_average']:.1f} -> adapted {100 * r['final_average']:.1f}"
+            + (
+                f"; rare {100 * r['base_rare']:.1f} -> {100 * r['rare']:.1f}"
+                if r["base_rare"] is not None
+                else ""
+            )
         )
     by_name = {r["name"]: r for r in rows}
     if "mbpa_hidden" in by_name:

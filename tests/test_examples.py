@@ -131,7 +131,8 @@ def test_baselines_table(tmp_path: Path) -> None:
         ]
     )  # fmt: skip
     rows = {row["name"]: row for row in result["rows"]}
-    assert [row["name"] for row in result["rows"]] == list(baselines.ROWS)
+    names = ["naive", "ewc", "replay", "mbpa_pixel", "mbpa_hidden", "replay_cb", "mbpa_hidden_cb"]
+    assert [row["name"] for row in result["rows"]] == names == list(baselines.ROWS)
     assert result["tasks"] == ["0-4", "5-9"] and result["rare_task"] == 0
     seen = np.triu(np.ones((2, 2), dtype=bool))
     for row in result["rows"]:
@@ -149,7 +150,16 @@ def test_baselines_table(tmp_path: Path) -> None:
     # same seed, model and data: the rows that train alike train the same weights
     np.testing.assert_array_equal(rows["mbpa_pixel"]["base"], rows["naive"]["test"])
     np.testing.assert_array_equal(rows["mbpa_hidden"]["base"], rows["replay"]["test"])
-    assert rows["naive"]["base"] is None and rows["replay"]["base"] is None
+    np.testing.assert_array_equal(rows["mbpa_hidden_cb"]["base"], rows["replay_cb"]["test"])
+    for name in ("naive", "replay", "replay_cb"):
+        assert rows[name]["base"] is None and rows[name]["base_rare"] is None
+    for name in ("mbpa_pixel", "mbpa_hidden", "mbpa_hidden_cb"):
+        base = np.asarray(rows[name]["base"], dtype=float)[:, -1]
+        assert rows[name]["base_rare"] == base[0]
+        assert rows[name]["base_final_average"] == pytest.approx(base.mean())
+    assert "class_balanced" in rows["replay_cb"]["setting"]
+    assert "class_balanced" in rows["mbpa_hidden_cb"]["setting"]
+    assert "class_balanced" not in rows["replay"]["setting"]
     # lambda is chosen on validation; lambda=0 trains exactly the naive weights
     search = result["ewc_search"]
     assert set(search) == {"0", "1000"}
@@ -167,3 +177,4 @@ def test_baselines_table(tmp_path: Path) -> None:
     for label, _ in baselines.ROWS.values():
         assert label in report
     assert "rare 0-4" in report and "MbPA, hidden keys minus each row" in report
+    assert "without adaptation (mbpa/base_acc)" in report
