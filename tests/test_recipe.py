@@ -202,3 +202,14 @@ def test_recipe_sweep_smoke(capsys: pytest.CaptureFixture[str]) -> None:
     chosen = result["recipe"]["chosen"]  # type: ignore[index]
     assert chosen[:3] == (8, 5, 0.01) and chosen[3] in ("cross_entropy", "logit_adjusted")
     assert "chosen: k=8, adaptation_steps=5" in out
+
+
+def test_recipe_costs_smoke(capsys: pytest.CaptureFixture[str]) -> None:
+    from examples import recipe_costs
+
+    overrides = tiny_args(Path("unused"))[:-4]
+    out = recipe_costs.main(["--stream", "imbalanced", "--repeats", "1", "--", *overrides])
+    assert len(out) == len(recipe_costs.VARIANTS) + len(recipe_costs.TESTS)
+    assert all(value > 0 for value in out.values())
+    printed = capsys.readouterr().out
+    assert "1036 B of key, label and norm + 3136 B of stored input" in printed
