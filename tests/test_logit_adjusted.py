@@ -5,6 +5,7 @@ library, and the callback's default left as it was."""
 from __future__ import annotations
 
 import copy
+import pickle
 
 import numpy as np
 import pytest
@@ -238,3 +239,19 @@ def test_default_is_cross_entropy_and_bad_values_are_refused():
         match=r"adaptation_loss.*'balanced'.*\['cross_entropy', 'logit_adjusted'\]",
     ):
         MbPA(adaptation_loss="balanced")  # type: ignore[arg-type]
+
+
+def test_the_prior_follows_the_memory_and_the_option_survives_pickling():
+    """The log prior is cached per memory version: entries written between two stages change
+    it, and the second stage equals the reference with the new counts."""
+    model, cb = fitted(TinyClassifier(), adaptation_loss="logit_adjusted")
+    xt, yt = blobs(16, seed=2)
+    first = torch.cat(trainer(callbacks=[cb]).predict(model, loader(xt, yt)))  # type: ignore[arg-type]
+    with torch.no_grad():
+        extra = model.encoder(blobs(40, seed=3)[0])
+    cb.memory.add(extra, torch.zeros(40, dtype=torch.int64))  # class 0 is no longer rare
+    second = torch.cat(trainer(callbacks=[cb]).predict(model, loader(xt, yt)))  # type: ignore[arg-type]
+    torch.testing.assert_close(second, reference_logits(model, cb, xt, True), rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(first, second, atol=1e-3)
+    restored = pickle.loads(pickle.dumps(cb))
+    assert restored.adaptation_loss == "logit_adjusted"
