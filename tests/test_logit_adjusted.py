@@ -255,3 +255,19 @@ def test_the_prior_follows_the_memory_and_the_option_survives_pickling():
     assert not torch.allclose(first, second, atol=1e-3)
     restored = pickle.loads(pickle.dumps(cb))
     assert restored.adaptation_loss == "logit_adjusted"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_logit_adjusted_on_gpu_matches_the_cpu_computation():
+    """The prior is counted on the memory's device (CUDA) and added there."""
+    model, cb = fitted(TinyClassifier(), adaptation_loss="logit_adjusted")
+    cuda_cb = MbPA(**SETTINGS, adaptation_loss="logit_adjusted")
+    cuda_cb.memory.load_state_dict(cb.memory.state_dict())
+    xt, yt = blobs(24, seed=1)
+    on_cpu = torch.cat(trainer(callbacks=[cb]).predict(model, loader(xt, yt)))  # type: ignore[arg-type]
+    on_gpu = torch.cat(
+        trainer(callbacks=[cuda_cb], accelerator="gpu").predict(model, loader(xt, yt))  # type: ignore[arg-type]
+    ).cpu()
+    assert cuda_cb.memory.keys.device.type == "cuda"
+    torch.testing.assert_close(on_gpu, on_cpu, rtol=1e-4, atol=1e-4)
