@@ -37,6 +37,7 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.profiler import ProfilerActivity, profile
 from torch.utils.data import DataLoader, TensorDataset
 
 # isort: split
@@ -46,7 +47,11 @@ from lightning_mbpa import MbPA
 from lightning_mbpa.memory import EpisodicMemory
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from memory import chunks, queries  # embedding-like inputs: clusters of low intrinsic dimension
+from memory import (
+    chunks,
+    cpu_model,
+    queries,
+)  # embedding-like inputs: clusters of low intrinsic dimension
 
 DIM = 512
 
@@ -150,7 +155,72 @@ def _keys(model: MLP, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat(keys), torch.cat(labels)
 
 
-def test_time(n: int, index: str, args: argparse.Namespace) -> None:
+# The profile's rows: (label, how its seconds follow from the mbpa.* ranges' totals `t`).
+PROFILE_ROWS: list[tuple[str, Callable[[dict[str, float]], float]]] = [
+    ("search: the index's kernel", lambda t: t["mbpa.search"] - t["mbpa.gather"]),
+    ("search: gather keys, labels, exact distances", lambda t: t["mbpa.gather"]),
+    ("kernel weights", lambda t: t["mbpa.weights"]),
+    ("neighbours' base outputs (cached per slot)", lambda t: t["mbpa.neighbour_outputs"]),
+    ("adapt: Gram matrix H·Hᵀ and H·q", lambda t: t["mbpa.dual.gram"]),
+    ("adapt: neighbour logits (if not cached)", lambda t: t["mbpa.dual.neighbour_logits"]),
+    ("adapt: softmax − onehot, all steps", lambda t: t["mbpa.dual.softmax"]),
+    ("adapt: logit and output updates, all steps", lambda t: t["mbpa.dual.update"]),
+    ("adapt: query output", lambda t: t["mbpa.dual.query_output"]),
+    (
+        "adapt: argument checks, set-up",
+        lambda t: (
+            t["mbpa.adapt"]
+            - sum(
+                t[f"mbpa.dual.{part}"]
+                for part in ("gram", "neighbour_logits", "softmax", "update", "query_output")
+            )
+        ),
+    ),
+    (
+        "hook: query checks, masks",
+        lambda t: (
+            t["mbpa.hook"]
+            - sum(t[f"mbpa.{part}"] for part in ("search", "weights", "neighbour_outputs", "adapt"))
+        ),
+    ),
+    ("metrics: base vs adapted accuracy", lambda t: t["mbpa.metrics"]),
+    (
+        "Lightning's loop, the forward, the rest",
+        lambda t: t["total"] - t["mbpa.hook"] - t["mbpa.metrics"],
+    ),
+]
+
+
+def _profile(run: Callable[[], object], device: str) -> dict[str, float]:
+    """Seconds spent in each ``mbpa.*`` range (``lightning_mbpa._profiling``) during one call
+    of ``run`` under ``torch.profiler``, and the call's own seconds as ``"total"``."""
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        seconds = _timed(run, device)
+    totals = dict.fromkeys(
+        (
+            "mbpa.hook",
+            "mbpa.search",
+            "mbpa.gather",
+            "mbpa.weights",
+            "mbpa.neighbour_outputs",
+            "mbpa.adapt",
+            "mbpa.dual.gram",
+            "mbpa.dual.neighbour_logits",
+            "mbpa.dual.softmax",
+            "mbpa.dual.update",
+            "mbpa.dual.query_output",
+            "mbpa.metrics",
+        ),
+        0.0,
+    )
+    for event in prof.events():
+        if event.name in totals:
+            totals[event.name] += event.cpu_time_total * 1e-6
+    totals["total"] = seconds
+    return totals
+
+
+def test_time(n: int, index: str, args: argparse.Namespace) -> tuple[str, dict[str, float], float]:
     device, classes, k, q = args.device, args.classes, args.k, args.queries
     index = _index_string(index, n)
     torch.manual_seed(0)
@@ -273,6 +343,9 @@ def test_time(n: int, index: str, args: argparse.Namespace) -> None:
             f" (bare {index.split(',')[0]} {med['bare ann'] * us:.0f}, ratio {(med['bare ann'] + fwd) / total:.2f})"
         )
     print("| " + " | ".join(row) + f" | {recall or '1 (exact)'} | {build:.0f} |", flush=True)
+    # One more run of `trainer.test` with MbPA, under the profiler: where its time goes.
+    profiled = _profile(with_callback, device) if device == "cpu" else {}
+    return f"{n:,} {index.split(',')[0]}", profiled, total
 
 
 TEST_HEADER = [
@@ -406,8 +479,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
         faiss.omp_set_num_threads(args.threads)
     print(
-        f"torch {torch.__version__}, faiss {faiss.__version__}, lightning {pl.__version__},"
-        f" device {args.device}, torch threads {torch.get_num_threads()},"
+        f"{cpu_model()}: torch {torch.__version__}, faiss {faiss.__version__},"
+        f" lightning {pl.__version__}, device {args.device}, torch threads {torch.get_num_threads()},"
         f" faiss threads {faiss.omp_get_max_threads()}"
     )
     pl.seed_everything(0, verbose=False)
@@ -421,10 +494,31 @@ def main() -> None:
     )
     print("| " + " | ".join(TEST_HEADER) + " |")
     print("|" + "|".join("---:" for _ in TEST_HEADER) + "|")
+    profiles = []
     for n in args.sizes:
         for index in args.index:
-            test_time(n, index, args)
+            profiles.append(test_time(n, index, args))
             gc.collect()
+    if args.device == "cpu":
+        print_profile(profiles, args.queries)
+
+
+def print_profile(profiles: list[tuple[str, dict[str, float], float]], queries: int) -> None:
+    """Where the time of ``trainer.test`` with MbPA goes, per query, from one profiled run per
+    configuration (the profiler's own cost included: compare its total to the median of the
+    unprofiled runs, on the last line)."""
+    print(
+        f"\nwhere test+MbPA's time goes on {cpu_model()}, µs per query (one run under"
+        " torch.profiler; the mbpa.* ranges of lightning_mbpa._profiling):"
+    )
+    print("| phase | " + " | ".join(name for name, _, _ in profiles) + " |")
+    print("|---|" + "|".join("---:" for _ in profiles) + "|")
+    us = 1e6 / queries
+    for label, part in PROFILE_ROWS:
+        cells = [f"{part(t) * us:,.1f}" for _, t, _ in profiles]
+        print(f"| {label} | " + " | ".join(cells) + " |")
+    cells = [f"{t['total'] * us:,.0f} ({median * us:,.0f})" for _, t, median in profiles]
+    print("| total, profiled (unprofiled median) | " + " | ".join(cells) + " |", flush=True)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ from lightning_mbpa._guards import (
 )
 from lightning_mbpa._head import HeadBinding
 from lightning_mbpa._neighbours import Neighbours
+from lightning_mbpa._profiling import phase
 from lightning_mbpa.memory import EpisodicMemory
 from lightning_mbpa.mixture import mix_log_probs, mixture_weights, neighbour_weights
 
@@ -173,6 +174,10 @@ class Adapter:
 
     @torch.compiler.disable
     def _hook(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+        with phase("mbpa.hook"):
+            return self._adapted_output(module, args, output)
+
+    def _adapted_output(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
         if not args or not isinstance(args[0], Tensor) or not isinstance(output, Tensor):
             raise MisconfigurationException(
                 f"MbPA: the head {self.head.name!r} must take a tensor and return a tensor of "
@@ -215,26 +220,31 @@ class Adapter:
             queries = queries.masked_fill(~finite[:, None], 0)
             message = unstorable_queries_message(~finite, self.stage)
             self._warnings.warn(message, category=UserWarning)
-        neighbours = memory.search(queries, settings.k)
+        with phase("mbpa.search"):
+            neighbours = memory.search(queries, settings.k)
         mask = neighbours.mask if finite is None else neighbours.mask & finite[:, None]
         mask, lost = drop_overflowed_neighbours(neighbours.distances, mask)  # huge head inputs
         if lost is not None:
             message = overflowed_neighbours_message(lost, self.stage)
             self._warnings.warn(message, category=UserWarning)
         if not mixing or (settings.adapted_weight > 0 and settings.steps > 0):
-            weights = adaptation.kernel_weights(neighbours.distances, mask, settings.kernel_eps)
-            adapted = adaptation.local_adapt(
-                module,
-                queries,
-                neighbours.keys,
-                neighbours.values,
-                weights,
-                steps=settings.steps,
-                lr=settings.lr,
-                beta=settings.beta,
-                base_outputs=base,
-                neighbour_outputs=self.neighbour_outputs(memory, neighbours.indices),
-            )
+            with phase("mbpa.weights"):
+                weights = adaptation.kernel_weights(neighbours.distances, mask, settings.kernel_eps)
+            with phase("mbpa.neighbour_outputs"):
+                outputs = self.neighbour_outputs(memory, neighbours.indices)
+            with phase("mbpa.adapt"):
+                adapted = adaptation.local_adapt(
+                    module,
+                    queries,
+                    neighbours.keys,
+                    neighbours.values,
+                    weights,
+                    steps=settings.steps,
+                    lr=settings.lr,
+                    beta=settings.beta,
+                    base_outputs=base,
+                    neighbour_outputs=outputs,
+                )
         else:  # no adaptation steps, or λa = 0 (cache, kNN-LM): no adapted heads to compute
             adapted = base
         if mixing:
@@ -366,6 +376,10 @@ class Adapter:
         """Update base vs adapted accuracy with the batch's labels (``None``: unlabelled)."""
         if labels is None:
             return
+        with phase("mbpa.metrics"):
+            self._update_metrics(labels)
+
+    def _update_metrics(self, labels: Tensor) -> None:
         for inputs, base, adapted in self.calls:
             if tuple(inputs.shape[:-1]) != tuple(labels.shape):
                 continue
