@@ -4,11 +4,17 @@ Test time: ``trainer.test`` with the callback over a memory of N keys (D=512, C 
 neighbours, 5 adaptation steps) against the floor any MbPA must pay: a bare neighbour search of
 the same queries plus the model's plain forward pass outside Lightning. Two floors are printed:
 ``faiss.IndexFlatL2.search`` (the usual baseline) and a bare torch matmul +
-``topk`` (the kernel the exact memory itself uses, so the stricter floor). Each round runs every
+``topk`` (one of the two kernels the exact memory chooses from). "bare faiss + norms" is faiss'
+kernel given the keys' squared norms, as the memory's faiss kernel runs (``IndexFlatL2``
+recomputes them at every search). Each round runs every
 variant once, in the same process, alternated; the table shows medians over rounds. The split
 says where the callback's time goes: the neighbour search (the index's own work), gathering the
 neighbours (their keys, labels and exact distances), the adaptation (kernel weights, cached base
 outputs, the adapted head), and the rest of the test loop (Lightning, the forward pass, metrics).
+After the table, one more run of each configuration under ``torch.profiler`` gives the profile:
+per query, the time in each of MbPA's ``mbpa.*`` ranges (the search, the gathering, the
+neighbours' base outputs, the adaptation's Gram matrix, softmax and updates, the metrics) and in
+the rest, on the CPU model printed with it.
 
 Training: an epoch with the callback writing every example against the same epoch without it
 for a small MLP (where the overhead is most visible), alternated, ratio of medians; both the
@@ -34,6 +40,7 @@ import time
 from collections.abc import Callable
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -105,12 +112,17 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+# The test-time clock: wall-clock time, or this process's CPU time (`--clock cpu`: on cores
+# that other processes share, the time spent waiting for a core is left out).
+_clock: Callable[[], float] = time.perf_counter
+
+
 def _timed(fn: Callable[[], object], device: str) -> float:
     _sync(device)
-    start = time.perf_counter()
+    start = _clock()
     fn()
     _sync(device)
-    return time.perf_counter() - start
+    return _clock() - start
 
 
 class _Stopwatch:
@@ -122,10 +134,10 @@ class _Stopwatch:
     def wrap(self, fn: Callable) -> Callable:
         def timed(*args, **kwargs):
             _sync(self.device)
-            start = time.perf_counter()
+            start = _clock()
             out = fn(*args, **kwargs)
             _sync(self.device)
-            self.seconds += time.perf_counter() - start
+            self.seconds += _clock() - start
             return out
 
         return timed
@@ -195,7 +207,9 @@ def _profile(run: Callable[[], object], device: str) -> dict[str, float]:
     """Seconds spent in each ``mbpa.*`` range (``lightning_mbpa._profiling``) during one call
     of ``run`` under ``torch.profiler``, and the call's own seconds as ``"total"``."""
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        seconds = _timed(run, device)
+        start = time.perf_counter()  # wall-clock time, as the profiler's ranges
+        run()
+        seconds = time.perf_counter() - start
     totals = dict.fromkeys(
         (
             "mbpa.hook",
@@ -253,6 +267,16 @@ def test_time(n: int, index: str, args: argparse.Namespace) -> tuple[str, dict[s
         for qb in h_np:
             bare.search(qb, k)
 
+    bank_np, norms_np = bank.cpu().numpy(), norms.cpu().numpy()
+
+    def bare_faiss_norms() -> None:  # faiss' kernel given the keys' squared norms
+        for qb in h_np:
+            dist, rows = np.empty((len(qb), k), np.float32), np.empty((len(qb), k), np.int64)
+            sp = faiss.swig_ptr
+            faiss.knn_L2sqr(
+                sp(qb), sp(bank_np), DIM, len(qb), n, k, sp(dist), sp(rows), sp(norms_np)
+            )
+
     def bare_torch() -> None:  # matmul + topk, merged over blocks
         for qb in h_batches:
             best_d = best_i = None
@@ -277,22 +301,25 @@ def test_time(n: int, index: str, args: argparse.Namespace) -> tuple[str, dict[s
                 model(x.to(device))
 
     search_watch, gather_watch = _Stopwatch(device), _Stopwatch(device)
+    hook_watch = _Stopwatch(device)
     memory = cb.memory
     memory.search = search_watch.wrap(memory.search)
     memory._gather_cpu = gather_watch.wrap(memory._gather_cpu)
     memory._gather = gather_watch.wrap(memory._gather)
+    cb._adapter._hook = hook_watch.wrap(cb._adapter._hook)  # registered at each test start
     hook_seconds = []
 
     def with_callback() -> None:
-        search_watch.seconds = gather_watch.seconds = 0.0
-        results = _trainer(device, [cb]).test(model, loader, verbose=False)[0]
-        hook_seconds.append(q / results["mbpa/queries_per_s"])
+        search_watch.seconds = gather_watch.seconds = hook_watch.seconds = 0.0
+        _trainer(device, [cb]).test(model, loader, verbose=False)
+        hook_seconds.append(hook_watch.seconds)
 
     def without_callback() -> None:
         _trainer(device, []).test(model, loader, verbose=False)
 
     variants = {
         "bare faiss": bare_faiss,
+        "bare faiss+norms": bare_faiss_norms,
         "bare torch": bare_torch,
         "forward": plain_forward,
         "test+MbPA": with_callback,
@@ -330,6 +357,7 @@ def test_time(n: int, index: str, args: argparse.Namespace) -> tuple[str, dict[s
         f"{floor_faiss / total:.2f}",
         f"{floor_torch / total:.2f}",
         f"{med['bare faiss'] * us:.0f}",
+        f"{med['bare faiss+norms'] * us:.0f}",
         f"{med['bare torch'] * us:.0f}",
         f"{(searching - gathering) * us:.0f}",
         f"{gathering * us:.1f}",
@@ -356,6 +384,7 @@ TEST_HEADER = [
     "ratio (faiss floor)",
     "ratio (torch floor)",
     "bare faiss µs/q",
+    "bare faiss + norms µs/q",
     "bare torch µs/q",
     "our search µs/q",
     "gather µs/q",
@@ -473,7 +502,17 @@ def main() -> None:
         " cores). 1 by default: on shared cores OpenMP's spin-waiting makes 2 threads up to 30x"
         " slower for the small training steps (see docs/benchmarks.md)",
     )
+    parser.add_argument(
+        "--clock",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="test-time clock: wall-clock time, or the process's CPU time (on shared cores it"
+        " leaves out the time spent waiting for a core; with --threads 1 the two agree on an idle"
+        " machine)",
+    )
     args = parser.parse_args()
+    global _clock
+    _clock = time.process_time if args.clock == "cpu" else time.perf_counter
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # no per-Trainer banners
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -491,6 +530,7 @@ def main() -> None:
     print(
         f"\ntest time: D={DIM}, C={args.classes}, K={args.k}, 5 steps, {args.queries} queries in"
         f" batches of {args.batch}; medians of {args.rounds} alternated rounds; µs per query"
+        f" of {'CPU' if args.clock == 'cpu' else 'wall-clock'} time"
     )
     print("| " + " | ".join(TEST_HEADER) + " |")
     print("|" + "|".join("---:" for _ in TEST_HEADER) + "|")
@@ -509,7 +549,7 @@ def print_profile(profiles: list[tuple[str, dict[str, float], float]], queries: 
     unprofiled runs, on the last line)."""
     print(
         f"\nwhere test+MbPA's time goes on {cpu_model()}, µs per query (one run under"
-        " torch.profiler; the mbpa.* ranges of lightning_mbpa._profiling):"
+        " torch.profiler, wall-clock time; the mbpa.* ranges of lightning_mbpa._profiling):"
     )
     print("| phase | " + " | ".join(name for name, _, _ in profiles) + " |")
     print("|---|" + "|".join("---:" for _ in profiles) + "|")
@@ -518,7 +558,7 @@ def print_profile(profiles: list[tuple[str, dict[str, float], float]], queries: 
         cells = [f"{part(t) * us:,.1f}" for _, t, _ in profiles]
         print(f"| {label} | " + " | ".join(cells) + " |")
     cells = [f"{t['total'] * us:,.0f} ({median * us:,.0f})" for _, t, median in profiles]
-    print("| total, profiled (unprofiled median) | " + " | ".join(cells) + " |", flush=True)
+    print("| total, profiled (median of the timed runs) | " + " | ".join(cells) + " |", flush=True)
 
 
 if __name__ == "__main__":
