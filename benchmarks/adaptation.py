@@ -36,7 +36,8 @@ LR, BETA = 0.01, 1e-3
 DUAL_PARTS = {
     "mbpa.dual.gram": "Gram H·Hᵀ (+H·q)",
     "mbpa.dual.neighbour_logits": "Z0 = H·W0ᵀ+b0",
-    "mbpa.dual.steps": "steps",
+    "mbpa.dual.softmax": "softmax − onehot (all steps)",
+    "mbpa.dual.update": "updates (all steps)",
     "mbpa.dual.query_output": "query output",
 }
 

@@ -4,11 +4,17 @@ Test time: ``trainer.test`` with the callback over a memory of N keys (D=512, C 
 neighbours, 5 adaptation steps) against the floor any MbPA must pay: a bare neighbour search of
 the same queries plus the model's plain forward pass outside Lightning. Two floors are printed:
 ``faiss.IndexFlatL2.search`` (the usual baseline) and a bare torch matmul +
-``topk`` (the kernel the exact memory itself uses, so the stricter floor). Each round runs every
+``topk`` (one of the two kernels the exact memory chooses from). "bare faiss + norms" is faiss'
+kernel given the keys' squared norms, as the memory's faiss kernel runs (``IndexFlatL2``
+recomputes them at every search). Each round runs every
 variant once, in the same process, alternated; the table shows medians over rounds. The split
 says where the callback's time goes: the neighbour search (the index's own work), gathering the
 neighbours (their keys, labels and exact distances), the adaptation (kernel weights, cached base
 outputs, the adapted head), and the rest of the test loop (Lightning, the forward pass, metrics).
+After the table, one more run of each configuration under ``torch.profiler`` gives the profile:
+per query, the time in each of MbPA's ``mbpa.*`` ranges (the search, the gathering, the
+neighbours' base outputs, the adaptation's Gram matrix, softmax and updates, the metrics) and in
+the rest, on the CPU model printed with it.
 
 Training: an epoch with the callback writing every example against the same epoch without it
 for a small MLP (where the overhead is most visible), alternated, ratio of medians; both the
@@ -34,9 +40,11 @@ import time
 from collections.abc import Callable
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.profiler import ProfilerActivity, profile
 from torch.utils.data import DataLoader, TensorDataset
 
 # isort: split
@@ -46,7 +54,11 @@ from lightning_mbpa import MbPA
 from lightning_mbpa.memory import EpisodicMemory
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from memory import chunks, queries  # embedding-like inputs: clusters of low intrinsic dimension
+from memory import (
+    chunks,
+    cpu_model,
+    queries,
+)  # embedding-like inputs: clusters of low intrinsic dimension
 
 DIM = 512
 
@@ -100,12 +112,17 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+# The test-time clock: wall-clock time, or this process's CPU time (`--clock cpu`: on cores
+# that other processes share, the time spent waiting for a core is left out).
+_clock: Callable[[], float] = time.perf_counter
+
+
 def _timed(fn: Callable[[], object], device: str) -> float:
     _sync(device)
-    start = time.perf_counter()
+    start = _clock()
     fn()
     _sync(device)
-    return time.perf_counter() - start
+    return _clock() - start
 
 
 class _Stopwatch:
@@ -117,10 +134,10 @@ class _Stopwatch:
     def wrap(self, fn: Callable) -> Callable:
         def timed(*args, **kwargs):
             _sync(self.device)
-            start = time.perf_counter()
+            start = _clock()
             out = fn(*args, **kwargs)
             _sync(self.device)
-            self.seconds += time.perf_counter() - start
+            self.seconds += _clock() - start
             return out
 
         return timed
@@ -150,7 +167,74 @@ def _keys(model: MLP, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat(keys), torch.cat(labels)
 
 
-def test_time(n: int, index: str, args: argparse.Namespace) -> None:
+# The profile's rows: (label, how its seconds follow from the mbpa.* ranges' totals `t`).
+PROFILE_ROWS: list[tuple[str, Callable[[dict[str, float]], float]]] = [
+    ("search: the index's kernel", lambda t: t["mbpa.search"] - t["mbpa.gather"]),
+    ("search: gather keys, labels, exact distances", lambda t: t["mbpa.gather"]),
+    ("kernel weights", lambda t: t["mbpa.weights"]),
+    ("neighbours' base outputs (cached per slot)", lambda t: t["mbpa.neighbour_outputs"]),
+    ("adapt: Gram matrix H·Hᵀ and H·q", lambda t: t["mbpa.dual.gram"]),
+    ("adapt: neighbour logits (if not cached)", lambda t: t["mbpa.dual.neighbour_logits"]),
+    ("adapt: softmax − onehot, all steps", lambda t: t["mbpa.dual.softmax"]),
+    ("adapt: logit and output updates, all steps", lambda t: t["mbpa.dual.update"]),
+    ("adapt: query output", lambda t: t["mbpa.dual.query_output"]),
+    (
+        "adapt: argument checks, set-up",
+        lambda t: (
+            t["mbpa.adapt"]
+            - sum(
+                t[f"mbpa.dual.{part}"]
+                for part in ("gram", "neighbour_logits", "softmax", "update", "query_output")
+            )
+        ),
+    ),
+    (
+        "hook: query checks, masks",
+        lambda t: (
+            t["mbpa.hook"]
+            - sum(t[f"mbpa.{part}"] for part in ("search", "weights", "neighbour_outputs", "adapt"))
+        ),
+    ),
+    ("metrics: base vs adapted accuracy", lambda t: t["mbpa.metrics"]),
+    (
+        "Lightning's loop, the forward, the rest",
+        lambda t: t["total"] - t["mbpa.hook"] - t["mbpa.metrics"],
+    ),
+]
+
+
+def _profile(run: Callable[[], object], device: str) -> dict[str, float]:
+    """Seconds spent in each ``mbpa.*`` range (``lightning_mbpa._profiling``) during one call
+    of ``run`` under ``torch.profiler``, and the call's own seconds as ``"total"``."""
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()  # wall-clock time, as the profiler's ranges
+        run()
+        seconds = time.perf_counter() - start
+    totals = dict.fromkeys(
+        (
+            "mbpa.hook",
+            "mbpa.search",
+            "mbpa.gather",
+            "mbpa.weights",
+            "mbpa.neighbour_outputs",
+            "mbpa.adapt",
+            "mbpa.dual.gram",
+            "mbpa.dual.neighbour_logits",
+            "mbpa.dual.softmax",
+            "mbpa.dual.update",
+            "mbpa.dual.query_output",
+            "mbpa.metrics",
+        ),
+        0.0,
+    )
+    for event in prof.events():
+        if event.name in totals:
+            totals[event.name] += event.cpu_time_total * 1e-6
+    totals["total"] = seconds
+    return totals
+
+
+def test_time(n: int, index: str, args: argparse.Namespace) -> tuple[str, dict[str, float], float]:
     device, classes, k, q = args.device, args.classes, args.k, args.queries
     index = _index_string(index, n)
     torch.manual_seed(0)
@@ -183,6 +267,16 @@ def test_time(n: int, index: str, args: argparse.Namespace) -> None:
         for qb in h_np:
             bare.search(qb, k)
 
+    bank_np, norms_np = bank.cpu().numpy(), norms.cpu().numpy()
+
+    def bare_faiss_norms() -> None:  # faiss' kernel given the keys' squared norms
+        for qb in h_np:
+            dist, rows = np.empty((len(qb), k), np.float32), np.empty((len(qb), k), np.int64)
+            sp = faiss.swig_ptr
+            faiss.knn_L2sqr(
+                sp(qb), sp(bank_np), DIM, len(qb), n, k, sp(dist), sp(rows), sp(norms_np)
+            )
+
     def bare_torch() -> None:  # matmul + topk, merged over blocks
         for qb in h_batches:
             best_d = best_i = None
@@ -207,22 +301,25 @@ def test_time(n: int, index: str, args: argparse.Namespace) -> None:
                 model(x.to(device))
 
     search_watch, gather_watch = _Stopwatch(device), _Stopwatch(device)
+    hook_watch = _Stopwatch(device)
     memory = cb.memory
     memory.search = search_watch.wrap(memory.search)
     memory._gather_cpu = gather_watch.wrap(memory._gather_cpu)
     memory._gather = gather_watch.wrap(memory._gather)
+    cb._adapter._hook = hook_watch.wrap(cb._adapter._hook)  # registered at each test start
     hook_seconds = []
 
     def with_callback() -> None:
-        search_watch.seconds = gather_watch.seconds = 0.0
-        results = _trainer(device, [cb]).test(model, loader, verbose=False)[0]
-        hook_seconds.append(q / results["mbpa/queries_per_s"])
+        search_watch.seconds = gather_watch.seconds = hook_watch.seconds = 0.0
+        _trainer(device, [cb]).test(model, loader, verbose=False)
+        hook_seconds.append(hook_watch.seconds)
 
     def without_callback() -> None:
         _trainer(device, []).test(model, loader, verbose=False)
 
     variants = {
         "bare faiss": bare_faiss,
+        "bare faiss+norms": bare_faiss_norms,
         "bare torch": bare_torch,
         "forward": plain_forward,
         "test+MbPA": with_callback,
@@ -260,6 +357,7 @@ def test_time(n: int, index: str, args: argparse.Namespace) -> None:
         f"{floor_faiss / total:.2f}",
         f"{floor_torch / total:.2f}",
         f"{med['bare faiss'] * us:.0f}",
+        f"{med['bare faiss+norms'] * us:.0f}",
         f"{med['bare torch'] * us:.0f}",
         f"{(searching - gathering) * us:.0f}",
         f"{gathering * us:.1f}",
@@ -273,6 +371,9 @@ def test_time(n: int, index: str, args: argparse.Namespace) -> None:
             f" (bare {index.split(',')[0]} {med['bare ann'] * us:.0f}, ratio {(med['bare ann'] + fwd) / total:.2f})"
         )
     print("| " + " | ".join(row) + f" | {recall or '1 (exact)'} | {build:.0f} |", flush=True)
+    # One more run of `trainer.test` with MbPA, under the profiler: where its time goes.
+    profiled = _profile(with_callback, device) if device == "cpu" else {}
+    return f"{n:,} {index.split(',')[0]}", profiled, total
 
 
 TEST_HEADER = [
@@ -283,6 +384,7 @@ TEST_HEADER = [
     "ratio (faiss floor)",
     "ratio (torch floor)",
     "bare faiss µs/q",
+    "bare faiss + norms µs/q",
     "bare torch µs/q",
     "our search µs/q",
     "gather µs/q",
@@ -400,14 +502,24 @@ def main() -> None:
         " cores). 1 by default: on shared cores OpenMP's spin-waiting makes 2 threads up to 30x"
         " slower for the small training steps (see docs/benchmarks.md)",
     )
+    parser.add_argument(
+        "--clock",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="test-time clock: wall-clock time, or the process's CPU time (on shared cores it"
+        " leaves out the time spent waiting for a core; with --threads 1 the two agree on an idle"
+        " machine)",
+    )
     args = parser.parse_args()
+    global _clock
+    _clock = time.process_time if args.clock == "cpu" else time.perf_counter
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # no per-Trainer banners
     if args.threads:
         torch.set_num_threads(args.threads)
         faiss.omp_set_num_threads(args.threads)
     print(
-        f"torch {torch.__version__}, faiss {faiss.__version__}, lightning {pl.__version__},"
-        f" device {args.device}, torch threads {torch.get_num_threads()},"
+        f"{cpu_model()}: torch {torch.__version__}, faiss {faiss.__version__},"
+        f" lightning {pl.__version__}, device {args.device}, torch threads {torch.get_num_threads()},"
         f" faiss threads {faiss.omp_get_max_threads()}"
     )
     pl.seed_everything(0, verbose=False)
@@ -418,13 +530,35 @@ def main() -> None:
     print(
         f"\ntest time: D={DIM}, C={args.classes}, K={args.k}, 5 steps, {args.queries} queries in"
         f" batches of {args.batch}; medians of {args.rounds} alternated rounds; µs per query"
+        f" of {'CPU' if args.clock == 'cpu' else 'wall-clock'} time"
     )
     print("| " + " | ".join(TEST_HEADER) + " |")
     print("|" + "|".join("---:" for _ in TEST_HEADER) + "|")
+    profiles = []
     for n in args.sizes:
         for index in args.index:
-            test_time(n, index, args)
+            profiles.append(test_time(n, index, args))
             gc.collect()
+    if args.device == "cpu":
+        print_profile(profiles, args.queries)
+
+
+def print_profile(profiles: list[tuple[str, dict[str, float], float]], queries: int) -> None:
+    """Where the time of ``trainer.test`` with MbPA goes, per query, from one profiled run per
+    configuration (the profiler's own cost included: compare its total to the median of the
+    unprofiled runs, on the last line)."""
+    print(
+        f"\nwhere test+MbPA's time goes on {cpu_model()}, µs per query (one run under"
+        " torch.profiler, wall-clock time; the mbpa.* ranges of lightning_mbpa._profiling):"
+    )
+    print("| phase | " + " | ".join(name for name, _, _ in profiles) + " |")
+    print("|---|" + "|".join("---:" for _ in profiles) + "|")
+    us = 1e6 / queries
+    for label, part in PROFILE_ROWS:
+        cells = [f"{part(t) * us:,.1f}" for _, t, _ in profiles]
+        print(f"| {label} | " + " | ".join(cells) + " |")
+    cells = [f"{t['total'] * us:,.0f} ({median * us:,.0f})" for _, t, median in profiles]
+    print("| total, profiled (median of the timed runs) | " + " | ".join(cells) + " |", flush=True)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ from lightning_mbpa._guards import (
 )
 from lightning_mbpa._head import HeadBinding
 from lightning_mbpa._neighbours import Neighbours
+from lightning_mbpa._profiling import phase
 from lightning_mbpa.memory import EpisodicMemory
 from lightning_mbpa.mixture import mix_log_probs, mixture_weights, neighbour_weights
 
@@ -176,6 +177,10 @@ class Adapter:
 
     @torch.compiler.disable
     def _hook(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+        with phase("mbpa.hook"):
+            return self._adapted_output(module, args, output)
+
+    def _adapted_output(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
         if not args or not isinstance(args[0], Tensor) or not isinstance(output, Tensor):
             raise MisconfigurationException(
                 f"MbPA: the head {self.head.name!r} must take a tensor and return a tensor of "
@@ -218,27 +223,32 @@ class Adapter:
             queries = queries.masked_fill(~finite[:, None], 0)
             message = unstorable_queries_message(~finite, self.stage)
             self._warnings.warn(message, category=UserWarning)
-        neighbours = memory.search(queries, settings.k)
+        with phase("mbpa.search"):
+            neighbours = memory.search(queries, settings.k)
         mask = neighbours.mask if finite is None else neighbours.mask & finite[:, None]
         mask, lost = drop_overflowed_neighbours(neighbours.distances, mask)  # huge head inputs
         if lost is not None:
             message = overflowed_neighbours_message(lost, self.stage)
             self._warnings.warn(message, category=UserWarning)
         if not mixing or (settings.adapted_weight > 0 and settings.steps > 0):
-            weights = adaptation.kernel_weights(neighbours.distances, mask, settings.kernel_eps)
-            adapted = adaptation.local_adapt(
-                module,
-                queries,
-                neighbours.keys,
-                neighbours.values,
-                weights,
-                steps=settings.steps,
-                lr=settings.lr,
-                beta=settings.beta,
-                base_outputs=base,
-                neighbour_outputs=self.neighbour_outputs(memory, neighbours.indices),
-                logit_offsets=self.logit_offsets(memory, base.shape[1]),
-            )
+            with phase("mbpa.weights"):
+                weights = adaptation.kernel_weights(neighbours.distances, mask, settings.kernel_eps)
+            with phase("mbpa.neighbour_outputs"):
+                outputs = self.neighbour_outputs(memory, neighbours.indices, neighbours.keys)
+            with phase("mbpa.adapt"):
+                adapted = adaptation.local_adapt(
+                    module,
+                    queries,
+                    neighbours.keys,
+                    neighbours.values,
+                    weights,
+                    steps=settings.steps,
+                    lr=settings.lr,
+                    beta=settings.beta,
+                    base_outputs=base,
+                    neighbour_outputs=outputs,
+                    logit_offsets=self.logit_offsets(memory, base.shape[1]),
+                )
         else:  # no adaptation steps, or λa = 0 (cache, kNN-LM): no adapted heads to compute
             adapted = base
         if mixing:
@@ -302,61 +312,95 @@ class Adapter:
             self._labels_checked = classes
 
     # ---- the trained head's outputs on the memory's keys, cached per slot
-    def neighbour_outputs(self, memory: EpisodicMemory, indices: Tensor) -> Tensor | None:
+    def neighbour_outputs(
+        self, memory: EpisodicMemory, indices: Tensor, keys: Tensor | None = None
+    ) -> Tensor | None:
         """For a head adapted in dual form (an ``nn.Linear``), the trained head's outputs on the
-        neighbours ``indices`` (``-1`` for none), cached per memory slot for the rest of the run
-        (any change of the memory clears the cache).
+        neighbours ``indices`` ``[B, K]`` (``-1`` for none), cached per memory slot for the rest
+        of the run (any change of the memory clears the cache). ``keys``: the neighbours' keys
+        ``[B, K, D]`` as the search returned them, if at hand.
 
         On the CPU a slot's output is computed the first time a query retrieves it and appended
-        to a dense table, so a run never computes more than ``min(len(memory), queries · k)``
+        to a dense table, so a run never caches more than ``min(len(memory), queries · k)``
         of them: computing all of a large memory up front costs more than a test set of fewer
         than ``len / k`` queries needs, and a sparse ``[len, C]`` table would page-fault once
-        per retrieved slot. On a GPU all of them are computed at once: no per-batch
-        synchronisation.
+        per retrieved slot. The outputs a batch misses are computed in one product over the
+        search's own float32 ``keys`` (rows already in cache; a slot retrieved twice in the batch
+        is computed twice, which costs less than finding the duplicates first), or over rows
+        read again from the memory otherwise. On a GPU all of them are computed at once: no
+        per-batch synchronisation.
         """
         head = adaptation._linear_head(self.head.module)
         if head is None:  # the generic path would ignore them
             return None
-        keys = memory.keys
-        if keys.shape[0] * head.out_features * 4 > 512 * 2**20:  # too large to cache
+        stored = memory.keys
+        if stored.shape[0] * head.out_features * 4 > 512 * 2**20:  # too large to cache
             return None
-        lazy = keys.device.type == "cpu"
+        lazy = stored.device.type == "cpu"
         if self._slot_outputs is None or self._slot_version != memory.version:
             self._slot_version = memory.version
             with torch.inference_mode(False):
                 if lazy:
-                    rows = min(keys.shape[0], 4096)
-                    self._slot_outputs = keys.new_empty((rows, head.out_features))
-                    self._slot_row = torch.full((keys.shape[0],), -1, dtype=torch.int32)
+                    rows = min(stored.shape[0], 4096)
+                    self._slot_outputs = stored.new_empty((rows, head.out_features))
+                    self._slot_row = torch.full((stored.shape[0],), -1, dtype=torch.int32)
                     self._slot_rows_used = 0
                 else:
-                    self._slot_outputs = _head_outputs(head, keys)
+                    self._slot_outputs = _head_outputs(head, stored)
         outputs = self._slot_outputs
         assert outputs is not None
-        safe = indices.clamp_min(0).to(outputs.device)
         if not lazy:
-            return outputs[safe].to(indices.device)
+            return outputs[indices.clamp_min(0).to(outputs.device)].to(indices.device)
         assert self._slot_row is not None
-        flat = safe.reshape(-1)
-        slot_rows = self._slot_row[flat]
+        flat = indices.reshape(-1).cpu()
+        all_valid = bool((flat >= 0).all())
+        safe = flat if all_valid else flat.clamp_min(0)
+        slot_rows = self._slot_row[safe]
         missing = slot_rows < 0
-        if bool(missing.any()):
-            new = torch.unique(flat[missing])
-            start = self._slot_rows_used
-            stop = start + new.numel()
-            if stop > outputs.shape[0]:  # grow the table by doubling
-                with torch.inference_mode(False):
-                    grown = outputs.new_empty(
-                        (min(keys.shape[0], max(stop, 2 * outputs.shape[0])), head.out_features)
-                    )
-                grown[:start] = outputs[:start]
-                outputs = self._slot_outputs = grown
-            outputs[start:stop] = _head_outputs(head, keys[new])
-            self._slot_row[new] = torch.arange(start, stop, dtype=torch.int32)
-            self._slot_rows_used = stop
-            slot_rows = self._slot_row[flat]
-        table = outputs[slot_rows.long()]
+        count = int(missing.sum())
+        if count == 0:
+            table = outputs[slot_rows.long()]
+            return table.view(*indices.shape, table.shape[-1]).to(indices.device)
+        # the search's keys where they are the stored float32 rows (masked columns are zeros)
+        gathered = (
+            keys.reshape(-1, keys.shape[-1])
+            if keys is not None
+            and keys.dtype == torch.float32
+            and keys.device.type == "cpu"
+            and all_valid
+            else None
+        )
+        if count == flat.numel():  # nothing cached yet for this batch (the usual case)
+            where = None
+            table = _head_outputs(head, stored[safe] if gathered is None else gathered)
+        else:
+            where = missing.nonzero().squeeze(1)
+            table = outputs[slot_rows.clamp_min(0).long()]
+            source = stored[safe[where]] if gathered is None else gathered[where]
+            table[where] = _head_outputs(head, source)
+        self._cache_rows(safe if where is None else safe[where], table, where)
         return table.view(*indices.shape, table.shape[-1]).to(indices.device)
+
+    def _cache_rows(self, slots: Tensor, table: Tensor, where: Tensor | None) -> None:
+        """Append the outputs of the new ``slots`` (each row ``where[i]`` of ``table``, or row
+        ``i`` when ``where`` is None; repeated slots are kept once) to the CPU cache."""
+        assert self._slot_row is not None and self._slot_outputs is not None
+        new, inverse = torch.unique(slots, return_inverse=True)
+        rows = torch.arange(slots.numel()) if where is None else where
+        one = torch.empty(new.numel(), dtype=torch.int64).scatter_(0, inverse, rows)
+        outputs = self._slot_outputs
+        start = self._slot_rows_used
+        stop = start + new.numel()
+        if stop > outputs.shape[0]:  # grow the table by doubling
+            with torch.inference_mode(False):
+                grown = outputs.new_empty(
+                    (min(len(self._slot_row), max(stop, 2 * outputs.shape[0])), outputs.shape[1])
+                )
+            grown[:start] = outputs[:start]
+            outputs = self._slot_outputs = grown
+        torch.index_select(table, 0, one, out=outputs[start:stop])
+        self._slot_row[new] = torch.arange(start, stop, dtype=torch.int32)
+        self._slot_rows_used = stop
 
     def logit_offsets(self, memory: EpisodicMemory, classes: int) -> Tensor | None:
         """``adaptation_loss="logit_adjusted"``: the memory's log class prior, added to the
@@ -383,6 +427,10 @@ class Adapter:
         """Update base vs adapted accuracy with the batch's labels (``None``: unlabelled)."""
         if labels is None:
             return
+        with phase("mbpa.metrics"):
+            self._update_metrics(labels)
+
+    def _update_metrics(self, labels: Tensor) -> None:
         for inputs, base, adapted in self.calls:
             if tuple(inputs.shape[:-1]) != tuple(labels.shape):
                 continue

@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.profiler import record_function
+
+from lightning_mbpa._profiling import phase
 
 # The dual path holds Z0 and two [B, K, C] step buffers. On CPU a chunk's buffers are kept
 # near this size: the steps then run in cache (~1.4x faster at C=1000, B=256).
@@ -100,7 +101,7 @@ def _adapt_linear_dual(
     """
     num_classes = base.shape[1]
     class_major = num_classes < _CLASS_MAJOR_BELOW
-    with record_function("mbpa.dual.gram"):
+    with phase("mbpa.dual.gram"):
         gram, key_dot_query = _key_products(queries, keys, valid, head.bias is not None)
         # M·diag(-lr·w) (M is symmetric, so diag(-lr·w)·M is its transpose) and (H·q)·diag(-lr·w)
         scaled_weights = -lr * weights
@@ -108,7 +109,7 @@ def _adapt_linear_dual(
             scaled_weights[:, :, None] if class_major else scaled_weights[:, None]
         )
         move_output = key_dot_query * scaled_weights[:, None]  # [B, 1, K]
-    with record_function("mbpa.dual.neighbour_logits"):
+    with phase("mbpa.dual.neighbour_logits"):
         if neighbour_outputs is not None:
             logits0 = neighbour_outputs.transpose(1, 2) if class_major else neighbour_outputs
         else:
@@ -141,13 +142,14 @@ def _adapt_linear_dual(
     residuals = torch.empty_like(logits)
     output = base[:, :, None] if class_major else base[:, None, :]
     offset = torch.zeros_like(output)
-    with record_function("mbpa.dual.steps"):
-        for step in range(steps):
+    for step in range(steps):
+        with phase("mbpa.dual.softmax"):  # the residuals p - onehot(y)
             if binary:
                 torch.sigmoid(logits, out=residuals).sub_(targets)
             else:
                 torch.softmax(logits, dim=class_dim, out=residuals)
                 residuals.scatter_add_(class_dim, targets, minus_ones)
+        with phase("mbpa.dual.update"):
             if class_major:  # the transposed recursions: Zᵀ, uᵀ
                 offset.baddbmm_(residuals, move_output.transpose(1, 2), beta=keep)
             else:
@@ -160,7 +162,7 @@ def _adapt_linear_dual(
                 logits.baddbmm_(move_logits, residuals, beta=keep)
             if beta != 0:
                 logits.add_(logits0, alpha=beta)
-    with record_function("mbpa.dual.query_output"):
+    with phase("mbpa.dual.query_output"):
         return (output + offset)[:, :, 0] if class_major else (output + offset)[:, 0, :]
 
 

@@ -1,8 +1,9 @@
 """Which exact-search kernel is faster on this machine for a search of a given shape.
 
 One idea: exact search on the CPU can run as the torch kernel (matmul + grouped top-k) or as
-``faiss.knn``, and which is faster depends on the machine (the BLAS each library ships and the
-instructions it uses on this CPU), the thread count and the shape. ``python
+faiss' exact kernel (what ``faiss.knn`` runs, here given the stored squared norms), and which
+is faster depends on the machine (the BLAS each library ships and the instructions it uses on
+this CPU), the thread count and the shape. ``python
 benchmarks/memory.py --skip-sizes --skip-threads`` on a 2-vCPU AMD EPYC whose cores other
 processes were using: for 256 queries over 100k-1M keys of width 512, faiss 1.16-1.26x faster
 than torch with one thread, torch 1.8x faster with two; torch is faster on an Intel Xeon with

@@ -15,6 +15,8 @@ import numpy.typing as npt
 import torch
 from torch import Tensor
 
+from lightning_mbpa._profiling import phase
+
 Int64Array = npt.NDArray[np.int64]
 
 
@@ -68,90 +70,92 @@ def gather_cpu(
     step). ``distances``: the index's own distances of ``slots`` when it computes them exactly
     (by difference, from the stored vectors); otherwise they are computed here. Results come
     back on ``queries``' device, keys in its dtype."""
-    b = slots.shape[0]
-    if slots.shape[1] < k:
-        slots = np.concatenate([slots, np.full((b, k - slots.shape[1]), -1, np.int64)], 1)
-    valid = slots >= 0
-    all_valid = bool(valid.all())
-    safe = slots if all_valid else np.where(valid, slots, 0)
-    if distances is None:
-        nb_keys, dist = gather_rows_and_distances_np(stored_keys, safe, q)
-        assert dist is not None
-    else:
-        nb_keys, _ = gather_rows_and_distances_np(stored_keys, safe, None)
-        dist = np.full(slots.shape, np.inf, dtype=np.float32)
-        dist[:, : distances.shape[1]] = distances
-    if not all_valid:
-        dist[~valid] = np.inf
-    order = np.argsort(dist, axis=1, kind="stable")
-    moved = np.flatnonzero((order != np.arange(k)).any(1))
-    if moved.size:
-        # Near-ties computed differently by the index can swap places: reorder those rows
-        # (the keys through flat row numbers: one take, not a gather per element).
-        o = order[moved]
-        dist[moved] = np.take_along_axis(dist[moved], o, 1)
-        slots = slots.copy()
-        slots[moved] = np.take_along_axis(slots[moved], o, 1)
-        flat = nb_keys.reshape(b * k, -1)
-        base = moved[:, None] * k
-        flat[(base + np.arange(k)).reshape(-1)] = flat[(base + o).reshape(-1)]
+    with phase("mbpa.gather"):
+        b = slots.shape[0]
+        if slots.shape[1] < k:
+            slots = np.concatenate([slots, np.full((b, k - slots.shape[1]), -1, np.int64)], 1)
         valid = slots >= 0
-        safe = np.where(valid, slots, 0)
-    values = np.take(stored_values, safe.reshape(-1)).reshape(b, k)
-    if not all_valid:
-        values[~valid] = 0
-        nb_keys[~valid] = 0.0
-    out = queries.device
-    return Neighbours(
-        keys=torch.from_numpy(nb_keys).to(device=out, dtype=queries.dtype),
-        values=torch.from_numpy(values).to(out),
-        distances=torch.from_numpy(dist).to(out),
-        mask=torch.from_numpy(valid).to(out),
-        indices=torch.from_numpy(slots).to(out),
-    )
+        all_valid = bool(valid.all())
+        safe = slots if all_valid else np.where(valid, slots, 0)
+        if distances is None:
+            nb_keys, dist = gather_rows_and_distances_np(stored_keys, safe, q)
+            assert dist is not None
+        else:
+            nb_keys, _ = gather_rows_and_distances_np(stored_keys, safe, None)
+            dist = np.full(slots.shape, np.inf, dtype=np.float32)
+            dist[:, : distances.shape[1]] = distances
+        if not all_valid:
+            dist[~valid] = np.inf
+        order = np.argsort(dist, axis=1, kind="stable")
+        moved = np.flatnonzero((order != np.arange(k)).any(1))
+        if moved.size:
+            # Near-ties computed differently by the index can swap places: reorder those rows
+            # (the keys through flat row numbers: one take, not a gather per element).
+            o = order[moved]
+            dist[moved] = np.take_along_axis(dist[moved], o, 1)
+            slots = slots.copy()
+            slots[moved] = np.take_along_axis(slots[moved], o, 1)
+            flat = nb_keys.reshape(b * k, -1)
+            base = moved[:, None] * k
+            flat[(base + np.arange(k)).reshape(-1)] = flat[(base + o).reshape(-1)]
+            valid = slots >= 0
+            safe = np.where(valid, slots, 0)
+        values = np.take(stored_values, safe.reshape(-1)).reshape(b, k)
+        if not all_valid:
+            values[~valid] = 0
+            nb_keys[~valid] = 0.0
+        out = queries.device
+        return Neighbours(
+            keys=torch.from_numpy(nb_keys).to(device=out, dtype=queries.dtype),
+            values=torch.from_numpy(values).to(out),
+            distances=torch.from_numpy(dist).to(out),
+            mask=torch.from_numpy(valid).to(out),
+            indices=torch.from_numpy(slots).to(out),
+        )
 
 
 def gather_on_device(
     stored_keys: Tensor, stored_values: Tensor, q32: Tensor, slots: Tensor, k: int, queries: Tensor
 ) -> Neighbours:
     """:func:`gather_cpu` for storage on another device (a GPU), in torch there."""
-    dev = stored_keys.device
-    slots = slots.to(dev)
-    b = slots.shape[0]
-    if slots.shape[1] < k:
-        slots = torch.cat([slots, slots.new_full((b, k - slots.shape[1]), -1)], 1)
-    valid = slots >= 0
-    all_valid = bool(valid.all())
-    safe = slots if all_valid else slots.clamp_min(0)
-    nb_keys = stored_keys.index_select(0, safe.reshape(-1)).view(b, k, -1)  # the returned keys
-    dist = exact_squared_distances(q32.to(dev), nb_keys)
-    if not all_valid:
-        dist.masked_fill_(~valid, float("inf"))
-    dist, order = dist.sort(dim=1, stable=True)
-    moved = (order != torch.arange(k, device=dev)).any(1)
-    if bool(moved.any()):
-        # Near-ties computed differently by the index can swap places: reorder only those rows.
-        rows = moved.nonzero().squeeze(1)
-        slots[rows] = slots[rows].gather(1, order[rows])
+    with phase("mbpa.gather"):
+        dev = stored_keys.device
+        slots = slots.to(dev)
+        b = slots.shape[0]
+        if slots.shape[1] < k:
+            slots = torch.cat([slots, slots.new_full((b, k - slots.shape[1]), -1)], 1)
         valid = slots >= 0
-        safe = slots.clamp_min(0)
-        base = (rows * k).unsqueeze(1)
-        flat = nb_keys.view(b * k, -1)
-        flat[(base + torch.arange(k, device=dev)).reshape(-1)] = flat.index_select(
-            0, (base + order[rows]).reshape(-1)
+        all_valid = bool(valid.all())
+        safe = slots if all_valid else slots.clamp_min(0)
+        nb_keys = stored_keys.index_select(0, safe.reshape(-1)).view(b, k, -1)  # the returned keys
+        dist = exact_squared_distances(q32.to(dev), nb_keys)
+        if not all_valid:
+            dist.masked_fill_(~valid, float("inf"))
+        dist, order = dist.sort(dim=1, stable=True)
+        moved = (order != torch.arange(k, device=dev)).any(1)
+        if bool(moved.any()):
+            # Near-ties computed differently by the index can swap places: reorder only those rows.
+            rows = moved.nonzero().squeeze(1)
+            slots[rows] = slots[rows].gather(1, order[rows])
+            valid = slots >= 0
+            safe = slots.clamp_min(0)
+            base = (rows * k).unsqueeze(1)
+            flat = nb_keys.view(b * k, -1)
+            flat[(base + torch.arange(k, device=dev)).reshape(-1)] = flat.index_select(
+                0, (base + order[rows]).reshape(-1)
+            )
+        values = stored_values.index_select(0, safe.reshape(-1)).view(b, k)
+        if not all_valid:
+            values.masked_fill_(~valid, 0)
+            nb_keys.masked_fill_(~valid.unsqueeze(-1), 0.0)
+        out = queries.device
+        return Neighbours(
+            keys=nb_keys.to(device=out, dtype=queries.dtype),
+            values=values.to(out),
+            distances=dist.to(out),
+            mask=valid.to(out),
+            indices=slots.to(out),
         )
-    values = stored_values.index_select(0, safe.reshape(-1)).view(b, k)
-    if not all_valid:
-        values.masked_fill_(~valid, 0)
-        nb_keys.masked_fill_(~valid.unsqueeze(-1), 0.0)
-    out = queries.device
-    return Neighbours(
-        keys=nb_keys.to(device=out, dtype=queries.dtype),
-        values=values.to(out),
-        distances=dist.to(out),
-        mask=valid.to(out),
-        indices=slots.to(out),
-    )
 
 
 def exact_squared_distances(queries: Tensor, keys: Tensor) -> Tensor:

@@ -338,6 +338,42 @@ def test_lazy_output_cache_equals_a_recomputation():
     torch.testing.assert_close(cb._adapter.neighbour_outputs(cb.memory, last), expected[last])
 
 
+def test_lazy_output_cache_from_the_searched_keys_equals_a_recomputation():
+    """Outputs computed over the keys the search returned (repeated slots in a batch, batches
+    that partly hit the cache, a masked neighbour, keys in another dtype) equal the head's
+    outputs on the stored keys, and the cache then holds exactly the slots seen."""
+    x, y = blobs(200, seed=0)
+    model = TinyClassifier()
+    cb = MbPA(k=6, memory_size=1000, **ADAPT)
+    cb.populate(model, loader(x, y))
+    cb._head.bind(model, "head", cb.memory.dim)
+    stored = cb.memory.keys
+    with torch.no_grad():
+        expected = model.head(stored)
+    g = torch.Generator().manual_seed(1)
+    first = torch.randint(0, 50, (7, 6), generator=g)  # slots repeat within the batch
+    second = torch.cat([first[:3], torch.randint(0, 200, (4, 6), generator=g)])  # partly cached
+    masked = torch.randint(0, 200, (3, 6), generator=g)
+    masked[1, 5] = -1
+    fresh = torch.randint(0, 200, (5, 6), generator=g)
+    seen = []
+    for indices, dtype in ((first, None), (second, None), (masked, None), (fresh, torch.float64)):
+        keys = stored[indices.clamp_min(0)]
+        keys[indices < 0] = 0.0  # as the search pads a masked column
+        if dtype is not None:
+            keys = keys.to(dtype)
+        got = cb._adapter.neighbour_outputs(cb.memory, indices, keys)
+        valid = indices >= 0
+        torch.testing.assert_close(got[valid], expected[indices[valid]], rtol=1e-6, atol=1e-6)
+        seen.append(indices.clamp_min(0).flatten())
+        touched = torch.unique(torch.cat(seen))
+        assert torch.equal(cb._adapter.cached_slots.nonzero().squeeze(1), touched)
+    # every cached row is the head's output on its stored key
+    everything = torch.arange(200).reshape(-1, 8)
+    got = cb._adapter.neighbour_outputs(cb.memory, everything)
+    torch.testing.assert_close(got, expected[everything], rtol=1e-6, atol=1e-6)
+
+
 def test_lazy_output_cache_grows_past_its_first_table():
     x, y = blobs(5000, seed=0)
     model = TinyClassifier()

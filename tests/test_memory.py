@@ -19,6 +19,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import lightning_mbpa._exact_search as _exact_search
 import lightning_mbpa.memory as memory_module
 from lightning_mbpa.memory import EpisodicMemory, Neighbours
 
@@ -204,13 +205,13 @@ def test_faiss_backends_agree_and_flat_search_is_zero_copy(monkeypatch: pytest.M
     a.add(x, y)
     b.add(x, y)
     seen = []
-    real_knn = faiss.knn
+    real_knn = _exact_search.faiss_exact_candidates
 
-    def spy(xq: np.ndarray, xb: np.ndarray, k: int, **kwargs: object) -> tuple:
+    def spy(xq: np.ndarray, xb: np.ndarray, k: int, norms: np.ndarray) -> np.ndarray:
         seen.append(xb)
-        return real_knn(xq, xb, k, **kwargs)
+        return real_knn(xq, xb, k, norms)
 
-    monkeypatch.setattr(faiss, "knn", spy)
+    monkeypatch.setattr(_exact_search, "faiss_exact_candidates", spy)
     fa, fb = a.search(q, 10), b.search(q, 10)
     assert len(seen) == 1 and np.shares_memory(seen[0], a.keys.numpy())
     assert torch.equal(fa.indices, fb.indices)

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+import lightning_mbpa._exact_search as _exact_search
 import lightning_mbpa._kernel_choice as kernel_choice
 from lightning_mbpa._exact_search import TorchExactSearch
 from lightning_mbpa.memory import EpisodicMemory, forget_kernel_choices, kernel_choices
@@ -38,17 +39,17 @@ class Spy:
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.calls: list[tuple[str, int]] = []
-        real_knn, real_torch = faiss.knn, TorchExactSearch.candidates
+        real_knn, real_torch = _exact_search.faiss_exact_candidates, TorchExactSearch.candidates
 
-        def knn(xq: np.ndarray, xb: np.ndarray, k: int, **kwargs: object) -> tuple:
+        def knn(xq: np.ndarray, xb: np.ndarray, k: int, norms: np.ndarray) -> np.ndarray:
             self.calls.append(("faiss", xb.shape[0]))
-            return real_knn(xq, xb, k, **kwargs)
+            return real_knn(xq, xb, k, norms)
 
         def candidates(self_: TorchExactSearch, keys: torch.Tensor, *args: object) -> torch.Tensor:
             self.calls.append(("torch", keys.shape[0]))
             return real_torch(self_, keys, *args)
 
-        monkeypatch.setattr(faiss, "knn", knn)
+        monkeypatch.setattr(_exact_search, "faiss_exact_candidates", knn)
         monkeypatch.setattr(TorchExactSearch, "candidates", candidates)
 
     def kernels(self) -> Counter:
@@ -239,3 +240,27 @@ def test_gpu_storage_keeps_the_torch_kernel(monkeypatch) -> None:
     idx, _ = brute_force(keys.numpy(), queries.numpy(), K)
     assert np.array_equal(found.indices.cpu().numpy(), idx)
     assert timed == [] and memory.backend == "torch"
+
+
+def test_faiss_kernel_with_the_memory_norms_matches_faiss_knn_and_brute_force(monkeypatch) -> None:
+    memory, keys, queries = filled(backend="faiss")
+    store = memory._store
+    assert store.keys is not None and store.norms is not None
+    keys_np, norms_np = store.keys[:N].numpy(), store.norms[:N].numpy()
+    with_norms = _exact_search.faiss_exact_candidates(queries.numpy(), keys_np, K, norms_np)
+    without = _exact_search.faiss_exact_candidates(queries.numpy(), keys_np, K)
+    _, knn_rows = faiss.knn(queries.numpy(), keys_np, K)
+    idx, _ = brute_force(keys.numpy(), queries.numpy(), K)
+    assert np.array_equal(with_norms, knn_rows) and np.array_equal(without, knn_rows)
+    assert np.array_equal(with_norms, idx)  # random data: no ties
+    # the memory hands faiss its cached norms (no pass over the keys per search)
+    given: list[object] = []
+    real = faiss.knn_L2sqr
+
+    def spy(*args: object) -> object:
+        given.append(args[8])
+        return real(*args)
+
+    monkeypatch.setattr(faiss, "knn_L2sqr", spy)
+    assert_matches_brute_force(memory, keys, queries)
+    assert len(given) == 1 and given[0] is not None
