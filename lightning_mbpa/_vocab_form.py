@@ -8,8 +8,8 @@ collapses to a sum: the adapted output of query ``q`` is
 where ``p_k = softmax(W0·h_k + b0)`` is neighbour ``k``'s base distribution, ``e_y`` the one-hot
 of its label and the ``+ 1`` the bias' constant feature (absent without a bias). ``beta`` plays
 no part in a first step. Per query that is a weighted sum of ``K`` rows of ``C`` numbers, so a
-batch is one sparse ``[B, U]`` by dense ``[U, C]`` product over its ``U`` distinct neighbour
-slots, plus a scatter of the ``−c_k`` at the labels: ``B·K·C`` multiply-adds, memory-bound, and
+batch is one weighted gather-sum (an embedding bag) of ``[U, C]`` rows over its ``U`` distinct neighbour
+slots (an embedding bag), plus a scatter of the ``−c_k`` at the labels: ``B·K·C`` multiply-adds, memory-bound, and
 no ``[B, K, C]`` tensor is ever formed.
 
 The expensive part is ``p`` itself: ``D·C`` multiply-adds per slot. :class:`SlotSoftmaxCache`
@@ -24,8 +24,6 @@ Pure torch; the head is never mutated.
 """
 
 from __future__ import annotations
-
-import warnings
 
 import torch
 from torch import Tensor, nn
@@ -281,18 +279,10 @@ def one_step_outputs(
         table, rows = probs_of.rows_for(head, memory_keys, unique)
     columns = torch.full_like(flat, 0)
     columns[used] = rows[inverse]
-    # rows of the sparse matrix: one per query, its K (query, row) coefficients; a column that is
-    # repeated in a row sums, as the per-neighbour sum does
-    crow = torch.arange(0, flat.numel() + 1, keys.shape[1], dtype=torch.int64)
-    with warnings.catch_warnings():  # "sparse CSR support is in beta"
-        warnings.simplefilter("ignore", UserWarning)
-        matrix = torch.sparse_csr_tensor(
-            crow,
-            columns,
-            coef.reshape(-1),
-            size=(queries.shape[0], table.shape[0]),
-            check_invariants=False,
-        )
-        out += matrix @ table
+    # per query, the coefficient-weighted sum of its K softmax rows (a repeated row sums, as the
+    # per-neighbour sum does): an embedding bag, memory-bound
+    out += torch.nn.functional.embedding_bag(
+        columns.view(coef.shape), table, per_sample_weights=coef, mode="sum"
+    )
     out.scatter_add_(1, torch.where(valid, labels, 0), -coef)
     return out
