@@ -8,9 +8,9 @@ collapses to a sum: the adapted output of query ``q`` is
 where ``p_k = softmax(W0·h_k + b0)`` is neighbour ``k``'s base distribution, ``e_y`` the one-hot
 of its label and the ``+ 1`` the bias' constant feature (absent without a bias). ``beta`` plays
 no part in a first step. Per query that is a weighted sum of ``K`` rows of ``C`` numbers, so a
-batch is one weighted gather-sum (an embedding bag) of ``[U, C]`` rows over its ``U`` distinct neighbour
-slots (an embedding bag), plus a scatter of the ``−c_k`` at the labels: ``B·K·C`` multiply-adds, memory-bound, and
-no ``[B, K, C]`` tensor is ever formed.
+batch is one weighted gather-sum (an embedding bag) over the softmax rows of its ``U`` distinct
+neighbour slots, plus a scatter of the ``−c_k`` at the labels: ``B·K·C`` multiply-adds,
+memory-bound, and no ``[B, K, C]`` tensor is ever formed.
 
 The expensive part is ``p`` itself: ``D·C`` multiply-adds per slot. :class:`SlotSoftmaxCache`
 keeps the softmax of recently used slots (a byte budget, least recently used out first), checks
