@@ -562,15 +562,16 @@ def run(args: list[str] | None = None) -> dict[str, Any]:
 
 def report(result: dict[str, Any]) -> str:
     base = result["rows"]["base"]["perplexity"]
+    width = max(map(len, result["rows"]))
     lines = [
         "",
         f"Test perplexity (WikiText-2 test, {result['tokens']['test']} tokens; vocabulary "
         f"{result['vocab_size']}):",
-        f"{'':22s} {'perplexity':>10s} {'vs base':>8s}  setting",
+        f"{'':{width}s} {'perplexity':>10s} {'vs base':>8s}  setting",
     ]
     for name, row in result["rows"].items():
         change = 100 * (row["perplexity"] / base - 1)
-        lines.append(f"{name:22s} {row['perplexity']:10.2f} {change:+7.1f}%  {row['setting']}")
+        lines.append(f"{name:{width}s} {row['perplexity']:10.2f} {change:+7.1f}%  {row['setting']}")
     names = list(result["rows"])
     lines += ["", "Perplexity by the target word's frequency in the training text:"]
     widths = [max(len(n), 8) for n in names]
