@@ -103,13 +103,17 @@ class SlotSoftmaxCache:
             table[missing] = self._softmax(head, memory_keys, slots[missing])
             return table, torch.arange(slots.numel())
         if self.probs is None or self.probs.shape[1] != classes:
-            self._allocate(min(capacity, max(4 * slots.numel(), 1024)), classes, memory_keys)
+            self._allocate(min(capacity, max(slots.numel(), 1024)), classes, memory_keys)
         assert self.probs is not None and self.keys is not None
         self.last_used[rows[hit]] = self.tick  # this lookup's hits are not evicted for its misses
         if num_missing:
             new_rows = self._free_rows(num_missing, capacity, classes, memory_keys)
             new_slots = slots[missing]
-            self.probs[new_rows] = self._softmax(head, memory_keys, new_slots)
+            first = int(new_rows[0])
+            if bool((new_rows == torch.arange(first, first + num_missing)).all()):
+                self._softmax(head, memory_keys, new_slots, self.probs[first : first + num_missing])
+            else:
+                self.probs[new_rows] = self._softmax(head, memory_keys, new_slots)
             self.keys[new_rows] = memory_keys[new_slots]
             self.slot_of_row[new_rows] = new_slots
             self.row_of_slot[new_slots] = new_rows
@@ -171,24 +175,29 @@ class SlotSoftmaxCache:
         self.row_of_slot[slots[held]] = -1
         self.slot_of_row[rows] = -1
 
-    def _softmax(self, head: nn.Linear, memory_keys: Tensor, slots: Tensor) -> Tensor:
-        """``softmax(W0·h + b0)`` of the slots, from offered logits where a slot's key is one
-        of the offered keys (bit-identical), else with the head."""
+    def _softmax(
+        self, head: nn.Linear, memory_keys: Tensor, slots: Tensor, out: Tensor | None = None
+    ) -> Tensor:
+        """``softmax(W0·h + b0)`` of the slots (into ``out`` if given), from offered logits where
+        a slot's key is one of the offered keys (bit-identical), else with the head."""
         keys = memory_keys[slots]
-        logits = keys.new_empty((slots.numel(), head.out_features))
-        todo = torch.ones(slots.numel(), dtype=torch.bool)
+        found = torch.zeros(slots.numel(), dtype=torch.bool)
         if self.pending is not None:
             offered_keys, offered_logits = self.pending
             where = _match_rows(keys, offered_keys)
             found = where >= 0
-            if bool(found.any()):
-                logits[found] = offered_logits[where[found]]
-                todo &= ~found
-                self.reused += int(found.sum())
-        if bool(todo.any()):
-            logits[todo] = _linear(head, keys[todo])
-            self.computed += int(todo.sum())
-        return torch.softmax(logits, dim=1)
+        if bool(found.any()):
+            logits = keys.new_empty((slots.numel(), head.out_features))
+            logits[found] = offered_logits[where[found]]
+            self.reused += int(found.sum())
+            if not bool(found.all()):
+                logits[~found] = _linear(head, keys[~found])
+        else:
+            logits = _linear(head, keys)
+        self.computed += int((~found).sum())
+        if out is None:
+            return torch.softmax(logits, dim=1)
+        return torch.softmax(logits, dim=1, out=out)
 
 
 def _match_rows(keys: Tensor, candidates: Tensor) -> Tensor:
