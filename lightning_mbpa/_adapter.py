@@ -226,7 +226,7 @@ class Adapter:
             self._warnings.warn(message, category=UserWarning)
         if not mixing or (settings.adapted_weight > 0 and settings.steps > 0):
             weights = adaptation.kernel_weights(neighbours.distances, mask, settings.kernel_eps)
-            vocab_head = self._vocab_head(module, settings, queries)
+            vocab_head = self._vocab_head(module, settings, queries, memory)
             if vocab_head is not None:  # one step at vocabulary scale
                 adapted = self._one_step(vocab_head, memory, queries, base, neighbours, weights)
             else:
@@ -255,10 +255,10 @@ class Adapter:
 
     # ---- one adaptation step at vocabulary scale (`_vocab_form`)
     def _vocab_head(
-        self, module: nn.Module, settings: AdaptSettings, queries: Tensor
+        self, module: nn.Module, settings: AdaptSettings, queries: Tensor, memory: EpisodicMemory
     ) -> nn.Linear | None:
         """The float32 ``nn.Linear`` head with at least ``VOCAB_MIN_CLASSES`` outputs when the
-        adaptation is one step on the CPU (None: the general path)."""
+        adaptation is one step with queries and memory on the CPU (None: the general path)."""
         head = adaptation._linear_head(module)
         if (
             settings.steps != 1
@@ -266,6 +266,7 @@ class Adapter:
             or head.out_features < VOCAB_MIN_CLASSES
             or head.weight.dtype != torch.float32
             or queries.device.type != "cpu"
+            or memory.keys.device.type != "cpu"
         ):
             return None
         return head
