@@ -5,11 +5,15 @@ times one batch of query tokens through what the callback's head hook does per c
 
 - base: the trained head alone (``D·C`` multiply-adds per token);
 - memory: retrieval + ``p_memory`` mixed with the base (the neural cache, kNN-LM; λa = 0);
-- MbPA: retrieval + one adaptation step of a linear head in dual form. The neighbours' base
-  logits alone cost ``K·D·C`` per token (32× the base head at K = 32); "MbPA, cached" gets them
-  from a per-slot table, as the callback does while ``len(memory)·C·4`` bytes stay under
-  512 MiB (the table's size is printed: at C = 33k it holds only ~4k memory slots);
-- mixture: MbPA + base + memory (MbPA's cost plus the mixture's).
+- MbPA, old: retrieval + one adaptation step of a linear head in the general dual form
+  (``local_adapt``), the neighbours' base logits recomputed per query: ``K·D·C`` per token
+  (32x the base head at K = 32); "old, cached" reads them from a per-slot logits table;
+- MbPA, cold / warm: the vocabulary-scale path the callback takes for one step at C >= 1024
+  (``lightning_mbpa._vocab_form``): the batch's distinct neighbour slots get their softmax once
+  (``D·C`` each) and each query sums its K rows (``K·C``). "cold": every slot computed (no slot
+  cached, neighbours all distinct: the worst case); "warm": every slot in the per-slot softmax
+  cache (the best case). A run lies in between, by the share of its neighbours the cache holds;
+- mixture: MbPA (warm) + base + memory (MbPA's cost plus the mixture's).
 
 Usage::
 
@@ -28,6 +32,7 @@ import torch
 from torch import nn
 
 from lightning_mbpa import EpisodicMemory, kernel_weights, local_adapt
+from lightning_mbpa._vocab_form import SlotSoftmaxCache, one_step_outputs
 from lightning_mbpa.mixture import mix_log_probs, neighbour_weights
 
 K = 32
@@ -62,16 +67,30 @@ def run(classes: int, dim: int, memory_size: int, queries: int, repeats: int) ->
             head(q), base_weight=0.75, memory_weight=0.25, memory_weights=w, memory_labels=nb.values
         )
 
-    def mbpa(cached: bool = False, mixture: bool = False) -> Callable[[], object]:
+    def old(cached: bool = False) -> Callable[[], object]:
         def step() -> object:
             nb = memory.search(q, K)
             w = kernel_weights(nb.distances, nb.mask)
             base_out = head(q)
             outputs = table[nb.indices.clamp_min(0) % table.shape[0]] if cached else None
-            adapted = local_adapt(
+            return local_adapt(
                 head, q, nb.keys, nb.values, w, steps=1, lr=0.1, beta=0.0,
                 base_outputs=base_out, neighbour_outputs=outputs,
             )  # fmt: skip
+
+        return step
+
+    warm_cache = SlotSoftmaxCache()
+
+    def new(warm: bool = False, mixture: bool = False) -> Callable[[], object]:
+        def step() -> object:
+            nb = memory.search(q, K)
+            w = kernel_weights(nb.distances, nb.mask)
+            base_out = head(q)
+            cache = warm_cache if warm else SlotSoftmaxCache()
+            adapted = one_step_outputs(
+                head, q, base_out, nb.keys, nb.values, w, nb.indices, 0.1, cache, memory.keys
+            )
             if not mixture:
                 return adapted
             return mix_log_probs(
@@ -89,9 +108,11 @@ def run(classes: int, dim: int, memory_size: int, queries: int, repeats: int) ->
         seconds = {
             "base": timed(base, repeats),
             "memory": timed(memory_only, repeats),
-            "MbPA": timed(mbpa(), repeats),
-            "MbPA, cached": timed(mbpa(cached=True), repeats),
-            "mixture": timed(mbpa(mixture=True), repeats),
+            "MbPA, old": timed(old(), repeats),
+            "old, cached": timed(old(cached=True), repeats),
+            "MbPA, cold": timed(new(), repeats),
+            "MbPA, warm": timed(new(warm=True), repeats),
+            "mixture": timed(new(warm=True, mixture=True), repeats),
         }
     return {name: queries / s for name, s in seconds.items()}
 
@@ -106,18 +127,17 @@ def main() -> None:
     parser.add_argument("--dims", type=int, nargs="+", default=[256, 512])
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    names = ["base", "memory", "MbPA", "MbPA, cached", "mixture"]
+    names = ["base", "memory", "MbPA, old", "old, cached", "MbPA, cold", "MbPA, warm", "mixture"]
     print(
         f"tokens/s, K={K}, one adaptation step, {args.memory} memories, batches of "
         f"{args.queries} tokens, {args.threads} thread(s)"
     )
-    print(f"{'C':>7s} {'D':>5s} " + " ".join(f"{n:>13s}" for n in names) + "  slot cache fits")
+    print(f"{'C':>7s} {'D':>5s} " + " ".join(f"{n:>11s}" for n in names))
     for classes in args.classes:
         for dim in args.dims:
             rate = run(classes, dim, args.memory, args.queries, args.repeats)
-            fits = (512 * 2**20) // (classes * 4)
-            cells = " ".join(f"{rate[n]:13.0f}" for n in names)
-            print(f"{classes:7d} {dim:5d} {cells}  {fits} slots", flush=True)
+            cells = " ".join(f"{rate[n]:11.0f}" for n in names)
+            print(f"{classes:7d} {dim:5d} {cells}", flush=True)
 
 
 if __name__ == "__main__":

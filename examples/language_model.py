@@ -278,6 +278,12 @@ class LanguageModelCLI(LightningCLI):
             default=[1, 5],
             help="adaptation_steps values tried on the held-out text.",
         )
+        parser.add_argument(
+            "--lrs",
+            type=list[float] | None,
+            default=None,
+            help="adaptation_lr values tried on the held-out text (None: the YAML's).",
+        )
         parser.link_arguments("data.vocab_size", "model.vocab_size", apply_on="instantiate")
 
 
@@ -343,6 +349,14 @@ def callback(settings: dict[str, Any], memory: EpisodicMemory | None, **kwargs: 
     return mbpa
 
 
+def with_history(datastore: EpisodicMemory, room: int) -> EpisodicMemory:
+    """A copy of the datastore with ``room`` free slots for the test history (online writes
+    then add every test token after predicting it, evicting nothing)."""
+    memory = EpisodicMemory(capacity=len(datastore) + room, index=datastore.index_string)
+    memory.add(datastore.keys.clone(), datastore.values.clone())
+    return memory
+
+
 def best_mixture(components: dict[str, Tensor], grid: list[tuple[float, ...]]) -> tuple[float, ...]:
     """The weights (one per component) minimising the mixture's held-out perplexity, from each
     component's probability of the next word (exact for a mixture of distributions)."""
@@ -390,24 +404,56 @@ def run(args: list[str] | None = None) -> dict[str, Any]:
     comp["knn"] = evaluate(
         model, held, callback(settings, datastore, **memory_free, memory_weight=1.0), "kNN only"
     )
-    adapted: dict[int, Tensor] = {}
-    for steps in config.steps:
-        adapted[steps] = evaluate(
-            model,
-            held,
-            callback(settings, datastore, adaptation_steps=steps),
-            f"MbPA, {steps} steps",
-        )
-    best_steps = min(adapted, key=lambda s: adapted[s].mean().item())
-    comp["mbpa"] = adapted[best_steps]
+    history = {"write_on_fit": True, "online_writes": True}
+    room = max(data.ids["holdout"].numel(), data.ids["test"].numel())
+    comp["knn+history"] = evaluate(
+        model,
+        held,
+        callback(
+            settings, with_history(datastore, room), **history, **memory_free, memory_weight=1
+        ),
+        "kNN + history only",
+    )
+    lrs = [float(v) for v in (config.lrs or [settings["adaptation_lr"]])]
+
+    def choose_mbpa(fresh: bool, label: str) -> tuple[int, float]:
+        """The (steps, lr) of the lowest held-out perplexity; its NLLs go to ``comp[label]``."""
+        runs = {}
+        for steps, lr in itertools.product(config.steps, lrs):
+            memory = with_history(datastore, room) if fresh else datastore
+            runs[(steps, lr)] = evaluate(
+                model,
+                held,
+                callback(
+                    {**settings, "adaptation_lr": lr},
+                    memory,
+                    adaptation_steps=steps,
+                    **(history if fresh else {}),
+                ),
+                f"{label}, {steps} step(s), lr {lr:g}",
+            )
+        best = min(runs, key=lambda c: runs[c].mean().item())
+        comp[label] = runs[best]
+        return best
+
+    best_steps, best_lr = choose_mbpa(False, "MbPA")
+    hist_steps, hist_lr = choose_mbpa(True, "MbPA, datastore + history")
     pairs = [(1 - w, w) for w in ws]
     lam_cache = best_mixture({"base": comp["base"], "cache": comp["cache"]}, pairs)[1]
     lam_knn = best_mixture({"base": comp["base"], "knn": comp["knn"]}, pairs)[1]
-    lam_mbpa_base = best_mixture({"mbpa": comp["mbpa"], "base": comp["base"]}, pairs)[1]
+    lam_mbpa_base = best_mixture({"mbpa": comp["MbPA"], "base": comp["base"]}, pairs)[1]
     triples = [(1 - b - m, b, m) for b, m in itertools.product([0.0, *ws], ws) if b + m < 1]
     _, lam_b3, lam_m3 = best_mixture(
-        {"mbpa": comp["mbpa"], "base": comp["base"], "knn": comp["knn"]}, triples
+        {"mbpa": comp["MbPA"], "base": comp["base"], "knn": comp["knn"]}, triples
     )
+    hist = comp["MbPA, datastore + history"]
+    lam_h2 = best_mixture({"mbpa": hist, "base": comp["base"]}, pairs)[1]
+    _, lam_hb, lam_hm = best_mixture(
+        {"mbpa": hist, "base": comp["base"], "memory": comp["knn+history"]}, triples
+    )
+    mbpa_d = {**settings, "adaptation_lr": best_lr}
+    mbpa_h = {**settings, "adaptation_lr": hist_lr}
+    test_room = data.ids["test"].numel()
 
     # ---- every row on the test split, through the callback
     rows = {
@@ -430,22 +476,44 @@ def run(args: list[str] | None = None) -> dict[str, Any]:
             f"training datastore; λb={1 - lam_knn:g}, λm={lam_knn:g}",
         ),
         "MbPA": (
-            callback(settings, datastore, adaptation_steps=best_steps),
-            f"{best_steps} step(s); λa=1",
+            callback(mbpa_d, datastore, adaptation_steps=best_steps),
+            f"training datastore, {best_steps} step(s), lr {best_lr:g}; λa=1",
         ),
         "MbPA + base": (
-            callback(settings, datastore, adaptation_steps=best_steps, base_weight=lam_mbpa_base),
+            callback(mbpa_d, datastore, adaptation_steps=best_steps, base_weight=lam_mbpa_base),
             f"λa={1 - lam_mbpa_base:g}, λb={lam_mbpa_base:g}",
         ),
         "MbPA + base + memory": (
             callback(
-                settings,
+                mbpa_d,
                 datastore,
                 adaptation_steps=best_steps,
                 base_weight=lam_b3,
                 memory_weight=lam_m3,
             ),
             f"λa={1 - lam_b3 - lam_m3:g}, λb={lam_b3:g}, λm={lam_m3:g}",
+        ),
+        "MbPA+hist + base": (
+            callback(
+                mbpa_h,
+                with_history(datastore, test_room),
+                **history,
+                adaptation_steps=hist_steps,
+                base_weight=lam_h2,
+            ),
+            f"datastore + test history, {hist_steps} step(s), lr {hist_lr:g}; "
+            f"λa={1 - lam_h2:g}, λb={lam_h2:g}",
+        ),
+        "MbPA+hist + base + memory": (
+            callback(
+                mbpa_h,
+                with_history(datastore, test_room),
+                **history,
+                adaptation_steps=hist_steps,
+                base_weight=lam_hb,
+                memory_weight=lam_hm,
+            ),
+            f"datastore + test history; λa={1 - lam_hb - lam_hm:g}, λb={lam_hb:g}, λm={lam_hm:g}",
         ),
     }
     print("\nTest split:", flush=True)
@@ -473,7 +541,14 @@ def run(args: list[str] | None = None) -> dict[str, Any]:
             for name in rows
         },
         "buckets": buckets,
-        "settings": {**settings, "cache_size": config.cache_size, "steps": best_steps},
+        "settings": {
+            **settings,
+            "cache_size": config.cache_size,
+            "steps": best_steps,
+            "lr": best_lr,
+            "history_steps": hist_steps,
+            "history_lr": hist_lr,
+        },
         "seconds": time.perf_counter() - start,
         "cpu": _cpu_name(),
     }
@@ -487,15 +562,16 @@ def run(args: list[str] | None = None) -> dict[str, Any]:
 
 def report(result: dict[str, Any]) -> str:
     base = result["rows"]["base"]["perplexity"]
+    width = max(map(len, result["rows"]))
     lines = [
         "",
         f"Test perplexity (WikiText-2 test, {result['tokens']['test']} tokens; vocabulary "
         f"{result['vocab_size']}):",
-        f"{'':22s} {'perplexity':>10s} {'vs base':>8s}  setting",
+        f"{'':{width}s} {'perplexity':>10s} {'vs base':>8s}  setting",
     ]
     for name, row in result["rows"].items():
         change = 100 * (row["perplexity"] / base - 1)
-        lines.append(f"{name:22s} {row['perplexity']:10.2f} {change:+7.1f}%  {row['setting']}")
+        lines.append(f"{name:{width}s} {row['perplexity']:10.2f} {change:+7.1f}%  {row['setting']}")
     names = list(result["rows"])
     lines += ["", "Perplexity by the target word's frequency in the training text:"]
     widths = [max(len(n), 8) for n in names]

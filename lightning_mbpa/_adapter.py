@@ -34,6 +34,7 @@ from lightning_mbpa._guards import (
 from lightning_mbpa._head import HeadBinding
 from lightning_mbpa._neighbours import Neighbours
 from lightning_mbpa._profiling import phase
+from lightning_mbpa._vocab_form import VOCAB_MIN_CLASSES, SlotSoftmaxCache, one_step_outputs
 from lightning_mbpa.memory import EpisodicMemory
 from lightning_mbpa.mixture import mix_log_probs, mixture_weights, neighbour_weights
 
@@ -101,6 +102,7 @@ class Adapter:
         self._slot_rows_used = 0
         self._slot_version = -1  # the memory's version the cache was made for
         self._log_prior: tuple[int, Tensor] | None = None  # (memory version, log class prior)
+        self._slot_softmax = SlotSoftmaxCache()  # one step at vocabulary scale
 
     def __getstate__(self) -> dict[str, Any]:
         return {"head": self.head}
@@ -133,6 +135,7 @@ class Adapter:
         self._slot_outputs = None
         self._log_prior = None
         self._labels_checked = None
+        self._slot_softmax.reset()
 
     # ---- the adapt hook (registered and removed here only)
     def attach(self) -> None:
@@ -233,22 +236,27 @@ class Adapter:
         if not mixing or (settings.adapted_weight > 0 and settings.steps > 0):
             with phase("mbpa.weights"):
                 weights = adaptation.kernel_weights(neighbours.distances, mask, settings.kernel_eps)
-            with phase("mbpa.neighbour_outputs"):
-                outputs = self.neighbour_outputs(memory, neighbours.indices, neighbours.keys)
-            with phase("mbpa.adapt"):
-                adapted = adaptation.local_adapt(
-                    module,
-                    queries,
-                    neighbours.keys,
-                    neighbours.values,
-                    weights,
-                    steps=settings.steps,
-                    lr=settings.lr,
-                    beta=settings.beta,
-                    base_outputs=base,
-                    neighbour_outputs=outputs,
-                    logit_offsets=self.logit_offsets(memory, base.shape[1]),
-                )
+            vocab_head = self._vocab_head(module, settings, queries, memory)
+            if vocab_head is not None:  # one step at vocabulary scale
+                with phase("mbpa.adapt"):
+                    adapted = self._one_step(vocab_head, memory, queries, base, neighbours, weights)
+            else:
+                with phase("mbpa.neighbour_outputs"):
+                    outputs = self.neighbour_outputs(memory, neighbours.indices, neighbours.keys)
+                with phase("mbpa.adapt"):
+                    adapted = adaptation.local_adapt(
+                        module,
+                        queries,
+                        neighbours.keys,
+                        neighbours.values,
+                        weights,
+                        steps=settings.steps,
+                        lr=settings.lr,
+                        beta=settings.beta,
+                        base_outputs=base,
+                        neighbour_outputs=outputs,
+                        logit_offsets=self.logit_offsets(memory, base.shape[1]),
+                    )
         else:  # no adaptation steps, or λa = 0 (cache, kNN-LM): no adapted heads to compute
             adapted = base
         if mixing:
@@ -259,6 +267,57 @@ class Adapter:
         self.calls.append((inputs.detach(), base, adapted))
         self.head_called = True
         return adapted.reshape(output.shape).to(output.dtype)
+
+    # ---- one adaptation step at vocabulary scale (`_vocab_form`)
+    def _vocab_head(
+        self, module: nn.Module, settings: AdaptSettings, queries: Tensor, memory: EpisodicMemory
+    ) -> nn.Linear | None:
+        """The float32 ``nn.Linear`` head with at least ``VOCAB_MIN_CLASSES`` outputs when the
+        adaptation is one step with queries and memory on the CPU (None: the general path)."""
+        head = adaptation._linear_head(module)
+        if (
+            settings.steps != 1
+            or settings.adaptation_loss != "cross_entropy"
+            or head is None
+            or head.out_features < VOCAB_MIN_CLASSES
+            or head.weight.dtype != torch.float32
+            or queries.device.type != "cpu"
+            or memory.keys.device.type != "cpu"
+        ):
+            return None
+        return head
+
+    def _one_step(
+        self,
+        head: nn.Linear,
+        memory: EpisodicMemory,
+        queries: Tensor,
+        base: Tensor,
+        neighbours: Neighbours,
+        weights: Tensor,
+    ) -> Tensor:
+        """:func:`~lightning_mbpa.local_adapt` with one step, computed as
+        :func:`~lightning_mbpa._vocab_form.one_step_outputs` with the per-slot softmax cache."""
+        settings = self.settings
+        assert settings is not None
+        with torch.autocast("cpu", enabled=False):
+            q32, base32 = queries.float(), base.float()
+            adapted = one_step_outputs(
+                head,
+                q32,
+                base32,
+                neighbours.keys.float(),
+                neighbours.values,
+                weights.float(),
+                neighbours.indices,
+                settings.lr,
+                self._slot_softmax,
+                memory.keys,
+            )
+            self._slot_softmax.offer(q32, base32)  # the test history reuses these logits
+        adapted = adapted.to(base.dtype)
+        active = adaptation._without_overflow(adapted, base, (weights > 0).any(dim=1))
+        return torch.where(active[:, None], adapted, base)
 
     @staticmethod
     def _mix(

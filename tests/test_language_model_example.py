@@ -52,6 +52,8 @@ def tiny_args(folder: Path) -> list[str]:
         "[0.3, 0.5]",
         "--steps",
         "[1]",
+        "--lrs",
+        "[0.1, 0.5]",
         "--cache_size",
         "50",
         "--out_dir",
@@ -63,7 +65,17 @@ def test_pipeline_runs_and_reports_every_row(tmp_path: Path) -> None:
     write_corpus(tmp_path)
     result = lm.run(tiny_args(tmp_path))
     rows = result["rows"]
-    assert list(rows) == ["base", "cache", "kNN-LM", "MbPA", "MbPA + base", "MbPA + base + memory"]
+    assert list(rows) == [
+        "base",
+        "cache",
+        "kNN-LM",
+        "MbPA",
+        "MbPA + base",
+        "MbPA + base + memory",
+        "MbPA+hist + base",
+        "MbPA+hist + base + memory",
+    ]
+    assert result["settings"]["lr"] in (0.1, 0.5) and result["settings"]["history_lr"] in (0.1, 0.5)
     assert all(math.isfinite(row["perplexity"]) and row["perplexity"] > 1 for row in rows.values())
     # the buckets cover every predicted test token
     n = result["tokens"]["test"]  # 4 streams of (n - 1) // 4 tokens each
