@@ -176,3 +176,41 @@ def test_callback_fast_path_matches_the_general_path(
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-5)
     if not setting.get("write_on_fit", True):
         assert not torch.equal(fast[-1], fast[0])  # the history moved the outputs
+
+
+def test_logit_adjusted_loss_keeps_the_general_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The one-step shortcut assumes plain cross-entropy: with ``adaptation_loss="logit_adjusted"``
+    the neighbours' softmax includes the memory's class prior, so the general path must run
+    (outputs equal to it, the shortcut never called)."""
+    torch.manual_seed(0)
+    model = StatefulLM()
+    train = DataLoader(TokenWindows(_stream(121, seed=1), 6), batch_size=4)
+    test = DataLoader(TokenWindows(_stream(241, seed=2), 6, ((1, 2), (5, 0))), batch_size=4)
+    args = dict(
+        head="decoder",
+        k=6,
+        adaptation_steps=1,
+        adaptation_lr=0.5,
+        memory_size=150,
+        adaptation_loss="logit_adjusted",
+    )
+    general_cb, shortcut_cb = MbPA(**args), MbPA(**args)
+    _trainer(max_epochs=1, callbacks=[general_cb]).fit(model, train)
+    shortcut_cb.memory.add(general_cb.memory.keys.clone(), general_cb.memory.values.clone())
+    model.eval()
+    monkeypatch.setattr(adapter_module, "VOCAB_MIN_CLASSES", 10**9)
+    general = _run(model, test, general_cb)
+
+    def refuse(*a, **kw):
+        raise AssertionError("the one-step shortcut ran with the logit-adjusted loss")
+
+    monkeypatch.setattr(adapter_module, "VOCAB_MIN_CLASSES", 2)
+    monkeypatch.setattr(adapter_module, "one_step_outputs", refuse)
+    shortcut = _run(model, test, shortcut_cb)
+    for a, b in zip(shortcut, general, strict=True):
+        assert torch.equal(a, b)
+    plain_cb = MbPA(**{**args, "adaptation_loss": "cross_entropy"})
+    plain_cb.memory.add(general_cb.memory.keys.clone(), general_cb.memory.values.clone())
+    monkeypatch.setattr(adapter_module, "VOCAB_MIN_CLASSES", 10**9)
+    plain = _run(model, test, plain_cb)
+    assert not all(torch.equal(a, b) for a, b in zip(plain, general, strict=True))
