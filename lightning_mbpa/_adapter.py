@@ -34,7 +34,12 @@ from lightning_mbpa._guards import (
 from lightning_mbpa._head import HeadBinding
 from lightning_mbpa._neighbours import Neighbours
 from lightning_mbpa._profiling import phase
-from lightning_mbpa._vocab_form import VOCAB_MIN_CLASSES, SlotSoftmaxCache, one_step_outputs
+from lightning_mbpa._vocab_form import (
+    SLOT_CACHE_BYTES,
+    VOCAB_MIN_CLASSES,
+    SlotSoftmaxCache,
+    one_step_outputs,
+)
 from lightning_mbpa.memory import EpisodicMemory
 from lightning_mbpa.mixture import mix_log_probs, mixture_weights, neighbour_weights
 
@@ -45,6 +50,9 @@ class AdaptSettings:
 
     ``base_weight``/``memory_weight`` (``λb``/``λm``) and ``memory_temperature`` configure the
     output mixture (:mod:`lightning_mbpa.mixture`); both weights 0 (the default) is no mixture.
+    ``output_cache_bytes`` bounds the cache of the trained head's outputs on memory slots, of
+    whichever path a head call takes (:meth:`Adapter.neighbour_outputs` or the
+    :class:`~lightning_mbpa._vocab_form.SlotSoftmaxCache`); 0 caches nothing.
     """
 
     k: int
@@ -56,6 +64,7 @@ class AdaptSettings:
     base_weight: float = 0.0
     memory_weight: float = 0.0
     memory_temperature: float | None = None
+    output_cache_bytes: int = SLOT_CACHE_BYTES
 
     @property
     def mixing(self) -> bool:
@@ -77,7 +86,10 @@ class Adapter:
         head_called: Whether the head ran adapted in the stage so far.
         base_acc, adapted_acc: Accuracy of the base and adapted predictions (torchmetrics).
         queries, seconds: Queries adapted in the stage and the time it took.
-        The per-slot cache of the trained head's outputs on the memory's keys.
+        The per-slot cache of the trained head's outputs on the memory's keys (general path)
+        and the per-slot softmax cache (one step at vocabulary scale): each bounded by
+        ``settings.output_cache_bytes``, and at most one of them holds rows at a time (a head
+        call takes one path; taking the other frees the first's cache).
     """
 
     def __init__(self, head: HeadBinding) -> None:
@@ -118,6 +130,10 @@ class Adapter:
         """Adapt ``stage``'s predictions with ``settings`` on the memory ``memory_of()`` returns
         (read at every call, so writes made during the stage count)."""
         self.stage, self.settings, self._memory_of = stage, settings, memory_of
+        if self._slot_softmax.budget_bytes != settings.output_cache_bytes:
+            self._slot_softmax.budget_bytes = settings.output_cache_bytes
+            self._slot_softmax.reset()
+        self._slot_outputs = None  # sized for the budget at the next call
         self._labels_checked = None
         self.queries, self.seconds = 0, 0.0
         self.head_called = False
@@ -238,9 +254,12 @@ class Adapter:
                 weights = adaptation.kernel_weights(neighbours.distances, mask, settings.kernel_eps)
             vocab_head = self._vocab_head(module, settings, queries, memory)
             if vocab_head is not None:  # one step at vocabulary scale
+                self._slot_outputs = self._slot_row = None  # one cache at a time (the budget)
                 with phase("mbpa.adapt"):
                     adapted = self._one_step(vocab_head, memory, queries, base, neighbours, weights)
             else:
+                if self._slot_softmax.probs is not None:  # one cache at a time (the budget)
+                    self._slot_softmax.reset()
                 with phase("mbpa.neighbour_outputs"):
                     outputs = self.neighbour_outputs(memory, neighbours.indices, neighbours.keys)
                 with phase("mbpa.adapt"):
@@ -377,7 +396,9 @@ class Adapter:
         """For a head adapted in dual form (an ``nn.Linear``), the trained head's outputs on the
         neighbours ``indices`` ``[B, K]`` (``-1`` for none), cached per memory slot for the rest
         of the run (any change of the memory clears the cache). ``keys``: the neighbours' keys
-        ``[B, K, D]`` as the search returned them, if at hand.
+        ``[B, K, D]`` as the search returned them, if at hand. ``None`` (computed per batch by
+        the adaptation) when a table of every slot's outputs, ``len(memory) · C · 4`` bytes,
+        would exceed ``settings.output_cache_bytes``.
 
         On the CPU a slot's output is computed the first time a query retrieves it and appended
         to a dense table, so a run never caches more than ``min(len(memory), queries · k)``
@@ -393,8 +414,10 @@ class Adapter:
         if head is None:  # the generic path would ignore them
             return None
         stored = memory.keys
-        if stored.shape[0] * head.out_features * 4 > 512 * 2**20:  # too large to cache
-            return None
+        budget = SLOT_CACHE_BYTES if self.settings is None else self.settings.output_cache_bytes
+        if stored.shape[0] * head.out_features * 4 > budget:
+            self._slot_outputs = self._slot_row = None  # (a table made for a smaller memory)
+            return None  # a table for every slot would not fit the budget: computed per batch
         lazy = stored.device.type == "cpu"
         if self._slot_outputs is None or self._slot_version != memory.version:
             self._slot_version = memory.version

@@ -45,6 +45,7 @@ def check_arguments(
     memory_weight: Any,
     memory_temperature: Any,
     write_on_fit: Any,
+    output_cache_bytes: Any,
 ) -> tuple[str, ...]:
     """Raise a MisconfigurationException naming the first bad argument; returns ``adapt_on`` as
     a tuple of distinct stages."""
@@ -165,6 +166,12 @@ def check_arguments(
         "a float > 0 (kNN-LM's softmax(-d/τ)) or None (MbPA's kernel weights)",
     )
     check(isinstance(write_on_fit, bool), "write_on_fit", write_on_fit, "a bool")
+    check(
+        is_int(output_cache_bytes) and output_cache_bytes >= 0,
+        "output_cache_bytes",
+        output_cache_bytes,
+        "an int >= 0 (bytes; 0 disables the cache of the head's outputs on memory slots)",
+    )
     for name, value, off in (
         ("refresh_keys", refresh_keys, "'never'"),
         ("replay_every_n_steps", replay_every_n_steps, "None"),

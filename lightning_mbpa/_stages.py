@@ -109,6 +109,7 @@ def start_adapting(
         base_weight=cb.base_weight,
         memory_weight=cb.memory_weight,
         memory_temperature=cb.memory_temperature,
+        output_cache_bytes=cb.output_cache_bytes,
     )
     cb._adapter.start(stage, settings, lambda: cb.memory)
     if cb._head.module is None and cb.online_writes and stage == "test":

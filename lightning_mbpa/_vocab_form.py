@@ -32,7 +32,8 @@ from torch import Tensor, nn
 #: (below it the general dual form is as fast and keeps its own per-slot cache).
 VOCAB_MIN_CLASSES = 1024
 
-#: Default byte budget of :class:`SlotSoftmaxCache` (the softmax rows plus a copy of each key).
+#: Default byte budget of :class:`SlotSoftmaxCache` (the softmax rows plus a copy of each key),
+#: and of ``MbPA(output_cache_bytes=...)``.
 SLOT_CACHE_BYTES = 2 * 2**30
 
 
@@ -47,6 +48,7 @@ class SlotSoftmaxCache:
     """
 
     def __init__(self, budget_bytes: int = SLOT_CACHE_BYTES) -> None:
+        #: At most this many bytes of rows, ``4·(C + D)`` each (0: nothing is kept between calls).
         self.budget_bytes = budget_bytes
         self.reset()
 

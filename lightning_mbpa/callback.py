@@ -138,6 +138,18 @@ class MbPA(Callback):
             only :meth:`populate` fills it (or, if empty when a stage starts, the datamodule's
             ``train_dataloader()`` with the current weights, as kNN-LM builds its datastore); a
             stage that starts with an empty memory then raises.
+        output_cache_bytes: The most memory, in bytes per process, that MbPA may use at
+            test time to cache the trained head's outputs on memory slots, so that a slot
+            retrieved again is not recomputed; ``0`` disables caching. One adaptation step of
+            an ``nn.Linear`` head with 1024 classes or more (cross-entropy, on the CPU) keeps
+            the softmax of the most recently used slots, ``4 · (C + D)`` bytes each, least
+            recently used out first; any other ``nn.Linear`` head caches its logits on every
+            memory slot when that table, ``len(memory) · C · 4`` bytes, fits the budget, and
+            nothing otherwise. A head call uses one of the two caches and empties the other, so this one
+            budget bounds both. The cache is dropped when the stage ends and never saved.
+            Outputs do not depend on it, speed does: each lookup the cache misses costs the
+            head's ``D · C`` multiply-adds again, which dominates the test time of language
+            models on large vocabularies (a larger budget serves more of their lookups).
 
     Errors: a bad argument or setup (a missing head, a memory that does not fit the model or
     a checkpoint that does not fit the callback) raises ``MisconfigurationException`` naming
@@ -181,6 +193,7 @@ class MbPA(Callback):
         memory_weight: float = 0.0,
         memory_temperature: float | None = None,
         write_on_fit: bool = True,
+        output_cache_bytes: int = 2 * 2**30,
     ) -> None:
         super().__init__()
         # every argument but `memory` (build_memory checks it); check_arguments takes each by name
@@ -210,6 +223,7 @@ class MbPA(Callback):
         self.memory_weight = float(memory_weight)
         self.memory_temperature = None if memory_temperature is None else float(memory_temperature)
         self.write_on_fit = write_on_fit
+        self.output_cache_bytes = int(output_cache_bytes)
         self._memory = _checkpoint.build_memory(memory, memory_size, eviction, index, self.seed)
         self._head = HeadBinding(head)
         self._writer = Writer(self._memory, self._head, seed=self.seed)
