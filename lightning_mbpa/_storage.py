@@ -115,6 +115,17 @@ class KeyStore:
                 self.norms.index_copy_(0, slots_t, kept.square().sum(1))
         return slots
 
+    def write_run(
+        self, keys32: Tensor, labels: Tensor, norms: npt.NDArray[np.float32], start: int
+    ) -> None:
+        """Writes ``N`` validated CPU rows (keys, labels, squared norms) to slots
+        ``start .. start + N - 1`` of CPU storage: three numpy slice copies."""
+        assert self.keys is not None and self.values is not None and self.norms is not None
+        end = start + norms.shape[0]
+        self.keys.numpy()[start:end] = keys32.numpy()
+        self.values.numpy()[start:end] = labels.numpy()
+        self.norms.numpy()[start:end] = norms
+
     def write_payload(self, payload: Mapping[str, Tensor], slot_of_row: Int64Array) -> None:
         """``payload[name]`` row ``i`` to slot ``slot_of_row[i]`` (``-1``: not kept), per name."""
         assert self.payload is not None

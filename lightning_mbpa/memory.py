@@ -31,6 +31,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -54,12 +55,13 @@ from lightning_mbpa._memory_checks import (
     PAYLOAD_KEY,
     STATE_KEYS,
     Backend,
+    CheckedRows,
     Eviction,
     check_config,
     check_key_update,
-    check_keys_and_labels,
     check_payload,
     check_queries,
+    check_rows,
     check_state,
     resolve_device,
 )
@@ -70,6 +72,7 @@ __all__ = [
     "EXACT_INDEX",
     "PAYLOAD_KEY",
     "STATE_KEYS",
+    "CheckedRows",
     "EpisodicMemory",
     "Neighbours",
     "forget_kernel_choices",
@@ -367,7 +370,8 @@ class EpisodicMemory:
         """Writes ``N`` ``(key, label)`` pairs, evicting as configured.
 
         Keys are detached and stored as float32; labels as int64 (integral float labels such as
-        ``3.0`` are accepted). Nothing changes when a check fails.
+        ``3.0`` are accepted). Nothing changes when a check fails. The same as
+        ``add_checked(check_rows(keys, values, payload))``.
 
         Args:
             keys: ``[N, D]`` real-valued, finite.
@@ -385,30 +389,97 @@ class EpisodicMemory:
             ValueError: Bad shapes, non-finite keys, negative/non-integer/bool labels, a payload
                 that is missing, unexpected or does not match the stored one.
         """
+        slots = self.add_checked(self.check_rows(keys, values, payload))
+        assert slots is not None
+        return slots
+
+    def check_rows(
+        self, keys: Tensor, values: Tensor, payload: Mapping[str, Tensor] | None = None
+    ) -> CheckedRows:
+        """Checks rows for :meth:`add_checked` in one pass over the data; changes nothing.
+
+        For a caller that looks at the rows before writing them (as ``MbPA`` does: rows with an
+        ignore label dropped with :meth:`CheckedRows.select`, labels compared with the head's
+        classes, non-finite batches refused with a warning), so that nothing is checked twice.
+        Shapes, dtypes, integral labels and the payload's layout raise here; whether the keys
+        are finite and the labels non-negative is measured (``finite``, ``low``) and enforced
+        by :meth:`add_checked`.
+
+        Raises:
+            ValueError: As :meth:`add`, but for non-finite keys and negative labels.
+        """
         store = self._store
-        keys32, labels, new_norms = check_keys_and_labels(keys, values, store.dim, store.on_cpu)
-        check_payload(payload, keys32.shape[0], store.payload, store.size)
-        n = keys32.shape[0]
+        rows = check_rows(keys, values, store.dim, store.on_cpu)
+        if payload is not None or store.payload is not None:
+            check_payload(payload, len(rows), store.payload, store.size)
+            rows = dataclasses.replace(rows, payload=payload)
+        return rows
+
+    def add_checked(self, rows: CheckedRows, slots: bool = True) -> Tensor | None:
+        """Writes rows that :meth:`check_rows` checked for this memory, without looking at the
+        data again; the memory ends exactly as :meth:`add` of the same rows leaves it.
+
+        Args:
+            rows: From :meth:`check_rows` (or :meth:`CheckedRows.select` of them).
+            slots: Return the slots as :meth:`add` does; ``False`` returns None and saves
+                building them.
+
+        Raises:
+            ValueError: The rows hold non-finite keys or negative labels (nothing is written), or
+                no longer fit the memory (it was cleared or reloaded with another key width or
+                payload since they were checked).
+        """
+        problem = rows.problem()
+        if problem is not None:
+            raise ValueError(problem)
+        store = self._store
+        if store.on_cpu != (rows.norms is not None):  # the storage moved since the check
+            rows = dataclasses.replace(
+                rows, norms=check_rows(rows.keys, rows.values, None, store.on_cpu).norms
+            )
+        n, dim = rows.keys.shape
+        if store.dim is not None and dim != store.dim:
+            raise ValueError(
+                f"`keys` must have shape [N, {store.dim}] (the memory's key width); got shape"
+                f" {tuple(rows.keys.shape)}."
+            )
+        if rows.payload is not None or store.payload is not None:
+            check_payload(rows.payload, n, store.payload, store.size)
         if n == 0:
-            return torch.empty(0, dtype=torch.int64)
+            return torch.empty(0, dtype=torch.int64) if slots else None
         if store.dim is None:
-            self._allocate(keys32.shape[1])
-        if payload is not None and store.payload is None:
-            store.allocate_payload(payload)
+            self._allocate(dim)
+        if rows.payload is not None and store.payload is None:
+            store.allocate_payload(rows.payload)
+        start = self._slots.contiguous_start(n)
+        if start is not None and store.on_cpu and self._ann is None:
+            assert rows.norms is not None
+            # the common training write: n consecutive slots of CPU storage, no slot array
+            store.write_run(rows.keys, rows.values, rows.norms, start)
+            self._slots.advance(n)
+            store.size = self._slots.size
+            self._version += 1
+            if rows.payload is None and not slots:
+                return None
+            slot_of_row = np.arange(start, start + n, dtype=np.int64)
+            if rows.payload is not None:
+                store.write_payload(rows.payload, slot_of_row)
+            return torch.from_numpy(slot_of_row) if slots else None
+        labels = rows.values
         slot_of_row, runs = self._slots.assign(
             n, labels.cpu().numpy() if self._eviction == "class_balanced" else None
         )
-        slots = store.write(keys32, labels, new_norms, slot_of_row, runs)
-        if payload is not None:
-            store.write_payload(payload, slot_of_row)
+        written = store.write(rows.keys, labels, rows.norms, slot_of_row, runs)
+        if rows.payload is not None:
+            store.write_payload(rows.payload, slot_of_row)
         self._slots.advance(n)
         store.size = self._slots.size
         self._version += 1
         if self._ann is not None:
-            if slots is None:
-                slots = slot_of_row[slot_of_row >= 0]
-            self._ann.update(store.keys_numpy(), slots)
-        return torch.from_numpy(slot_of_row)
+            if written is None:
+                written = slot_of_row[slot_of_row >= 0]
+            self._ann.update(store.keys_numpy(), written)
+        return torch.from_numpy(slot_of_row) if slots else None
 
     def clear(self) -> None:
         """Empties the memory: ``len``, ``num_seen`` and the FIFO cursor go to 0, the reservoir

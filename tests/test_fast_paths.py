@@ -1,8 +1,9 @@
 """The callback's fast paths give the results of the straightforward ones.
 
-Training writes are staged and reach the memory in bulk; the memory must then be bit-identical to
-one ``EpisodicMemory.add`` per batch (built here from head inputs recorded by an independent hook)
-and current whenever anyone reads it. The per-slot cache of the head's base outputs must equal a
+Training writes go through the memory's checked rows (``check_rows`` then ``add_checked``, each
+row looked at once); the memory must then be bit-identical to one ``EpisodicMemory.add`` per batch
+(built here from head inputs recorded by an independent hook) and to a plain per-row FIFO, and
+current whenever anyone reads, saves or pickles it. The per-slot cache of the head's base outputs must equal a
 recomputation.
 """
 
@@ -79,18 +80,18 @@ def assert_same_memory(got: EpisodicMemory, expected: EpisodicMemory) -> None:
 @pytest.mark.parametrize(
     "config",
     [
-        dict(memory_size=40),  # the ring wraps within and across flushes
+        dict(memory_size=40),  # the ring wraps within and across batches
         dict(memory_size=40, eviction="reservoir"),
         dict(memory_size=500, write_fraction=0.5),
         dict(memory_size=300, index="IVF4,Flat"),  # trains at 156 keys, mid-epoch
-        dict(memory_size=500, sequence=True),  # 80 rows a batch: written directly, unstaged
+        dict(memory_size=500, sequence=True),  # [B, T, D] head inputs, -100 padding
+        dict(memory_size=100, eviction="class_balanced"),
     ],
-    ids=["fifo", "reservoir", "write_fraction", "ivf", "sequence"],
+    ids=["fifo", "reservoir", "write_fraction", "ivf", "sequence", "class_balanced"],
 )
-def test_buffered_writes_equal_one_add_per_batch(config, monkeypatch):
+def test_training_writes_equal_one_add_per_batch(config):
     config = dict(config)
     sequence = config.pop("sequence", False)
-    monkeypatch.setattr("lightning_mbpa._writer._WRITE_BUFFER_BYTES", 3 * 16 * 16 * 4)
     torch.manual_seed(0)
     if sequence:
         g = torch.Generator().manual_seed(0)
@@ -128,8 +129,7 @@ class ReadsTheMemory(Callback):
         self.seen.append(self.mbpa.memory.num_seen)
 
 
-def test_the_memory_is_current_whenever_it_is_read_during_fit(tmp_path, monkeypatch):
-    monkeypatch.setattr("lightning_mbpa._writer._WRITE_BUFFER_BYTES", 1 << 30)  # never full
+def test_the_memory_is_current_whenever_it_is_read_during_fit(tmp_path):
     x, y = blobs(96, seed=0)
     cb = MbPA(k=4, memory_size=1000, **ADAPT)
     reader = ReadsTheMemory(cb)
@@ -144,11 +144,9 @@ def test_the_memory_is_current_whenever_it_is_read_during_fit(tmp_path, monkeypa
         step = int(path.stem.split("step=")[1])
         state = torch.load(path, weights_only=True)["callbacks"][cb.state_key]["memory"]
         assert int(state["num_seen"]) == 16 * step
-    assert cb._writer.staged_rows == 0  # fit end flushed
 
 
-def test_staged_writes_equal_one_add_per_batch_when_the_ring_wraps(monkeypatch):
-    monkeypatch.setattr("lightning_mbpa._writer._WRITE_BUFFER_BYTES", 5 * 16 * 16 * 4)
+def test_training_writes_equal_one_add_per_batch_when_the_ring_wraps():
     x, y = blobs(192, seed=0)
     torch.manual_seed(0)
     cb, recorder = MbPA(k=4, memory_size=150, **ADAPT), Recorder()  # the ring wraps
@@ -280,22 +278,7 @@ def test_a_new_memory_checks_the_width_of_the_next_batch(memory, message):
     assert len(cb.memory) == 0  # the new memory: the third batch was refused
 
 
-def test_a_refused_bulk_write_writes_the_batches_before_the_refused_one():
-    # The callback refuses bad batches itself (test_reliability); should the memory still refuse
-    # a staged batch, the bulk write falls back to one add per batch and stops at that one.
-    g = torch.Generator().manual_seed(0)
-    batches = [(torch.randn(16, 8, generator=g), torch.randint(0, 4, (16,), generator=g))]
-    batches += [(torch.randn(16, 8, generator=g), torch.full((16,), -5)), batches[0]]
-    cb = MbPA(k=4, memory_size=1000, **ADAPT)
-    for keys, labels in batches:
-        cb._writer.stage(keys, labels)
-    with pytest.raises(ValueError, match="non-negative"):
-        len(cb.memory)
-    assert cb.memory.num_seen == 16 and torch.equal(cb.memory.keys, batches[0][0])
-    assert cb._writer.staged_rows == 0
-
-
-def test_a_refused_batch_leaves_the_staged_ones_to_be_written():
+def test_a_refused_populate_batch_leaves_the_batches_before_it_written():
     x, y = blobs(64, seed=0)
     model = TinyClassifier()
     bad = y.clone()
