@@ -8,6 +8,7 @@ given and what is allowed. Nothing here holds state or mutates a memory.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
@@ -98,7 +99,7 @@ def check_config(
     return target
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class CheckedRows:
     """Rows that passed :meth:`EpisodicMemory.check_rows`: what :meth:`EpisodicMemory.add_checked`
     writes without looking at the data again.
@@ -112,6 +113,8 @@ class CheckedRows:
             writes only rows with ``low >= 0``; a caller may drop rows first
             (:meth:`select`), e.g. those labelled with an ignore index.
         payload: Per-row tensors ``[N, ...]`` by name, checked against the memory's payload.
+        listed: The labels as a Python list when the check made one (short CPU label tensors),
+            else None.
     """
 
     keys: Tensor
@@ -121,6 +124,7 @@ class CheckedRows:
     low: int
     high: int
     payload: Mapping[str, Tensor] | None = None
+    listed: list[int] | None = None
 
     def __len__(self) -> int:
         return int(self.keys.shape[0])
@@ -133,8 +137,9 @@ class CheckedRows:
         payload = None
         if self.payload is not None:
             payload = {name: t[keep.to(t.device)] for name, t in self.payload.items()}
-        low, high = label_bounds(values)
-        return CheckedRows(keys, values, norms, keys_are_finite(keys, norms), low, high, payload)
+        low, high, listed = label_bounds(values)
+        finite = keys_are_finite(keys, norms)
+        return CheckedRows(keys, values, norms, finite, low, high, payload, listed)
 
     def problem(self) -> str | None:
         """Why a memory must not write these rows (non-finite keys, negative labels), or None."""
@@ -146,13 +151,16 @@ class CheckedRows:
         return None
 
 
-def check_rows(keys: Tensor, values: Tensor, dim: int | None, on_cpu: bool) -> CheckedRows:
+def check_rows(
+    keys: Tensor, values: Tensor, dim: int | None, on_cpu: bool, norms: bool = True
+) -> CheckedRows:
     """Keys and labels as :class:`CheckedRows`: types, shapes and integral labels are checked
     here (``ValueError``); finiteness and the label range are measured, in one pass over each
     tensor, and left to the caller (``CheckedRows.problem``).
 
-    The norms (numpy, for CPU storage only) double as the finiteness check: a NaN or inf key
-    makes its norm non-finite."""
+    With ``norms`` (and CPU storage) the squared key norms are computed, and double as the
+    finiteness check: a NaN or inf key makes its norm non-finite. Without, one sum over the keys
+    decides it (rows for the pending buffer, whose norms are computed in bulk)."""
     if not isinstance(keys, Tensor):
         raise ValueError(f"`keys` must be a torch.Tensor; got {type(keys).__name__}.")
     if not isinstance(values, Tensor):
@@ -172,8 +180,9 @@ def check_rows(keys: Tensor, values: Tensor, dim: int | None, on_cpu: bool) -> C
             f"`values` must have shape [N] with N = {shape[0]} (the number of keys); got shape"
             f" {tuple(values.shape)}."
         )
-    labels = values.detach()
+    labels = values  # integer tensors never require grad
     if labels.dtype is not torch.int64:
+        labels = labels.detach()
         if labels.dtype == torch.bool or labels.is_complex():
             raise ValueError(f"`values` must be integer labels; got dtype {labels.dtype}.")
         if labels.is_floating_point():
@@ -184,38 +193,44 @@ def check_rows(keys: Tensor, values: Tensor, dim: int | None, on_cpu: bool) -> C
                     f"`values` must be integer labels; got non-integral values such as {bad}."
                 )
         labels = labels.to(torch.int64)
-    keys32 = keys.detach()
+    keys32 = keys.detach() if keys.requires_grad else keys
     if keys32.dtype is not torch.float32:
         keys32 = keys32.to(torch.float32)
-    norms = None
+    squares = None
     if on_cpu:
-        keys32, labels = keys32.cpu(), labels.cpu()
-        keys_np = keys32.numpy()
-        norms = np.einsum("nd,nd->n", keys_np, keys_np)
-    low, high = label_bounds(labels)
-    return CheckedRows(keys32, labels, norms, keys_are_finite(keys32, norms), low, high)
+        if not keys32.is_cpu:
+            keys32 = keys32.cpu()
+        if not labels.is_cpu:
+            labels = labels.cpu()
+        if norms:
+            keys_np = keys32.numpy()
+            squares = np.einsum("nd,nd->n", keys_np, keys_np)
+    low, high, listed = label_bounds(labels)
+    finite = keys_are_finite(keys32, squares)
+    return CheckedRows(keys32, labels, squares, finite, low, high, None, listed)
 
 
-def label_bounds(labels: Tensor) -> tuple[int, int]:
-    """``(min, max)`` of int64 labels, ``(0, -1)`` when there are none (one pass, one sync)."""
+def label_bounds(labels: Tensor) -> tuple[int, int, list[int] | None]:
+    """``(min, max, the labels as a list or None)`` of int64 labels, ``(0, -1, [])`` when
+    there are none (one pass, one sync)."""
     n = labels.shape[0]
     if n == 0:
-        return 0, -1
-    if labels.device.type == "cpu":
+        return 0, -1, []
+    if labels.is_cpu:
         if n <= 1024:  # Python on a short list beats two numpy reductions
             listed = labels.tolist()
-            return min(listed), max(listed)
+            return min(listed), max(listed), listed
         array = labels.numpy()
-        return int(array.min()), int(array.max())
+        return int(array.min()), int(array.max()), None
     low, high = torch.aminmax(labels)
-    return int(low), int(high)
+    return int(low), int(high), None
 
 
 def keys_are_finite(keys32: Tensor, norms: npt.NDArray[np.float32] | None) -> bool:
     """Whether float32 keys hold no NaN/inf: from their squared norms when given (a sum that
     overflows falls back to the element-wise check)."""
-    if norms is not None:
-        return bool(np.isfinite(norms).all()) or all_finite(keys32)
+    if norms is not None:  # non-negative: a finite sum proves them all finite
+        return math.isfinite(norms.sum()) or all_finite(keys32)
     return keys32.shape[0] == 0 or all_finite(keys32)
 
 
@@ -456,10 +471,22 @@ def squared_norms_np(keys: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
     return norms
 
 
+#: Zero vectors by length, for :func:`all_finite`'s dot product.
+_ZEROS: dict[int, npt.NDArray[np.float32]] = {}
+
+
 def all_finite(x: Tensor) -> bool:
     """Whether a float tensor holds no NaN/inf (numpy on the CPU: no OpenMP region)."""
-    if x.device.type == "cpu":
+    if x.is_cpu:
         a = x.numpy()
+        size = a.size
+        if a.dtype == np.float32 and size <= 1 << 16:
+            # One BLAS dot with zeros (the cheapest call between two training steps): inf * 0
+            # and NaN * 0 are NaN and propagate, every finite product is 0, so nothing overflows.
+            zeros = _ZEROS.get(size)
+            if zeros is None:
+                zeros = _ZEROS[size] = np.zeros(size, dtype=np.float32)
+            return math.isfinite(np.dot(a.reshape(-1), zeros))
         # A NaN or inf anywhere makes the sum non-finite; a finite sum proves all are finite.
         # Only a sum that overflows needs the element-wise check.
         return bool(np.isfinite(a.sum())) or bool(np.isfinite(a).all())

@@ -39,6 +39,11 @@ class KeyStore:
         self.norms: Tensor | None = None
         self.payload: dict[str, Tensor] | None = None
         self.size = 0
+        # (the key buffer, numpy views of the key, label and norm buffers) for `write_run`
+        self._views: (
+            tuple[Tensor, npt.NDArray[np.float32], npt.NDArray[np.int64], npt.NDArray[np.float32]]
+            | None
+        ) = None
 
     @property
     def on_cpu(self) -> bool:
@@ -60,6 +65,7 @@ class KeyStore:
             self.values = torch.empty((self.capacity,), dtype=torch.int64, device=self.device)
             self.norms = torch.empty((self.capacity,), dtype=torch.float32, device=self.device)
         self.dim = dim
+        self._views = None  # the old buffers' pages are released
 
     def allocate_payload(self, like: Mapping[str, Tensor]) -> None:
         """Untouched CPU buffers ``[capacity, ...]`` with the row shape and dtype of each tensor."""
@@ -120,11 +126,15 @@ class KeyStore:
     ) -> None:
         """Writes ``N`` validated CPU rows (keys, labels, squared norms) to slots
         ``start .. start + N - 1`` of CPU storage: three numpy slice copies."""
-        assert self.keys is not None and self.values is not None and self.norms is not None
+        views = self._views
+        if views is None or views[0] is not self.keys:  # numpy views, made once per buffer
+            assert self.keys is not None and self.values is not None and self.norms is not None
+            arrays = (self.keys.numpy(), self.values.numpy(), self.norms.numpy())
+            views = self._views = (self.keys, *arrays)
         end = start + norms.shape[0]
-        self.keys.numpy()[start:end] = keys32.numpy()
-        self.values.numpy()[start:end] = labels.numpy()
-        self.norms.numpy()[start:end] = norms
+        views[1][start:end] = keys32.numpy()
+        views[2][start:end] = labels.numpy()
+        views[3][start:end] = norms
 
     def write_payload(self, payload: Mapping[str, Tensor], slot_of_row: Int64Array) -> None:
         """``payload[name]`` row ``i`` to slot ``slot_of_row[i]`` (``-1``: not kept), per name."""
@@ -196,3 +206,4 @@ class KeyStore:
             norms[:n].copy_(self.norms[:n])
             self.keys, self.values, self.norms = keys, values, norms
         self.device = device
+        self._views = None

@@ -355,7 +355,7 @@ class Writer:
             # after the gather, so every rank makes the same choice from the same generator
             rows = rows.select(torch.rand(len(rows), generator=self.generator) < fraction)
         if len(rows):
-            self.target.add_checked(rows, slots=False)
+            self.target.append_checked(rows)
 
 
 def _gather(strategy: Any, *tensors: Tensor) -> tuple[Tensor, ...]:

@@ -67,6 +67,7 @@ from lightning_mbpa._memory_checks import (
 )
 from lightning_mbpa._neighbours import Neighbours, empty_neighbours, gather_cpu, gather_on_device
 from lightning_mbpa._storage import KeyStore
+from lightning_mbpa._writing import PendingRows, refusal, write_rows
 
 __all__ = [
     "EXACT_INDEX",
@@ -205,6 +206,7 @@ class EpisodicMemory:
         self._slots = SlotAssigner(eviction, self._capacity, self._seed)
         self._exact = ExactSearch(backend)
         self._ann: _LiveRowIndex | None = None
+        self._pending = PendingRows()  # small writes waiting for one bulk write
         # Bumped by every change of the contents: caches derived from the keys compare it.
         self._version = 0
         if dim is not None:
@@ -279,6 +281,7 @@ class EpisodicMemory:
     @property
     def keys(self) -> Tensor:
         """A view of the filled part of the key buffer, ``[len, D]`` float32, in slot order."""
+        self._settle()
         if self._store.keys is None:
             return torch.empty(0, 0, dtype=torch.float32, device=self._store.device)
         return self._store.keys[: self._store.size]
@@ -286,6 +289,7 @@ class EpisodicMemory:
     @property
     def values(self) -> Tensor:
         """A view of the filled part of the label buffer, ``[len]`` int64, in slot order."""
+        self._settle()
         if self._store.values is None:
             return torch.empty(0, dtype=torch.int64, device=self._store.device)
         return self._store.values[: self._store.size]
@@ -294,6 +298,7 @@ class EpisodicMemory:
     def payload(self) -> dict[str, Tensor]:
         """Views of the filled part of the payload buffers, ``[len, ...]`` on the CPU, in slot
         order, by name; empty when the memory stores no payload."""
+        self._settle()
         if self._store.payload is None:
             return {}
         return {name: buffer[: self._store.size] for name, buffer in self._store.payload.items()}
@@ -302,11 +307,13 @@ class EpisodicMemory:
     def version(self) -> int:
         """A counter that every change of the stored entries (write, key update, clear, load,
         move to another device) increases: a cache of anything computed from the keys is current while it holds."""
+        self._settle()
         return self._version
 
     @property
     def num_seen(self) -> int:
         """How many rows were ever offered to :meth:`add` (kept or not) since the last clear."""
+        self._settle()
         return self._slots.num_seen
 
     @property
@@ -316,24 +323,29 @@ class EpisodicMemory:
         It holds rows in add order, not slots, and may hold overwritten rows; use it to read or
         tune search settings, not to add or search directly.
         """
+        self._settle()
         return None if self._ann is None else self._ann.index
 
     @property
     def is_trained(self) -> bool:
         """False while an approximate index waits for enough keys to train (search is exact)."""
+        self._settle()
         return self._ann is None or self._ann.active
 
     @property
     def _keys(self) -> Tensor | None:
         """The whole preallocated key buffer (None before the width is fixed)."""
+        self._settle()
         return self._store.keys
 
     @property
     def _norms(self) -> Tensor | None:
         """The whole preallocated buffer of squared key norms (None before the width is fixed)."""
+        self._settle()
         return self._store.norms
 
     def __len__(self) -> int:
+        self._settle()
         return self._store.size
 
     def __repr__(self) -> str:
@@ -389,103 +401,106 @@ class EpisodicMemory:
             ValueError: Bad shapes, non-finite keys, negative/non-integer/bool labels, a payload
                 that is missing, unexpected or does not match the stored one.
         """
-        slots = self.add_checked(self.check_rows(keys, values, payload))
-        assert slots is not None
-        return slots
+        return self.add_checked(self._check_rows(keys, values, payload, norms=True))
 
     def check_rows(
         self, keys: Tensor, values: Tensor, payload: Mapping[str, Tensor] | None = None
     ) -> CheckedRows:
-        """Checks rows for :meth:`add_checked` in one pass over the data; changes nothing.
+        """Checks rows for :meth:`add_checked` or :meth:`append_checked` in one pass over the
+        data, for a caller that looks at them before writing (``MbPA`` drops rows with an ignore
+        label by :meth:`CheckedRows.select`, compares the labels with the head's classes and
+        refuses non-finite batches), so that nothing is checked twice. Changes nothing.
 
-        For a caller that looks at the rows before writing them (as ``MbPA`` does: rows with an
-        ignore label dropped with :meth:`CheckedRows.select`, labels compared with the head's
-        classes, non-finite batches refused with a warning), so that nothing is checked twice.
-        Shapes, dtypes, integral labels and the payload's layout raise here; whether the keys
-        are finite and the labels non-negative is measured (``finite``, ``low``) and enforced
-        by :meth:`add_checked`.
+        Shapes, dtypes, integral labels and the payload's layout raise here; whether the keys are
+        finite and the labels non-negative is measured (``finite``, ``low``) and enforced when
+        the rows are written.
 
         Raises:
             ValueError: As :meth:`add`, but for non-finite keys and negative labels.
         """
+        pending = payload is None and self._store.payload is None and self._buffers()
+        return self._check_rows(keys, values, payload, norms=not pending)
+
+    def add_checked(self, rows: CheckedRows) -> Tensor:
+        """Writes rows :meth:`check_rows` checked for this memory without looking at the data
+        again, as :meth:`add` (which is ``add_checked(check_rows(...))``) would; returns the slots.
+
+        Raises:
+            ValueError: The rows hold non-finite keys or negative labels (nothing is written), or
+                no longer fit the memory (cleared or reloaded since they were checked).
+        """
+        self._settle()
+        if not self._accept(rows):
+            return torch.empty(0, dtype=torch.int64)
+        slot_of_row = write_rows(self._store, self._slots, self._ann, rows)
+        self._version += 1
+        n = len(rows)
+        if slot_of_row is None:  # n consecutive slots
+            start = (self._slots.num_seen - n) % self._capacity
+            slot_of_row = np.arange(start, start + n, dtype=np.int64)
+        if rows.payload is not None:
+            self._store.write_payload(rows.payload, slot_of_row)
+        return torch.from_numpy(slot_of_row)
+
+    def append_checked(self, rows: CheckedRows) -> None:
+        """Writes checked rows as :meth:`add_checked` does, but small CPU writes to an exact
+        memory without a payload may first wait in a pending buffer (about 1 MiB of keys) that
+        is written in one bulk write before anything reads or changes the memory (every property,
+        search, ``len``, ``state_dict``, pickle and write sees them). The memory ends exactly as
+        one :meth:`add` per call would leave it; a failing check raises now, nothing pending.
+
+        Raises:
+            ValueError: As :meth:`add_checked`.
+        """
+        pending = self._pending
+        if rows.payload is not None or not self._buffers() or not pending.fits(rows):
+            self.add_checked(rows)
+        elif self._accept(rows):
+            if pending.count and not pending.room(*rows.keys.shape):
+                self._settle()
+            pending.append(rows)
+
+    def _check_rows(
+        self, keys: Tensor, values: Tensor, payload: Mapping[str, Tensor] | None, norms: bool
+    ) -> CheckedRows:
         store = self._store
-        rows = check_rows(keys, values, store.dim, store.on_cpu)
+        rows = check_rows(keys, values, store.dim, store.on_cpu, norms)
         if payload is not None or store.payload is not None:
             check_payload(payload, len(rows), store.payload, store.size)
             rows = dataclasses.replace(rows, payload=payload)
         return rows
 
-    def add_checked(self, rows: CheckedRows, slots: bool = True) -> Tensor | None:
-        """Writes rows that :meth:`check_rows` checked for this memory, without looking at the
-        data again; the memory ends exactly as :meth:`add` of the same rows leaves it.
-
-        Args:
-            rows: From :meth:`check_rows` (or :meth:`CheckedRows.select` of them).
-            slots: Return the slots as :meth:`add` does; ``False`` returns None and saves
-                building them.
-
-        Raises:
-            ValueError: The rows hold non-finite keys or negative labels (nothing is written), or
-                no longer fit the memory (it was cleared or reloaded with another key width or
-                payload since they were checked).
-        """
-        problem = rows.problem()
+    def _accept(self, rows: CheckedRows) -> bool:
+        """Raises unless checked rows may be written now (:func:`refusal`); allocates the
+        storage for the first ones. False: there are none."""
+        store = self._store
+        problem = refusal(rows, store, self._pending.count)
         if problem is not None:
             raise ValueError(problem)
-        store = self._store
-        if store.on_cpu != (rows.norms is not None):  # the storage moved since the check
-            rows = dataclasses.replace(
-                rows, norms=check_rows(rows.keys, rows.values, None, store.on_cpu).norms
-            )
-        n, dim = rows.keys.shape
-        if store.dim is not None and dim != store.dim:
-            raise ValueError(
-                f"`keys` must have shape [N, {store.dim}] (the memory's key width); got shape"
-                f" {tuple(rows.keys.shape)}."
-            )
-        if rows.payload is not None or store.payload is not None:
-            check_payload(rows.payload, n, store.payload, store.size)
-        if n == 0:
-            return torch.empty(0, dtype=torch.int64) if slots else None
+        if not len(rows):
+            return False
         if store.dim is None:
-            self._allocate(dim)
+            self._allocate(rows.keys.shape[1])
         if rows.payload is not None and store.payload is None:
             store.allocate_payload(rows.payload)
-        start = self._slots.contiguous_start(n)
-        if start is not None and store.on_cpu and self._ann is None:
-            assert rows.norms is not None
-            # the common training write: n consecutive slots of CPU storage, no slot array
-            store.write_run(rows.keys, rows.values, rows.norms, start)
-            self._slots.advance(n)
-            store.size = self._slots.size
+        return True
+
+    def _buffers(self) -> bool:
+        """Whether small writes may wait in the pending buffer: exact search on CPU storage."""
+        return self._index_string == EXACT_INDEX and self._store.on_cpu
+
+    def _settle(self) -> None:
+        """Writes the pending rows, in one bulk write, before anything reads or changes them."""
+        if self._pending.count:
+            write_rows(self._store, self._slots, self._ann, self._pending.take())
             self._version += 1
-            if rows.payload is None and not slots:
-                return None
-            slot_of_row = np.arange(start, start + n, dtype=np.int64)
-            if rows.payload is not None:
-                store.write_payload(rows.payload, slot_of_row)
-            return torch.from_numpy(slot_of_row) if slots else None
-        labels = rows.values
-        slot_of_row, runs = self._slots.assign(
-            n, labels.cpu().numpy() if self._eviction == "class_balanced" else None
-        )
-        written = store.write(rows.keys, labels, rows.norms, slot_of_row, runs)
-        if rows.payload is not None:
-            store.write_payload(rows.payload, slot_of_row)
-        self._slots.advance(n)
-        store.size = self._slots.size
-        self._version += 1
-        if self._ann is not None:
-            if written is None:
-                written = slot_of_row[slot_of_row >= 0]
-            self._ann.update(store.keys_numpy(), written)
-        return torch.from_numpy(slot_of_row) if slots else None
 
     def clear(self) -> None:
         """Empties the memory: ``len``, ``num_seen`` and the FIFO cursor go to 0, the reservoir
         generator is re-seeded with ``seed`` and an approximate index goes back to untrained. A
         fixed ``dim`` stays fixed; the buffers are reallocated, so their pages are released. The
         payload is dropped (the next write decides whether there is one)."""
+        self._pending.drop()
         self._slots.reset()
         self._store.size = 0
         self._version += 1
@@ -508,6 +523,7 @@ class EpisodicMemory:
         Raises:
             ValueError: Slots out of range or repeated, keys of the wrong shape or not finite.
         """
+        self._settle()
         store = self._store
         slots_np, keys32, new_norms = check_key_update(
             slots, keys, store.size, store.dim, store.on_cpu
@@ -538,6 +554,7 @@ class EpisodicMemory:
         Raises:
             ValueError: ``k < 1``, queries not ``[B, D]``, not floating point or not finite.
         """
+        self._settle()
         store = self._store
         q32 = check_queries(queries, k, store.dim)
         k = int(k)
@@ -588,6 +605,7 @@ class EpisodicMemory:
         of each slot's entry. Approximate indexes are
         not stored; :meth:`load_state_dict` rebuilds them from the keys.
         """
+        self._settle()
         d = -1 if self.dim is None else self.dim
         state: dict[str, Any] = {
             "keys": self.keys.clone() if self._store.keys is not None else torch.empty(0, 0),
@@ -612,6 +630,7 @@ class EpisodicMemory:
                 memory's, inconsistent shapes or counters, non-finite keys, negative labels or a
                 bad generator state. The memory is left as it was.
         """
+        self._settle()
         checked = check_state(state, self._capacity, self.dim)
         if self._eviction == "class_balanced" and checked.size and checked.inserted is None:
             raise ValueError(
@@ -657,6 +676,7 @@ class EpisodicMemory:
         storage stays on the CPU (this is then a no-op; searches still return results on the
         queries' device).
         """
+        self._settle()
         target = resolve_device(device)
         if (
             self._backend_arg == "faiss"

@@ -10,6 +10,7 @@ recomputation.
 from __future__ import annotations
 
 import math
+import pickle
 import warnings
 
 import pytest
@@ -337,3 +338,193 @@ def test_lazy_output_cache_grows_past_its_first_table():
         got = cb._adapter.neighbour_outputs(cb.memory, indices)
         torch.testing.assert_close(got, expected[indices], rtol=1e-6, atol=1e-6)
     assert bool(cb._adapter.cached_slots.all()) and len(cb._adapter.cached_slots) == 5000
+
+
+# ---------------------------------------------------------------------- one write path
+
+
+def _batches(sizes, dim=6, classes=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [
+        (torch.randn(n, dim, generator=g), torch.randint(0, classes, (n,), generator=g))
+        for n in sizes
+    ]
+
+
+def _plain_fifo(batches, capacity):
+    """What a FIFO memory must hold, row by row in plain Python: row t goes to slot t % capacity."""
+    keys, values, seen = [None] * capacity, [None] * capacity, 0
+    for batch_keys, batch_values in batches:
+        for key, value in zip(batch_keys, batch_values.tolist(), strict=True):
+            keys[seen % capacity], values[seen % capacity] = key, value
+            seen += 1
+    size = min(seen, capacity)
+    return torch.stack(keys[:size]), torch.tensor(values[:size]), seen
+
+
+@pytest.mark.parametrize("capacity", [7, 40, 1000])  # wraps within batches, across them, never
+def test_appended_rows_equal_a_plain_per_row_fifo(capacity, monkeypatch):
+    monkeypatch.setattr("lightning_mbpa._writing.PENDING_BYTES", 12 * 6 * 4)  # 12 rows pending
+    batches = _batches([3, 5, 1, 9, 2, 11, 4, 13, 6, 8, 3])  # 13 rows: over the buffer, direct
+    memory = EpisodicMemory(capacity)
+    for keys, values in batches:
+        memory.append_checked(memory.check_rows(keys, values))
+    expected_keys, expected_values, seen = _plain_fifo(batches, capacity)
+    assert memory.num_seen == seen and len(memory) == len(expected_values)
+    assert torch.equal(memory.keys, expected_keys)
+    assert torch.equal(memory.values, expected_values)
+    norms = (expected_keys.double() ** 2).sum(1).float()
+    torch.testing.assert_close(memory._norms[: len(memory)], norms, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("eviction", ["fifo", "reservoir", "class_balanced"])
+def test_appended_rows_equal_one_add_per_row(eviction, monkeypatch):
+    """Pending rows, bulk writes and direct writes (a large batch, a search in between) leave
+    the memory bit-identical to inserting the rows one at a time."""
+    monkeypatch.setattr("lightning_mbpa._writing.PENDING_BYTES", 10 * 6 * 4)
+    batches = _batches([3, 5, 1, 9, 2, 11, 4, 2, 6, 8, 3, 7])
+    memory, reference = EpisodicMemory(20, eviction=eviction), EpisodicMemory(20, eviction=eviction)
+    for i, (keys, values) in enumerate(batches):
+        memory.append_checked(memory.check_rows(keys, values))
+        if i == 6:
+            memory.search(keys[:2], 3)  # a read writes the pending rows first
+        if i == 8:
+            memory.add(keys, values)  # a direct write after the pending ones
+            for row in range(len(values)):
+                reference.add(keys[row : row + 1], values[row : row + 1])
+        for row in range(len(values)):
+            reference.add(keys[row : row + 1], values[row : row + 1])
+    assert_same_memory(memory, reference)
+
+
+def test_pending_rows_are_in_every_read_state_and_pickle():
+    memory = EpisodicMemory(100)
+    (keys, values), (more_keys, more_values) = _batches([4, 3])
+    memory.append_checked(memory.check_rows(keys, values))
+    assert len(memory) == 4 and torch.equal(memory.keys, keys)  # written when read
+    memory.append_checked(memory.check_rows(more_keys, more_values))
+    assert memory.state_dict()["num_seen"] == 7
+    memory.append_checked(memory.check_rows(keys, values))
+    restored = pickle.loads(pickle.dumps(memory))
+    assert torch.equal(restored.keys, torch.cat([keys, more_keys, keys]))
+    memory.append_checked(memory.check_rows(keys, values))
+    found = memory.search(keys[:1], 1)
+    assert int(found.indices[0, 0]) in (0, 7, 11) and memory.num_seen == 15
+    memory.append_checked(memory.check_rows(keys, values))
+    memory.clear()  # pending rows go with the rest
+    assert len(memory) == 0 and memory.num_seen == 0
+
+
+@pytest.mark.parametrize(
+    ("keys", "values", "message"),
+    [
+        (torch.tensor([[0.0, 1.0], [math.nan, 0.0]]), torch.tensor([0, 1]), "finite"),
+        (torch.tensor([[0.0, 1.0], [math.inf, 0.0]]), torch.tensor([0, 1]), "finite"),
+        (torch.ones(2, 2), torch.tensor([0, -3]), r"non-negative labels; got \[-3\]"),
+        (torch.ones(2, 3), torch.tensor([0, 1]), r"shape \[N, 2\]"),
+        (torch.ones(2, 2), torch.tensor([0.5, 1.0]), "non-integral"),
+    ],
+    ids=["nan", "inf", "negative", "width", "non-integral"],
+)
+def test_a_refused_append_changes_nothing_and_leaves_the_pending_rows(keys, values, message):
+    memory = EpisodicMemory(100)
+    good_keys, good_values = torch.randn(3, 2), torch.tensor([1, 2, 3])
+    memory.append_checked(memory.check_rows(good_keys, good_values))  # waits in the buffer
+    with pytest.raises(ValueError, match=message):
+        memory.append_checked(memory.check_rows(keys, values))
+    assert memory.num_seen == 3 and torch.equal(memory.keys, good_keys)
+    with pytest.raises(ValueError, match=message):
+        memory.add(keys, values)
+    assert memory.num_seen == 3
+
+
+def test_checked_rows_dropped_by_select_are_not_looked_at_again():
+    memory = EpisodicMemory(100)
+    keys = torch.tensor([[1.0, 2.0], [math.nan, 0.0], [3.0, 4.0]])
+    rows = memory.check_rows(keys, torch.tensor([2, -100, 0]))
+    assert not rows.finite and (rows.low, rows.high) == (-100, 2)
+    kept = rows.select(torch.tensor([True, False, True]))  # the ignored row held the NaN
+    assert kept.finite and (kept.low, kept.high) == (0, 2) and kept.problem() is None
+    memory.append_checked(kept)
+    assert torch.equal(memory.keys, keys[[0, 2]]) and memory.values.tolist() == [2, 0]
+
+
+class SnapshotBefore(Callback):
+    """Saves MbPA's memory (``state_dict``: every finished batch) when batch ``at`` starts."""
+
+    def __init__(self, mbpa: MbPA, at: int) -> None:
+        self.mbpa, self.at, self.state, self.started = mbpa, at, None, []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.started.append(batch_idx)
+        if batch_idx == self.at:
+            self.state = {k: v.clone() for k, v in self.mbpa.memory.state_dict().items()}
+
+
+@pytest.mark.parametrize("bad", ["label", "nan"])
+def test_a_bad_row_in_batch_n_fails_in_batch_n_with_the_memory_as_before(bad):
+    """Batches 0-3 wait in the pending buffer (nothing reads the memory before batch 4 starts);
+    a bad row in batch 4 raises (or, non-finite, is refused with a warning) while batch 4 is
+    processed, and the memory is bit-identical to the one before batch 4."""
+    x, y = blobs(112)
+    pairs = [(x[i : i + 16].clone(), y[i : i + 16].clone()) for i in range(0, 112, 16)]
+    if bad == "label":
+        pairs[4][1][5] = 4  # the head has 4 outputs
+    cb = MbPA(k=4, **ADAPT)
+    snapshot = SnapshotBefore(cb, at=4)
+    model = Frozen()
+    if bad == "nan":
+        model.encoder.register_forward_hook(
+            lambda module, args, out: (
+                out.index_fill(0, torch.tensor([5]), math.nan) if snapshot.started[-1] == 4 else out
+            )
+        )
+    fit = trainer(callbacks=[snapshot, cb]).fit
+    if bad == "label":
+        with pytest.raises(ValueError, match=r"labels of the training batch must be .* got \[4\]"):
+            fit(model, DataLoader(pairs, batch_size=None))
+        assert snapshot.started[-1] == 4  # raised while batch 4 was processed
+        after = cb.memory.state_dict()
+    else:
+        with pytest.warns(UserWarning, match="refused a training batch: 1 of its 16"):
+            fit(model, DataLoader(pairs[:5], batch_size=None))  # batch 4 is the last one
+        assert cb.refused_batches == 1
+        after = cb.memory.state_dict()
+    assert snapshot.state is not None and int(snapshot.state["num_seen"]) == 4 * 16
+    assert after.keys() == snapshot.state.keys()
+    for name in after:
+        assert torch.equal(after[name], snapshot.state[name]), name
+
+
+class PicklesAt(Callback):
+    """Pickles MbPA after MbPA's own end of batch ``at`` (its rows still pending)."""
+
+    def __init__(self, mbpa: MbPA, at: int) -> None:
+        self.mbpa, self.at, self.pickled = mbpa, at, None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if batch_idx == self.at:
+            self.pickled = pickle.dumps(self.mbpa)
+
+
+def test_checkpoints_and_pickles_mid_epoch_equal_one_add_per_batch(tmp_path):
+    """Pending rows are in every checkpoint and pickle taken mid-epoch: each equals a memory
+    written by one ``add`` per batch finished so far."""
+    x, y = blobs(160, seed=0)
+    cb, recorder = MbPA(k=4, memory_size=100, **ADAPT), Recorder()  # the ring wraps at step 7
+    pickler = PicklesAt(cb, at=6)
+    every_three = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=3, save_top_k=-1)
+    trainer(
+        callbacks=[cb, recorder, pickler, every_three], max_epochs=1, enable_checkpointing=True
+    ).fit(TinyClassifier(), loader(x, y))
+    saved = sorted(tmp_path.glob("*.ckpt"), key=lambda p: int(p.stem.split("step=")[1]))
+    assert [int(p.stem.split("step=")[1]) for p in saved] == [3, 6, 9]
+    for path in saved:
+        step = int(path.stem.split("step=")[1])
+        state = torch.load(path, weights_only=True)["callbacks"][cb.state_key]["memory"]
+        expected = one_add_per_batch(recorder.batches[:step], 100).state_dict()
+        assert state.keys() == expected.keys()
+        for name in state:
+            assert torch.equal(state[name], expected[name]), (step, name)
+    unpickled = pickle.loads(pickler.pickled)
+    assert_same_memory(unpickled.memory, one_add_per_batch(recorder.batches[:7], 100))
