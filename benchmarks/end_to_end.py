@@ -354,16 +354,18 @@ class TimedMbPA(MbPA):
     seconds = 0.0
 
     def _timed(self, fn: Callable) -> Callable:
-        def timed(*args, **kwargs):
-            start = time.perf_counter()
+        def timed(*args, **kwargs):  # CPU time of this thread: other processes do not count
+            start = time.thread_time()
             out = fn(*args, **kwargs)
-            self.seconds += time.perf_counter() - start
+            self.seconds += time.thread_time() - start
             return out
 
         return timed
 
     def on_fit_start(self, trainer, pl_module) -> None:
-        self._writer._capture = self._timed(self._writer._capture)
+        writer = getattr(self, "_writer", self)  # versions before the writer part: the callback
+        name = "_capture" if hasattr(writer, "_capture") else "_capture_hook"
+        setattr(writer, name, self._timed(getattr(writer, name)))
         super().on_fit_start(trainer, pl_module)
 
     def on_train_batch_start(self, *args) -> None:
@@ -448,7 +450,7 @@ def training(args: argparse.Namespace) -> None:
                 flush=True,
             )
     print(
-        f"  MbPA's own hooks (capture, batch start and end, one timed run): "
+        f"  MbPA's own hooks (capture, batch start and end; CPU time of one run): "
         f"{timed.seconds / batches * 1e6:.0f} µs per batch",
         flush=True,
     )

@@ -148,8 +148,15 @@ class Writer:
         self.capturing = False
         self.captured.clear()
 
-    @torch.compiler.disable
     def _capture(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        if torch.compiler.is_compiling():  # traced by dynamo: leave the graph for the capture
+            self._capture_outside_graph(module, args)
+        elif self.capturing and args and isinstance(args[0], Tensor):
+            self.captured.append((module, args[0].detach()))
+
+    @torch.compiler.disable
+    def _capture_outside_graph(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        # the disabled function's wrapper costs microseconds per call: compiled models only
         if self.capturing and args and isinstance(args[0], Tensor):
             self.captured.append((module, args[0].detach()))
 
