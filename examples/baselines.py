@@ -21,7 +21,12 @@ initial weights, and after every task tests every task seen so far:
 * **replay alone, class-balanced** and **MbPA, hidden keys + class-balanced replay**: the two
   rows above with ``replay_sampling: class_balanced`` (every replayed example is drawn from a
   class chosen uniformly among the classes in memory, so rare classes are replayed as often as
-  common ones); again the two rows train the same weights.
+  common ones); again the two rows train the same weights;
+* **MbPA, recommended recipe** (``examples/configs/recommended_<stream>.yaml``): the
+  class-balanced row above with ``adaptation_loss: logit_adjusted`` (adapt on the neighbours'
+  logits plus the memory's log class prior, predict without it) and the adaptation setting
+  chosen on the validation splits by ``python examples/sweep.py --recipe``. It trains the same
+  weights as "replay alone, class-balanced".
 
     python examples/baselines.py --config examples/configs/permuted.yaml
     python examples/baselines.py --config examples/configs/class_incremental.yaml
@@ -95,6 +100,19 @@ ROWS: dict[str, tuple[str, list[str]]] = {
         ],
     ),
 }
+#: the recommended recipe's adaptation (examples/configs/recommended_<stream>.yaml), chosen by
+#: the best mean validation average over the three streams in `examples/sweep.py --recipe`
+RECOMMENDED_ADAPTATION = [
+    f"{ARG}adaptation_loss", "logit_adjusted",
+    f"{ARG}k", "64",
+    f"{ARG}adaptation_steps", "20",
+    f"{ARG}adaptation_lr", "0.01",
+    f"{ARG}beta", "0.0",
+]  # fmt: skip
+ROWS["mbpa_recommended"] = (
+    "MbPA, recommended recipe",
+    [*sweep.RECIPE_TRAINING, *RECOMMENDED_ADAPTATION],
+)
 WITHOUT_MBPA = ("naive", "ewc")
 EWC_LAMBDAS = tuple(10.0**e for e in range(10))  # 1 ... 1e9
 
@@ -203,9 +221,11 @@ def describe_setting(name: str, mbpa: MbPA | None, ewc_lambda: float | None) -> 
     )
     if name.startswith("replay"):
         return f"{replay}, no adaptation"
+    loss = "" if mbpa.adaptation_loss == "cross_entropy" else f", {mbpa.adaptation_loss}"
     return (
         f"head={mbpa.head_name}, k={mbpa.k}, steps={mbpa.adaptation_steps}, "
-        f"lr={mbpa.adaptation_lr:g}, beta={mbpa.beta:g}, refresh={mbpa.refresh_keys}, {replay}"
+        f"lr={mbpa.adaptation_lr:g}, beta={mbpa.beta:g}{loss}, refresh={mbpa.refresh_keys}, "
+        f"{replay}"
     )
 
 
@@ -316,15 +336,20 @@ def report(result: dict[str, Any]) -> str:
             )
         )
     by_name = {r["name"]: r for r in rows}
-    if "mbpa_hidden" in by_name:
-        ours = by_name["mbpa_hidden"]
+    for mine, title in (
+        ("mbpa_hidden", "MbPA, hidden keys"),
+        ("mbpa_recommended", "MbPA, recommended recipe"),
+    ):
+        if mine not in by_name:
+            continue
+        ours = by_name[mine]
         diffs = [
             f"{other['label']} {100 * (ours['final_average'] - other['final_average']):+.1f}"
             + (f" (rare {100 * (ours['rare'] - other['rare']):+.1f})" if rare else "")
             for name, other in by_name.items()
-            if name != "mbpa_hidden"
+            if name != mine
         ]
-        lines.append("MbPA, hidden keys minus each row (points): " + "; ".join(diffs))
+        lines.append(f"{title} minus each row (points): " + "; ".join(diffs))
     lines.append(
         "wall s: every task's fit plus the tests after each task (not the validation pass); "
         f"plot: {result.get('plot')}"

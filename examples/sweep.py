@@ -32,6 +32,22 @@ Tables printed per stream:
 4. pixel keys: a smaller grid (each query adapts the whole MLP), then ``k``;
 
 and a summary: each stream's best, and the settings with the best mean gain over streams.
+
+``--recipe`` instead chooses the recommended continual-learning recipe
+(``examples/configs/recommended_<stream>.yaml``): each stream is trained once with hidden keys,
+``store_inputs``, ``refresh_keys: epoch_end`` and class-balanced replay (every step, 64 stored
+examples), then on the validation split:
+
+1. what makes local adaptation help the rare classes, at the callback's default adaptation
+   setting (k=32, 20 steps, lr 0.01, beta 0): plain cross-entropy; neighbour weights divided by
+   their class's share of the memory or by their class's count among the K neighbours;
+   ``adaptation_loss: logit_adjusted``; mixing with the unadapted output (``base_weight``);
+   a memory with per-class quotas (the run's writes replayed into a smaller
+   ``eviction: class_balanced`` memory);
+2. ``k`` x ``adaptation_steps`` x ``adaptation_lr`` for both adaptation losses; the recipe is
+   the setting with the best mean validation average over the streams.
+
+    python examples/sweep.py --recipe                 # ~3 minutes on 2 threads
 """
 
 from __future__ import annotations
@@ -55,11 +71,22 @@ from torch.utils.data import ConcatDataset, DataLoader
 
 from examples.continual import build, find_mbpa, fit_task
 from examples.datamodules import MNISTTaskStream, Split
-from lightning_mbpa import MbPA
+from lightning_mbpa import EpisodicMemory, MbPA
 
 STREAMS = ("permuted", "class_incremental", "imbalanced")
-HIDDEN_KEYS = ["--trainer.callbacks.init_args.head", "net.classifier"]
-PIXEL_KEYS = ["--trainer.callbacks.init_args.head", "net"]
+_ARG = "--trainer.callbacks.init_args."
+HIDDEN_KEYS = [f"{_ARG}head", "net.classifier"]
+PIXEL_KEYS = [f"{_ARG}head", "net"]
+#: how the recommended recipe trains: hidden keys, stored inputs, keys refreshed at every epoch
+#: end, class-balanced replay of 64 stored examples at every optimizer step
+RECIPE_TRAINING = [
+    *HIDDEN_KEYS,
+    f"{_ARG}store_inputs", "true",
+    f"{_ARG}refresh_keys", "epoch_end",
+    f"{_ARG}replay_every_n_steps", "1",
+    f"{_ARG}replay_batch_size", "64",
+    f"{_ARG}replay_sampling", "class_balanced",
+]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -398,6 +425,154 @@ def summarise(results: dict[str, dict[str, object]]) -> list[str]:
     return lines
 
 
+# ---------------------------------------------------------------------------- --recipe
+
+#: the recipe grid: k x steps x lr x adaptation loss (beta 0)
+RECIPE_GRID = {
+    "full": ((16, 32, 64, 128), (5, 20), (0.003, 0.01, 0.03)),
+    "smoke": ((8,), (5,), (0.01,)),
+}
+LOSSES = ("cross_entropy", "logit_adjusted")
+DEFAULT_ADAPTATION = dict(k=32, adaptation_steps=20, adaptation_lr=0.01, beta=0.0)
+
+
+def reweighted_predictions(s: Stream, divide_by: str) -> np.ndarray:
+    """The callback's default adaptation with each neighbour's kernel weight divided by its
+    class's share of the memory (``"memory share"``) or by its class's count among the query's
+    K neighbours (``"neighbour count"``), renormalised: computed with the library's functions,
+    as the callback would (a candidate that is no option of the callback)."""
+    from lightning_mbpa import kernel_weights, local_adapt
+
+    memory = s.mbpa.memory
+    k, steps, lr, beta = DEFAULT_ADAPTATION.values()
+    queries = embed(s, s.val_x)
+    found = memory.search(queries, int(k))
+    weights = kernel_weights(found.distances, found.mask, s.mbpa.kernel_eps)
+    classes = int(s.model.get_submodule(s.mbpa.head_name or "").out_features)
+    if divide_by == "memory share":
+        share = torch.bincount(memory.values, minlength=classes).float() / len(memory)
+        weights = weights / share[found.values]
+    else:
+        onehot = torch.nn.functional.one_hot(found.values, classes) * found.mask[..., None]
+        weights = weights / onehot.sum(1).gather(1, found.values).clamp_min(1)
+    weights = torch.where(found.mask, weights, 0.0)
+    weights = weights / weights.sum(1, keepdim=True).clamp_min(1e-30)
+    head = s.model.get_submodule(s.mbpa.head_name or "")
+    adapted = local_adapt(
+        head, queries, found.keys, found.values, weights, int(steps), float(lr), float(beta)
+    )
+    return adapted.argmax(1).numpy()
+
+
+def quota_memory(s: Stream, capacity: int) -> EpisodicMemory:
+    """The run's writes, in write order, into a memory of ``capacity`` with per-class quotas."""
+    memory = EpisodicMemory(capacity, eviction="class_balanced")
+    memory.add(s.keys, s.values)
+    return memory
+
+
+def rare_candidates(s: Stream, log: list[str]) -> dict[str, float]:
+    """Section 1 of ``--recipe``: each candidate at the default adaptation setting."""
+    base = per_task(s, predict(s, adaptation_steps=0))
+    counts = torch.bincount(s.values, minlength=10).tolist()
+    log.append(f"memory: {len(s.values)} entries, per class {counts}")
+    log.append(
+        f"{'candidate (k=32, 20 steps, lr 0.01, beta 0)':<44} {'average':>7} {'gain':>6} | per task"
+    )
+    log.append(
+        f"{'base model (no adaptation)':<44} {100 * base.mean():>7.1f} {0:>+6.1f} | {fmt_acc(base)}"
+    )
+    scores: dict[str, float] = {}
+
+    def add(label: str, acc: np.ndarray) -> None:
+        scores[label] = float(acc.mean())
+        gain = 100 * (acc.mean() - base.mean())
+        log.append(f"{label:<44} {100 * acc.mean():>7.1f} {gain:>+6.1f} | {fmt_acc(acc)}")
+
+    default = dict(DEFAULT_ADAPTATION, base_weight=0.0)
+    add("cross-entropy (the paper)", per_task(s, predict(s, **default)))
+    for divide_by in ("memory share", "neighbour count"):
+        add(f"weights / class {divide_by}", per_task(s, reweighted_predictions(s, divide_by)))
+    add(
+        "adaptation_loss: logit_adjusted",
+        per_task(s, predict(s, **default, adaptation_loss="logit_adjusted")),
+    )
+    for weight in (0.25, 0.5, 0.75):
+        for loss in LOSSES:
+            acc = per_task(
+                s, predict(s, **{**default, "base_weight": weight}, adaptation_loss=loss)
+            )
+            add(f"base_weight {weight:g}, {loss}", acc)
+    s.mbpa.base_weight = 0.0
+    s.mbpa.adaptation_loss = "cross_entropy"
+    full = s.mbpa.memory
+    for capacity in (1000, 500):
+        s.mbpa.memory = quota_memory(s, capacity)
+        for loss in LOSSES:
+            acc = per_task(s, predict(s, **default, adaptation_loss=loss))
+            add(f"class_balanced memory of {capacity}, {loss}", acc)
+    s.mbpa.memory = full
+    s.mbpa.adaptation_loss = "cross_entropy"
+    return scores
+
+
+RecipeSetting = tuple[int, int, float, str]
+
+
+def recipe_grid(s: Stream, grid: str, log: list[str]) -> tuple[float, dict[RecipeSetting, float]]:
+    """Section 2 of ``--recipe``: k x steps x lr x adaptation loss, beta 0."""
+    base = per_task(s, predict(s, adaptation_steps=0, base_weight=0.0))
+    log.append(f"{'k   steps lr     loss':<44} {'average':>7} {'gain':>6} | per task")
+    scores: dict[RecipeSetting, float] = {}
+    ks, steps, lrs = RECIPE_GRID[grid]
+    for k, n, lr, loss in itertools.product(ks, steps, lrs, LOSSES):
+        acc = per_task(
+            s, predict(s, k=k, adaptation_steps=n, adaptation_lr=lr, beta=0.0, adaptation_loss=loss)
+        )
+        scores[(k, n, lr, loss)] = float(acc.mean())
+        gain = 100 * (acc.mean() - base.mean())
+        log.append(
+            f"{k:<3} {n:<5} {lr:<6g} {loss:<25} {100 * acc.mean():>7.1f} {gain:>+6.1f} | {fmt_acc(acc)}"
+        )
+    s.mbpa.adaptation_loss = "cross_entropy"
+    return float(base.mean()), scores
+
+
+def recipe(streams: list[str], grid: str, overrides: list[str]) -> dict[str, object]:
+    """``--recipe``: train each stream once with the recipe's training, then sections 1 and 2."""
+    bases: dict[str, float] = {}
+    grids: dict[str, dict[RecipeSetting, float]] = {}
+    candidates: dict[str, dict[str, float]] = {}
+    for stream in streams:
+        log = [f"\n##### {stream}: validation accuracy (%) after the last task (recipe training)"]
+        s = train(stream, [*overrides, *RECIPE_TRAINING])
+        log.append(f"training: {s.fit_seconds:.1f} s wall")
+        candidates[stream] = rare_candidates(s, log)
+        log.append("")
+        bases[stream], grids[stream] = recipe_grid(s, grid, log)
+        print("\n".join(log), flush=True)
+    lines = ["\n##### recipe: mean validation average over " + ", ".join(streams)]
+    settings = list(next(iter(grids.values())))
+    mean = {x: float(np.mean([grids[st][x] for st in streams])) for x in settings}
+    for loss in LOSSES:
+        top = sorted((x for x in settings if x[3] == loss), key=mean.__getitem__, reverse=True)
+        for k, n, lr, _ in top[:3]:
+            per_stream = " ".join(f"{100 * grids[st][(k, n, lr, loss)]:5.1f}" for st in streams)
+            lines.append(
+                f"{loss:<15} k={k:<3} steps={n:<2} lr={lr:<6g} mean {100 * mean[(k, n, lr, loss)]:5.1f}"
+                f" | {per_stream}"
+            )
+    best = max(settings, key=mean.__getitem__)
+    lines.append(
+        f"chosen: k={best[0]}, adaptation_steps={best[1]}, adaptation_lr={best[2]:g}, beta=0, "
+        f"adaptation_loss={best[3]} (base model: "
+        + " ".join(f"{100 * bases[st]:.1f}" for st in streams)
+        + ")"
+    )
+    print("\n".join(lines), flush=True)
+    return {"base": bases, "grid": grids, "candidates": candidates, "chosen": best}
+
+
 def main(argv: list[str] | None = None) -> dict[str, dict[str, object]]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--streams", nargs="+", default=list(STREAMS), choices=STREAMS)
@@ -406,11 +581,20 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, object]]:
         "--threads", type=int, default=1, help="torch threads (1: see docs/benchmarks.md)"
     )
     parser.add_argument(
+        "--recipe",
+        action="store_true",
+        help="choose the recommended continual-learning recipe instead (see above)",
+    )
+    parser.add_argument(
         "overrides", nargs="*", help="LightningCLI arguments for every stream, after --"
     )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
+    if args.recipe:
+        chosen = recipe(args.streams, args.grid, args.overrides)
+        print(f"sweep wall time {time.perf_counter() - start:.0f} s")
+        return {"recipe": chosen}
     results = {}
     for stream in args.streams:
         log: list[str] = []

@@ -12,7 +12,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from lightning_mbpa.adaptation import kernel_weights, local_adapt
+    from lightning_mbpa.adaptation import class_log_prior, kernel_weights, local_adapt
     from lightning_mbpa.callback import MbPA
     from lightning_mbpa.memory import EpisodicMemory, Neighbours
     from lightning_mbpa.mixture import mix_log_probs, neighbour_weights
@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 _EXPORTS = {
     "EpisodicMemory": "lightning_mbpa.memory",
     "Neighbours": "lightning_mbpa.memory",
+    "class_log_prior": "lightning_mbpa.adaptation",
     "kernel_weights": "lightning_mbpa.adaptation",
     "local_adapt": "lightning_mbpa.adaptation",
     "MbPA": "lightning_mbpa.callback",
@@ -31,6 +32,7 @@ __all__ = [
     "EpisodicMemory",
     "MbPA",
     "Neighbours",
+    "class_log_prior",
     "kernel_weights",
     "local_adapt",
     "mix_log_probs",

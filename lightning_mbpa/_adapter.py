@@ -50,6 +50,7 @@ class AdaptSettings:
     lr: float
     beta: float
     kernel_eps: float
+    adaptation_loss: str = "cross_entropy"
     base_weight: float = 0.0
     memory_weight: float = 0.0
     memory_temperature: float | None = None
@@ -98,6 +99,7 @@ class Adapter:
         self._slot_row: Tensor | None = None  # CPU: row of each slot in _slot_outputs, or -1
         self._slot_rows_used = 0
         self._slot_version = -1  # the memory's version the cache was made for
+        self._log_prior: tuple[int, Tensor] | None = None  # (memory version, log class prior)
 
     def __getstate__(self) -> dict[str, Any]:
         return {"head": self.head}
@@ -128,6 +130,7 @@ class Adapter:
     def invalidate(self) -> None:
         """Forget everything derived from the memory's contents (after a refresh or a load)."""
         self._slot_outputs = None
+        self._log_prior = None
         self._labels_checked = None
 
     # ---- the adapt hook (registered and removed here only)
@@ -234,6 +237,7 @@ class Adapter:
                 beta=settings.beta,
                 base_outputs=base,
                 neighbour_outputs=self.neighbour_outputs(memory, neighbours.indices),
+                logit_offsets=self.logit_offsets(memory, base.shape[1]),
             )
         else:  # no adaptation steps, or λa = 0 (cache, kNN-LM): no adapted heads to compute
             adapted = base
@@ -353,6 +357,19 @@ class Adapter:
             slot_rows = self._slot_row[flat]
         table = outputs[slot_rows.long()]
         return table.view(*indices.shape, table.shape[-1]).to(indices.device)
+
+    def logit_offsets(self, memory: EpisodicMemory, classes: int) -> Tensor | None:
+        """``adaptation_loss="logit_adjusted"``: the memory's log class prior, added to the
+        neighbours' logits in the adaptation loss (cached until the memory changes)."""
+        assert self.settings is not None
+        if self.settings.adaptation_loss != "logit_adjusted":
+            return None
+        cached = self._log_prior
+        if cached is None or cached[0] != memory.version or cached[1].shape[0] != classes:
+            with torch.inference_mode(False):
+                prior = adaptation.class_log_prior(memory.values, classes)
+            cached = self._log_prior = (memory.version, prior)
+        return cached[1]
 
     @property
     def cached_slots(self) -> Tensor:

@@ -10,7 +10,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning_mbpa._checks import check
 from lightning_mbpa._drift import REPLAY_SAMPLING
 from lightning_mbpa._numbers import is_int, is_real
-from lightning_mbpa.adaptation import MIN_KERNEL_EPS
+from lightning_mbpa.adaptation import ADAPTATION_LOSSES, MIN_KERNEL_EPS
 from lightning_mbpa.mixture import mixture_weights
 
 STAGES: tuple[str, ...] = ("validate", "test", "predict")
@@ -26,6 +26,7 @@ def check_arguments(
     adaptation_lr: Any,
     beta: Any,
     kernel_eps: Any,
+    adaptation_loss: Any,
     label_key: Any,
     eviction: Any,
     index: Any,
@@ -74,6 +75,12 @@ def check_arguments(
         kernel_eps,
         f"a finite float >= {MIN_KERNEL_EPS!r} (the smallest normal float32, so that the "
         "weight 1/kernel_eps of an exact match is finite)",
+    )
+    check(
+        isinstance(adaptation_loss, str) and adaptation_loss in ADAPTATION_LOSSES,
+        "adaptation_loss",
+        adaptation_loss,
+        f"one of {list(ADAPTATION_LOSSES)}",
     )
     check(
         label_key is None

@@ -51,6 +51,7 @@ def _adapt_generic(
     num_classes: int,
     dtype: torch.dtype,
     memory_budget_bytes: int,
+    logit_offsets: Tensor | None = None,
 ) -> Tensor:
     """Per-query adaptation of any head with ``torch.func``, ``vmap``-ed over query chunks.
 
@@ -84,6 +85,8 @@ def _adapt_generic(
         queries = _as_normal(queries, dtype)
         weights = _as_normal(weights, dtype)
         labels = _as_normal(labels, None)
+        if logit_offsets is not None:
+            logit_offsets = _as_normal(logit_offsets, dtype)
         dual = first is not None
 
         # an in-place first layer (ReLU(inplace=True)) must not write into the caller's
@@ -103,6 +106,8 @@ def _adapt_generic(
             theta: dict[str, Tensor], inputs_q: Tensor, labels_q: Tensor, weights_q: Tensor
         ) -> Tensor:
             logits = forward(theta, inputs_q)
+            if logit_offsets is not None:  # the logit-adjusted loss
+                logits = logits + logit_offsets
             if num_classes == 1:
                 losses = F.binary_cross_entropy_with_logits(
                     logits[:, 0], labels_q.to(logits.dtype), reduction="none"

@@ -105,6 +105,7 @@ def start_adapting(
         lr=cb.adaptation_lr,
         beta=cb.beta,
         kernel_eps=cb.kernel_eps,
+        adaptation_loss=cb.adaptation_loss,
         base_weight=cb.base_weight,
         memory_weight=cb.memory_weight,
         memory_temperature=cb.memory_temperature,

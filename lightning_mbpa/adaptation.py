@@ -35,7 +35,7 @@ import math
 import numbers
 import warnings
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -45,7 +45,19 @@ from lightning_mbpa._generic_form import _adapt_generic
 from lightning_mbpa._head_layers import _leading_linear, _linear_head
 from lightning_mbpa._numbers import is_real
 
-__all__ = ["MIN_KERNEL_EPS", "kernel_weights", "local_adapt"]
+__all__ = [
+    "ADAPTATION_LOSSES",
+    "MIN_KERNEL_EPS",
+    "class_log_prior",
+    "kernel_weights",
+    "local_adapt",
+]
+
+#: The losses local adaptation can minimise on the neighbours (``MbPA(adaptation_loss=...)``):
+#: plain cross-entropy, or cross-entropy of the logits plus the memory's log class prior
+#: (:func:`class_log_prior`), with the query predicted from the logits alone.
+AdaptationLoss = Literal["cross_entropy", "logit_adjusted"]
+ADAPTATION_LOSSES: tuple[str, ...] = ("cross_entropy", "logit_adjusted")
 
 #: The smallest ``eps`` of :func:`kernel_weights` (and ``MbPA(kernel_eps=...)``): the smallest
 #: normal float32, so that the weight of an exact match, ``1 / eps``, is finite in float32.
@@ -116,6 +128,50 @@ def _normalised_by_largest(inv: Tensor) -> Tensor:
     return scaled / torch.where(total > 0, total, torch.ones_like(total))
 
 
+def class_log_prior(labels: Tensor, num_classes: int) -> Tensor:
+    """The log class prior of stored labels, smoothed: ``log π_c`` with
+    ``π_c = (n_c + 1) / (N + C)``, ``n_c`` the labels equal to ``c`` among the ``N`` given.
+
+    What ``MbPA(adaptation_loss="logit_adjusted")`` adds to the head's logits on the neighbours
+    during local adaptation (``logit_offsets`` of :func:`local_adapt`). The ``+ 1`` keeps a class
+    absent from the labels finite. For a single-output head (``num_classes == 1``, labels
+    ``{0, 1}``) it is the log-odds ``log((n_1 + 1) / (n_0 + 1))``, one entry.
+
+    Args:
+        labels: Integer class indices, any shape, in ``[0, num_classes)`` (``{0, 1}`` when
+            ``num_classes == 1``).
+        num_classes: Outputs of the head, ``>= 1``.
+
+    Returns:
+        ``[num_classes]`` float32 tensor on ``labels``' device.
+
+    Raises:
+        ValueError: On a ``num_classes`` below 1, non-integer labels or labels out of range.
+
+    Example:
+        >>> class_log_prior(torch.tensor([0, 0, 1]), 3).exp()
+        tensor([0.5000, 0.3333, 0.1667])
+    """
+    if not isinstance(num_classes, numbers.Integral) or isinstance(num_classes, bool):
+        raise ValueError(f"`num_classes` must be an int >= 1, got {num_classes!r}.")
+    if num_classes < 1:
+        raise ValueError(f"`num_classes` must be an int >= 1, got {num_classes!r}.")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise ValueError(f"`labels` must be an integer tensor, got dtype {labels.dtype}.")
+    flat = labels.reshape(-1).long()
+    high = 2 if num_classes == 1 else num_classes
+    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= high):
+        raise ValueError(
+            f"`labels` must lie in [0, {high}) for `num_classes`={num_classes}, got values in "
+            f"[{int(flat.min())}, {int(flat.max())}]."
+        )
+    counts = torch.bincount(flat, minlength=high).to(torch.float64) + 1.0
+    log_prior = (counts / counts.sum()).log()
+    if num_classes == 1:
+        log_prior = log_prior[1:] - log_prior[:1]
+    return log_prior.to(torch.float32)
+
+
 def local_adapt(
     head: nn.Module,
     queries: Tensor,
@@ -129,6 +185,7 @@ def local_adapt(
     base_outputs: Tensor | None = None,
     neighbour_outputs: Tensor | None = None,
     memory_budget_bytes: int = _DEFAULT_MEMORY_BUDGET,
+    logit_offsets: Tensor | None = None,
 ) -> Tensor:
     """Outputs of ``head`` on each query after adapting a private copy to its neighbours.
 
@@ -170,6 +227,12 @@ def local_adapt(
             estimated footprint (per-query parameter copies on the generic path, ``[K, C]``
             step buffers on the dual path) stays under it. On CPU, chunks are further
             capped to stay cache-sized, which is faster.
+        logit_offsets: Optional ``[C]`` offsets added to the head's outputs on the neighbours
+            inside the loss, ``loss(head_θx(keys[b, k]) + logit_offsets, labels[b, k])``, and
+            not to the queries' outputs: with the log class prior of the memory
+            (:func:`class_log_prior`) this is the logit-adjusted loss (Menon et al., 2021;
+            balanced softmax, Ren et al., 2020), which fits the neighbours' labels with the
+            class imbalance factored out. ``None`` (the default): plain loss.
 
     Returns:
         ``[B, C]`` outputs of the adapted heads on the queries, without autograd history. A
@@ -193,6 +256,16 @@ def local_adapt(
         torch.Size([4, 3])
     """
     _check_arguments(head, queries, keys, labels, weights, steps, lr, beta, memory_budget_bytes)
+    if logit_offsets is not None and (
+        not isinstance(logit_offsets, Tensor)
+        or logit_offsets.dim() != 1
+        or not logit_offsets.is_floating_point()
+        or not bool(torch.isfinite(logit_offsets).all())
+    ):
+        raise ValueError(
+            "`logit_offsets` must be a finite floating-point tensor [C] or None, got "
+            f"{_describe(logit_offsets)}."
+        )
     num_queries, num_neighbours = labels.shape
     first, rest = _leading_linear(head)
     linear = _linear_head(head, (first, rest))
@@ -216,6 +289,8 @@ def local_adapt(
             _check_shape(
                 "neighbour_outputs", neighbour_outputs, (num_queries, num_neighbours, num_classes)
             )
+        if logit_offsets is not None:
+            _check_shape("logit_offsets", logit_offsets, (num_classes,))
         valid = weights > 0
         _check_labels(labels, valid, num_classes)
 
@@ -232,9 +307,16 @@ def local_adapt(
         device_type = queries.device.type
         stack.enter_context(_autocast_disabled(device_type))
         labels = torch.where(valid, labels, torch.zeros_like(labels)).long()
+        offsets = None if logit_offsets is None else logit_offsets.to(queries.device, compute_dtype)
         if dual:
             assert linear is not None  # dual form only for a Linear head
             with torch.no_grad():
+                if offsets is not None:
+                    # the dual steps move the neighbours' logits by amounts that depend only on
+                    # their softmax: starting them from `outputs + offsets` is the adjusted loss
+                    if neighbour_outputs is None:
+                        neighbour_outputs = _linear_outputs(linear, keys, compute_dtype)
+                    neighbour_outputs = neighbour_outputs.to(compute_dtype) + offsets
                 adapted = _adapt_linear_dual_chunked(
                     linear,
                     queries.to(compute_dtype),
@@ -265,10 +347,18 @@ def local_adapt(
                 num_classes,
                 compute_dtype,
                 memory_budget_bytes,
+                offsets,
             )
         adapted = adapted.to(base_outputs.dtype)
         active = _without_overflow(adapted, base_outputs, active)
         return torch.where(active[:, None], adapted, base_outputs)
+
+
+def _linear_outputs(linear: nn.Linear, keys: Tensor, dtype: torch.dtype) -> Tensor:
+    """The trained linear head's outputs on the neighbour keys ``[B, K, C]``, in ``dtype``."""
+    weight = linear.weight.detach().to(dtype)
+    bias = None if linear.bias is None else linear.bias.detach().to(dtype)
+    return torch.nn.functional.linear(keys.to(dtype), weight, bias)
 
 
 def _without_overflow(adapted: Tensor, base: Tensor, active: Tensor) -> Tensor:

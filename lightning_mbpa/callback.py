@@ -59,6 +59,17 @@ class MbPA(Callback):
             demo streams on their validation splits with hidden-layer keys (``examples/sweep.py``).
         kernel_eps: ``ε`` of the neighbour weights ``w_k ∝ 1 / (ε + ||q − h_k||²)``, at least
             ``1.1755e-38`` (the smallest normal float32, so that ``1 / ε`` is finite).
+        adaptation_loss: The neighbours' loss in local adaptation. ``"cross_entropy"`` (the
+            paper): ``Σ_k w_k·CE(g_θx(h_k), y_k)``. ``"logit_adjusted"``: cross-entropy of the
+            logits plus the memory's log class prior, ``CE(g_θx(h_k) + log π, y_k)`` with
+            ``π_c ∝ 1 + (entries of class c in memory)`` (:func:`~lightning_mbpa.class_log_prior`),
+            while the query is still predicted from ``g_θx(q)`` alone (logit adjustment, Menon
+            et al. 2021; balanced softmax, Ren et al. 2020). It factors the memory's class
+            imbalance out of what adaptation fits, so a rare class's few memories among a
+            query's neighbours are not outvoted by the common classes' many; on a memory whose
+            classes are equally frequent it changes nothing (a constant shift of the logits).
+            Use it when some classes are rare in the memory (with ``replay_sampling=
+            "class_balanced"``).
         label_key: Where training batches keep their labels: a mapping key or attribute name,
             or a position in a tuple. ``None``: a tuple's second element, or a key/attribute
             named ``y``, ``label``, ``labels``, ``target`` or ``targets``.
@@ -150,6 +161,7 @@ class MbPA(Callback):
         adaptation_lr: float = 0.01,
         beta: float = 0.0,
         kernel_eps: float = 1e-3,
+        adaptation_loss: Literal["cross_entropy", "logit_adjusted"] = "cross_entropy",
         label_key: str | int | None = None,
         eviction: Literal["fifo", "reservoir", "class_balanced"] = "fifo",
         index: str = "Flat",
@@ -180,6 +192,7 @@ class MbPA(Callback):
             adaptation_lr=adaptation_lr,
             beta=beta,
             kernel_eps=kernel_eps,
+            adaptation_loss=adaptation_loss,
             label_key=label_key,
             eviction=eviction,
             index=index,
@@ -202,7 +215,8 @@ class MbPA(Callback):
         self.head, self.label_key, self.seed = head, label_key, int(seed)
         self.k, self.adaptation_steps = int(k), int(adaptation_steps)
         self.adaptation_lr, self.beta = float(adaptation_lr), float(beta)
-        self.kernel_eps, self.write_fraction = float(kernel_eps), float(write_fraction)
+        self.kernel_eps, self.adaptation_loss = float(kernel_eps), adaptation_loss
+        self.write_fraction = float(write_fraction)
         self.online_writes, self.save_memory = online_writes, save_memory
         self.store_inputs, self.write_on_fit = store_inputs, write_on_fit
         self.refresh_keys, self.refresh_batch_size = refresh_keys, int(refresh_batch_size)

@@ -132,6 +132,7 @@ def test_baselines_table(tmp_path: Path) -> None:
     )  # fmt: skip
     rows = {row["name"]: row for row in result["rows"]}
     names = ["naive", "ewc", "replay", "mbpa_pixel", "mbpa_hidden", "replay_cb", "mbpa_hidden_cb"]
+    names.append("mbpa_recommended")
     assert [row["name"] for row in result["rows"]] == names == list(baselines.ROWS)
     assert result["tasks"] == ["0-4", "5-9"] and result["rare_task"] == 0
     seen = np.triu(np.ones((2, 2), dtype=bool))
@@ -151,9 +152,11 @@ def test_baselines_table(tmp_path: Path) -> None:
     np.testing.assert_array_equal(rows["mbpa_pixel"]["base"], rows["naive"]["test"])
     np.testing.assert_array_equal(rows["mbpa_hidden"]["base"], rows["replay"]["test"])
     np.testing.assert_array_equal(rows["mbpa_hidden_cb"]["base"], rows["replay_cb"]["test"])
+    np.testing.assert_array_equal(rows["mbpa_recommended"]["base"], rows["replay_cb"]["test"])
+    assert "logit_adjusted" in rows["mbpa_recommended"]["setting"]
     for name in ("naive", "replay", "replay_cb"):
         assert rows[name]["base"] is None and rows[name]["base_rare"] is None
-    for name in ("mbpa_pixel", "mbpa_hidden", "mbpa_hidden_cb"):
+    for name in ("mbpa_pixel", "mbpa_hidden", "mbpa_hidden_cb", "mbpa_recommended"):
         base = np.asarray(rows[name]["base"], dtype=float)[:, -1]
         assert rows[name]["base_rare"] == base[0]
         assert rows[name]["base_final_average"] == pytest.approx(base.mean())
@@ -177,4 +180,5 @@ def test_baselines_table(tmp_path: Path) -> None:
     for label, _ in baselines.ROWS.values():
         assert label in report
     assert "rare 0-4" in report and "MbPA, hidden keys minus each row" in report
+    assert "MbPA, recommended recipe minus each row" in report
     assert "without adaptation (mbpa/base_acc)" in report
