@@ -51,7 +51,6 @@ from lightning_mbpa._faiss_index import Int64Array, _LiveRowIndex, _new_index
 from lightning_mbpa._kernel_choice import forget_kernel_choices, kernel_choices
 from lightning_mbpa._memory_checks import (
     EXACT_INDEX,
-    INSERTED_KEY,
     PAYLOAD_KEY,
     STATE_KEYS,
     Backend,
@@ -65,6 +64,7 @@ from lightning_mbpa._memory_checks import (
     check_state,
     resolve_device,
 )
+from lightning_mbpa._memory_state import check_class_balanced_state, memory_state, restore_state
 from lightning_mbpa._neighbours import Neighbours, empty_neighbours, gather_cpu, gather_on_device
 from lightning_mbpa._storage import KeyStore
 from lightning_mbpa._writing import PendingRows, refusal, write_rows
@@ -606,21 +606,7 @@ class EpisodicMemory:
         not stored; :meth:`load_state_dict` rebuilds them from the keys.
         """
         self._settle()
-        d = -1 if self.dim is None else self.dim
-        state: dict[str, Any] = {
-            "keys": self.keys.clone() if self._store.keys is not None else torch.empty(0, 0),
-            "values": self.values.clone(),
-            "capacity": torch.tensor(self._capacity, dtype=torch.int64),
-            "dim": torch.tensor(d, dtype=torch.int64),
-            "cursor": torch.tensor(self._slots.cursor, dtype=torch.int64),
-            "num_seen": torch.tensor(self._slots.num_seen, dtype=torch.int64),
-            "generator_state": self._slots.generator.get_state(),
-        }
-        if self._store.payload is not None:
-            state[PAYLOAD_KEY] = {name: t.clone() for name, t in self.payload.items()}
-        if self._slots.inserted is not None:
-            state[INSERTED_KEY] = torch.from_numpy(self._slots.inserted[: len(self)].copy())
-        return state
+        return memory_state(self._store, self._slots, self._capacity)
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restores :meth:`state_dict` output; everything is checked before anything changes.
@@ -632,27 +618,15 @@ class EpisodicMemory:
         """
         self._settle()
         checked = check_state(state, self._capacity, self.dim)
-        if self._eviction == "class_balanced" and checked.size and checked.inserted is None:
-            raise ValueError(
-                f"`state[{INSERTED_KEY!r}]` is missing: a memory with eviction='class_balanced' "
-                "needs the write count of each entry (the state of a 'fifo' or 'reservoir' "
-                "memory does not have it)."
-            )
+        check_class_balanced_state(checked, self._eviction)
         ann = None
         if self._index_string != EXACT_INDEX and checked.dim != -1:
             ann = _LiveRowIndex(self._index_string, checked.dim, self._index_params, self._capacity)
-
         # Everything checked: commit. Fresh buffers release the pages of the old contents.
         new_dim = checked.dim if checked.dim != -1 else self.dim
         if new_dim is not None:
             self._allocate(new_dim)
-        self._slots.restore(
-            checked.num_seen,
-            checked.generator,
-            checked.values.cpu().numpy(),
-            None if checked.inserted is None else checked.inserted.cpu().numpy(),
-        )
-        self._store.load(None, checked.size, checked.keys, checked.values, checked.payload)
+        restore_state(self._store, self._slots, checked)
         self._version += 1
         if ann is not None:
             self._ann = ann
