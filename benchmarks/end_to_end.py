@@ -384,7 +384,7 @@ def training(args: argparse.Namespace) -> None:
     device = args.device
     g = torch.Generator().manual_seed(0)
     if args.model == "cnn":
-        n = args.train or 4096
+        n = args.train or 2048
         x = torch.randn(n, 1, 28, 28, generator=g)
         make_model, described = CNN, "CNN conv16-conv32-pool-128-10 on 1x28x28"
     else:
@@ -476,7 +476,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=3, help="test-time rounds (medians)")
     parser.add_argument(
-        "--train", type=int, default=0, help="training examples (0: 20000 for mlp, 4096 for cnn)"
+        "--train", type=int, default=0, help="training examples (0: 20000 for mlp, 2048 for cnn)"
     )
     parser.add_argument("--model", default="mlp", choices=["mlp", "cnn"], help="training model")
     parser.add_argument("--train-rounds", type=int, default=9)
