@@ -161,6 +161,29 @@ def check_rows(
     With ``norms`` (and CPU storage) the squared key norms are computed, and double as the
     finiteness check: a NaN or inf key makes its norm non-finite. Without, one sum over the keys
     decides it (rows for the pending buffer, whose norms are computed in bulk)."""
+    if (  # every training batch: CPU float32 keys and int64 labels for the pending buffer
+        not norms
+        and type(keys) is Tensor
+        and type(values) is Tensor
+        and keys.dtype is torch.float32
+        and values.dtype is torch.int64
+        and keys.is_cpu
+        and values.is_cpu
+        and not keys.requires_grad
+    ):
+        shape = keys.shape
+        n = shape[0]
+        if (
+            0 < n <= 1024
+            and len(shape) == 2
+            and shape[1]
+            and (dim is None or shape[1] == dim)
+            and values.shape == shape[:1]
+        ):
+            as_list = values.tolist()
+            finite = all_finite(keys)
+            low, high = min(as_list), max(as_list)
+            return CheckedRows(keys, values, None, finite, low, high, None, as_list)
     if not isinstance(keys, Tensor):
         raise ValueError(f"`keys` must be a torch.Tensor; got {type(keys).__name__}.")
     if not isinstance(values, Tensor):
@@ -231,7 +254,7 @@ def keys_are_finite(keys32: Tensor, norms: npt.NDArray[np.float32] | None) -> bo
     overflows falls back to the element-wise check)."""
     if norms is not None:  # non-negative: a finite sum proves them all finite
         return math.isfinite(norms.sum()) or all_finite(keys32)
-    return keys32.shape[0] == 0 or all_finite(keys32)
+    return all_finite(keys32)
 
 
 def check_keys_and_labels(
@@ -480,7 +503,7 @@ def all_finite(x: Tensor) -> bool:
     if x.is_cpu:
         a = x.numpy()
         size = a.size
-        if a.dtype == np.float32 and size <= 1 << 16:
+        if size <= 1 << 16 and x.dtype is torch.float32:
             # One BLAS dot with zeros (the cheapest call between two training steps): inf * 0
             # and NaN * 0 are NaN and propagate, every finite product is 0, so nothing overflows.
             zeros = _ZEROS.get(size)

@@ -33,6 +33,7 @@ class KeyStore:
     def __init__(self, capacity: int, device: torch.device) -> None:
         self.capacity = capacity
         self.device = device
+        self.on_cpu = device.type == "cpu"  # read on every write
         self.dim: int | None = None
         self.keys: Tensor | None = None
         self.values: Tensor | None = None
@@ -44,10 +45,6 @@ class KeyStore:
             tuple[Tensor, npt.NDArray[np.float32], npt.NDArray[np.int64], npt.NDArray[np.float32]]
             | None
         ) = None
-
-    @property
-    def on_cpu(self) -> bool:
-        return self.device.type == "cpu"
 
     def allocate(self, dim: int) -> None:
         """Fresh, untouched buffers for keys of width ``dim`` (the old contents are released)."""
@@ -205,5 +202,5 @@ class KeyStore:
             values[:n].copy_(self.values[:n])
             norms[:n].copy_(self.norms[:n])
             self.keys, self.values, self.norms = keys, values, norms
-        self.device = device
+        self.device, self.on_cpu = device, device.type == "cpu"
         self._views = None

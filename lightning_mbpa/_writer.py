@@ -238,9 +238,10 @@ class Writer:
                 keys, values, *leaves = _gather(strategy, keys.float(), values, *payload.values())
                 pairs, payload = [(keys, values)], dict(zip(payload, leaves, strict=True))
         checked = self._check(pairs, payload, where)
-        if not all(rows.finite for rows in checked):
-            self._refuse(checked, where)
-            return
+        for rows in checked:
+            if not rows.finite:
+                self._refuse(checked, where)
+                return
         for rows in checked:
             self._add(rows, fraction)
 

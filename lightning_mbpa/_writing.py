@@ -105,13 +105,14 @@ class PendingRows:
     def append(self, rows: CheckedRows) -> None:
         """Copies ``rows`` behind the pending ones (the caller made :meth:`room`, or the buffer
         is empty)."""
-        n, dim = rows.keys.shape
-        if not self.room(n, dim):
+        keys = rows.keys.numpy()
+        n, dim = keys.shape
+        buffer = self.keys
+        if buffer is None or buffer.shape[1] != dim or self.count + n > buffer.shape[0]:
             assert self.count == 0
-            self.keys = np.empty((max(1, PENDING_BYTES // (4 * dim)), dim), dtype=np.float32)
-        assert self.keys is not None
+            buffer = self.keys = np.empty((max(1, PENDING_BYTES // (4 * dim)), dim), np.float32)
         start, end = self.count, self.count + n
-        self.keys[start:end] = rows.keys.numpy()
+        buffer[start:end] = keys
         self.values.extend(rows.values.tolist() if rows.listed is None else rows.listed)
         self.count = end
 

@@ -418,8 +418,11 @@ class EpisodicMemory:
         Raises:
             ValueError: As :meth:`add`, but for non-finite keys and negative labels.
         """
-        pending = payload is None and self._store.payload is None and self._buffers()
-        return self._check_rows(keys, values, payload, norms=not pending)
+        store = self._store
+        if payload is None and store.payload is None:  # the common case, in one call
+            pending = store.on_cpu and self._index_string == EXACT_INDEX
+            return check_rows(keys, values, store.dim, store.on_cpu, not pending)
+        return self._check_rows(keys, values, payload, norms=True)
 
     def add_checked(self, rows: CheckedRows) -> Tensor:
         """Writes rows :meth:`check_rows` checked for this memory without looking at the data
@@ -456,7 +459,7 @@ class EpisodicMemory:
         if rows.payload is not None or not self._buffers() or not pending.fits(rows):
             self.add_checked(rows)
         elif self._accept(rows):
-            if pending.count and not pending.room(*rows.keys.shape):
+            if pending.count and not pending.room(len(rows), rows.keys.shape[1]):
                 self._settle()
             pending.append(rows)
 
