@@ -528,3 +528,37 @@ def test_checkpoints_and_pickles_mid_epoch_equal_one_add_per_batch(tmp_path):
             assert torch.equal(state[name], expected[name]), (step, name)
     unpickled = pickle.loads(pickler.pickled)
     assert_same_memory(unpickled.memory, one_add_per_batch(recorder.batches[:7], 100))
+
+
+@pytest.mark.parametrize("change", ["none", "nan", "inf", "huge", "negative", "ignored"])
+def test_the_one_call_check_of_a_training_batch_equals_the_general_check(change):
+    """Rows checked for the pending buffer (one call: CPU float32 keys, int64 labels) carry the
+    same keys, labels, finiteness and label range as the general check that computes norms."""
+    from lightning_mbpa._memory_checks import check_rows
+
+    g = torch.Generator().manual_seed(0)
+    keys, values = torch.randn(64, 16, generator=g), torch.randint(0, 10, (64,), generator=g)
+    if change == "nan":
+        keys[7, 3] = math.nan
+    elif change == "inf":
+        keys[0, 0] = -math.inf
+    elif change == "huge":
+        keys *= 1e37  # finite, but the squares overflow
+    elif change == "negative":
+        values[5] = -2
+    elif change == "ignored":
+        values[::4] = -100
+    fast = check_rows(keys, values, 16, on_cpu=True, norms=False)
+    general = check_rows(keys.clone(), values.clone(), 16, on_cpu=True, norms=True)
+    assert fast.norms is None and general.norms is not None
+    assert fast.finite == general.finite == (change not in ("nan", "inf"))
+    assert (
+        (fast.low, fast.high)
+        == (general.low, general.high)
+        == (
+            int(values.min()),
+            int(values.max()),
+        )
+    )
+    torch.testing.assert_close(fast.keys, keys, rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(fast.values, values) and fast.listed == values.tolist()
