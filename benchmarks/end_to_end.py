@@ -16,12 +16,17 @@ per query, the time in each of MbPA's ``mbpa.*`` ranges (the search, the gatheri
 neighbours' base outputs, the adaptation's Gram matrix, softmax and updates, the metrics) and in
 the rest, on the CPU model printed with it.
 
-Training: an epoch with the callback writing every example against the same epoch without it
-for a small MLP (where the overhead is most visible), alternated, ratio of medians; both the
-epoch (``on_train_epoch_start`` to ``on_train_epoch_end``, the last flush included) and the whole
-``fit`` are timed.
+Training: an epoch with the callback writing every example against the same epoch without it,
+alternated (ABC CBA), ratio of medians; both the epoch (``on_train_epoch_start`` to
+``on_train_epoch_end``) and the whole ``fit`` are timed. ``--model mlp`` (default) is a small
+MLP whose step takes about a millisecond, where the callback's own cost is most visible;
+``--model cnn`` a small CNN on 28x28 inputs whose step takes tens of milliseconds, as most real
+models. A last run times the callback's own hooks (the capture hook, the batch start and end)
+per batch.
 
     python benchmarks/end_to_end.py                          # N = 100k, exact, 1 thread: ~2 min
+    python benchmarks/end_to_end.py --sizes                  # training only (MLP): ~30 s
+    python benchmarks/end_to_end.py --sizes --model cnn      # training only (CNN): ~2 min
     python benchmarks/end_to_end.py --threads 2
     python benchmarks/end_to_end.py --sizes 10000 100000 1000000 --index Flat IVF --queries 512
     python benchmarks/end_to_end.py --device cuda --queries 8192 --batch 1024
@@ -77,6 +82,33 @@ class MLP(pl.LightningModule):
 
     def test_step(self, batch, batch_idx):
         self(batch[0])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+class CNN(pl.LightningModule):
+    """A small CNN on 28x28 single-channel inputs: a training step of tens of milliseconds."""
+
+    def __init__(self, classes: int = 10) -> None:
+        super().__init__()
+        self.encoder = nn.Sequential(
+            nn.Conv2d(1, 16, 3),
+            nn.ReLU(),
+            nn.Conv2d(16, 32, 3),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(32 * 12 * 12, 128),
+            nn.ReLU(),
+        )
+        self.head = nn.Linear(128, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(x))
+
+    def training_step(self, batch, batch_idx):
+        return F.cross_entropy(self(batch[0]), batch[1])
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.01)
@@ -417,46 +449,95 @@ class HooksOnly(pl.Callback):
         pass
 
 
+class TimedMbPA(MbPA):
+    """MbPA whose per-batch work during ``fit`` is timed: the capture hook on the head, the
+    batch start and the batch end (where the rows are checked and written)."""
+
+    seconds = 0.0
+
+    def _timed(self, fn: Callable) -> Callable:
+        def timed(*args, **kwargs):  # CPU time of this thread: other processes do not count
+            start = time.thread_time()
+            out = fn(*args, **kwargs)
+            self.seconds += time.thread_time() - start
+            return out
+
+        return timed
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        writer = getattr(self, "_writer", self)  # versions before the writer part: the callback
+        name = "_capture" if hasattr(writer, "_capture") else "_capture_hook"
+        setattr(writer, name, self._timed(getattr(writer, name)))
+        super().on_fit_start(trainer, pl_module)
+
+    def on_train_batch_start(self, *args) -> None:
+        self._timed(super().on_train_batch_start)(*args)
+
+    def on_train_batch_end(self, *args) -> None:
+        self._timed(super().on_train_batch_end)(*args)
+
+    def on_before_optimizer_step(self, *args) -> None:
+        self._timed(super().on_before_optimizer_step)(*args)
+
+
 def training(args: argparse.Namespace) -> None:
+    from memory import cpu_model
+
     device = args.device
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(args.train, 64, generator=g)
-    y = torch.randint(0, 10, (args.train,), generator=g)
+    if args.model == "cnn":
+        n = args.train or 2048
+        x = torch.randn(n, 1, 28, 28, generator=g)
+        make_model, described = CNN, "CNN conv16-conv32-pool-128-10 on 1x28x28"
+    else:
+        n = args.train or 20_000
+        x = torch.randn(n, 64, generator=g)
+        make_model, described = (lambda: MLP(64, 128, 10)), "MLP 64-128-10"
+    y = torch.randint(0, 10, (n,), generator=g)
     loader = DataLoader(TensorDataset(x, y), batch_size=64)
     kinds = {
         "without": lambda: [],
         "hooks only": lambda: [HooksOnly()],
-        "with MbPA": lambda: [MbPA(memory_size=args.train)],
+        "with MbPA": lambda: [MbPA(memory_size=n)],
     }
     epochs: dict[str, list[float]] = {kind: [] for kind in kinds}
     cpu: dict[str, list[float]] = {kind: [] for kind in kinds}
     fits: dict[str, list[float]] = {kind: [] for kind in kinds}
 
-    def run(kind: str) -> None:
+    def run(callbacks: list) -> EpochTimer:
         timer = EpochTimer()
-        trainer = _trainer(device, [*kinds[kind](), timer])
+        trainer = _trainer(device, [*callbacks, timer])
         start = time.perf_counter()
-        trainer.fit(MLP(64, 128, 10), loader)
+        trainer.fit(make_model(), loader)
         _sync(device)
-        fits[kind].append(time.perf_counter() - start)
+        timer.fit_seconds = time.perf_counter() - start
+        return timer
+
+    def record(kind: str) -> None:
+        timer = run(kinds[kind]())
+        fits[kind].append(timer.fit_seconds)
         epochs[kind].append(timer.seconds)
         cpu[kind].append(timer.cpu_seconds)
 
     for kind in kinds:  # warm-up
-        run(kind)
+        record(kind)
     for times in (epochs, cpu, fits):
         for kind in kinds:
             times[kind].clear()
     order = list(kinds)
     for r in range(args.rounds):
         for kind in order if r % 2 == 0 else order[::-1]:  # ABC CBA: drift cancels
-            run(kind)
-    batches = math.ceil(args.train / 64)
+            record(kind)
+    batches = math.ceil(n / 64)
+    timed = TimedMbPA(memory_size=n)
+    run([timed])
     print(
-        f"training: {args.train} examples, MLP 64-128-10, batch 64, one epoch, {args.rounds} rounds"
-        " alternated; with MbPA writing every example, and a do-nothing callback with the same"
-        " hooks (the floor of any hook-based writer), vs without a callback"
+        f"training on {cpu_model()}: {n} examples, {described}, batch 64, one epoch, "
+        f"{args.rounds} rounds alternated; with MbPA writing every example, and a do-nothing "
+        "callback with the same hooks (the floor of any hook-based writer), vs without a callback"
     )
+    step = statistics.median(epochs["without"]) / batches
+    print(f"  a training step without a callback: {step * 1e3:.2f} ms (median epoch / batches)")
     for name, t in (("epoch wall", epochs), ("epoch CPU", cpu), ("fit wall", fits)):
         without = statistics.median(t["without"])
         spread = max(t["without"]) / min(t["without"])
@@ -470,6 +551,11 @@ def training(args: argparse.Namespace) -> None:
                 " batch)",
                 flush=True,
             )
+    print(
+        f"  MbPA's own hooks (capture, batch start and end; CPU time of one run): "
+        f"{timed.seconds / batches * 1e6:.0f} µs per batch",
+        flush=True,
+    )
 
 
 def main() -> None:
@@ -491,7 +577,10 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=1024)
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=3, help="test-time rounds (medians)")
-    parser.add_argument("--train", type=int, default=20_000)
+    parser.add_argument(
+        "--train", type=int, default=0, help="training examples (0: 20000 for mlp, 2048 for cnn)"
+    )
+    parser.add_argument("--model", default="mlp", choices=["mlp", "cnn"], help="training model")
     parser.add_argument("--train-rounds", type=int, default=9)
     parser.add_argument("--skip-training", action="store_true")
     parser.add_argument(

@@ -80,11 +80,19 @@ def restore_checkpoint(cb: MbPA, state_dict: dict[str, Any]) -> None:
     cb._drift.inputs_structure = saved.inputs_structure if cb.store_inputs else None
 
 
+def state_key(cb: MbPA) -> str:
+    """``MbPA.state_key``: Lightning reads it for every hook call of every callback, so the
+    string is built once per head."""
+    cached = cb.__dict__.get("_state_key_for")
+    if cached is None or cached[0] != cb.head:
+        cached = cb.__dict__["_state_key_for"] = (cb.head, cb._generate_state_key(head=cb.head))
+    return str(cached[1])
+
+
 def pickled_state(cb: MbPA) -> dict[str, Any]:
     """The callback's pickled state: everything but the run it is attached to, with the memory
     as bytes, not tensors: torch's multiprocessing pickler (ddp_spawn) would share tensors
     through file descriptors, which fails for empty ones."""
-    cb._writer.flush()
     state = {k: v for k, v in cb.__dict__.items() if k not in ("_module_ref", "_strategy")}
     buffer = io.BytesIO()
     torch.save({"config": cb._memory.config, "state": cb._memory.state_dict()}, buffer)

@@ -27,7 +27,7 @@ from lightning_utilities.core.rank_zero import WarningCache
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _NormBase
 
-from lightning_mbpa._checks import IGNORE_INDEX, module_device
+from lightning_mbpa._checks import module_device
 from lightning_mbpa._head import HeadBinding
 from lightning_mbpa._writer import generator_from_bytes, generator_state_bytes
 from lightning_mbpa.adaptation import _eval_mode
@@ -119,9 +119,7 @@ class Drift:
                 "(`mbpa.memory.clear()`) to store the new kind."
             )
         self.inputs_structure = structure
-        keep = labels != IGNORE_INDEX
-        if not bool(keep.all()):
-            leaves = [leaf[keep.to(leaf.device)] for leaf in leaves]
+        # one row per label: the writer drops the rows labelled IGNORE_INDEX with their keys
         return {str(i): leaf for i, leaf in enumerate(leaves)}
 
     def stored_inputs(

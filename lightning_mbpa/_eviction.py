@@ -96,6 +96,18 @@ class SlotAssigner:
         self._heap = [(-len(queue), label) for label, queue in self._queues.items()]
         heapq.heapify(self._heap)
 
+    def contiguous_start(self, n: int) -> int | None:
+        """The first of the ``n`` consecutive slots that ``n`` new rows take, when they do (a
+        FIFO ring that does not wrap within them; a reservoir still filling); None otherwise.
+        Then :meth:`assign` would give exactly these slots and draw nothing."""
+        seen, cap = self.num_seen, self.capacity
+        if self.eviction == "fifo":
+            start = seen % cap
+            return start if start + n <= cap else None
+        if self.eviction == "reservoir" and seen + n <= cap:
+            return seen
+        return None
+
     def assign(
         self, n: int, labels: Int64Array | None = None
     ) -> tuple[Int64Array, list[Run] | None]:

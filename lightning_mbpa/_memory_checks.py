@@ -8,6 +8,7 @@ given and what is allowed. Nothing here holds state or mutates a memory.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
@@ -98,54 +99,174 @@ def check_config(
     return target
 
 
-def check_keys_and_labels(
-    keys: Tensor, values: Tensor, dim: int | None, on_cpu: bool
-) -> tuple[Tensor, Tensor, npt.NDArray[np.float32] | None]:
-    """Validated ``(keys as float32, labels as int64, squared key norms)``.
+@dataclass(slots=True)
+class CheckedRows:
+    """Rows that passed :meth:`EpisodicMemory.check_rows`: what :meth:`EpisodicMemory.add_checked`
+    writes without looking at the data again.
 
-    The norms (numpy, for CPU storage only; None otherwise) double as the finiteness check: a NaN
-    or inf key makes its norm non-finite."""
+    Attributes:
+        keys: ``[N, D]`` float32, detached.
+        values: ``[N]`` int64 labels, detached.
+        norms: ``[N]`` float32 squared key norms (numpy) for CPU storage, else None.
+        finite: Whether every key is finite as float32.
+        low, high: The smallest and largest label (``0`` and ``-1`` when ``N == 0``). A memory
+            writes only rows with ``low >= 0``; a caller may drop rows first
+            (:meth:`select`), e.g. those labelled with an ignore index.
+        payload: Per-row tensors ``[N, ...]`` by name, checked against the memory's payload.
+        listed: The labels as a Python list when the check made one (short CPU label tensors),
+            else None.
+    """
+
+    keys: Tensor
+    values: Tensor
+    norms: npt.NDArray[np.float32] | None
+    finite: bool
+    low: int
+    high: int
+    payload: Mapping[str, Tensor] | None = None
+    listed: list[int] | None = None
+
+    def __len__(self) -> int:
+        return int(self.keys.shape[0])
+
+    def select(self, keep: Tensor) -> CheckedRows:
+        """The rows where ``keep`` (``[N]`` bool) holds, with their flags recomputed."""
+        keys = self.keys[keep.to(self.keys.device)]
+        values = self.values[keep.to(self.values.device)]
+        norms = None if self.norms is None else self.norms[keep.cpu().numpy()]
+        payload = None
+        if self.payload is not None:
+            payload = {name: t[keep.to(t.device)] for name, t in self.payload.items()}
+        low, high, listed = label_bounds(values)
+        finite = keys_are_finite(keys, norms)
+        return CheckedRows(keys, values, norms, finite, low, high, payload, listed)
+
+    def problem(self) -> str | None:
+        """Why a memory must not write these rows (non-finite keys, negative labels), or None."""
+        if not self.finite:
+            return "`keys` must be finite (as float32); got NaN or infinite values."
+        if self.low < 0:
+            bad = self.values[self.values < 0][:3].tolist()
+            return f"`values` must be non-negative labels; got {bad}."
+        return None
+
+
+def check_rows(
+    keys: Tensor, values: Tensor, dim: int | None, on_cpu: bool, norms: bool = True
+) -> CheckedRows:
+    """Keys and labels as :class:`CheckedRows`: types, shapes and integral labels are checked
+    here (``ValueError``); finiteness and the label range are measured, in one pass over each
+    tensor, and left to the caller (``CheckedRows.problem``).
+
+    With ``norms`` (and CPU storage) the squared key norms are computed, and double as the
+    finiteness check: a NaN or inf key makes its norm non-finite. Without, one sum over the keys
+    decides it (rows for the pending buffer, whose norms are computed in bulk)."""
+    if (  # every training batch: CPU float32 keys and int64 labels for the pending buffer
+        not norms
+        and type(keys) is Tensor
+        and type(values) is Tensor
+        and keys.dtype is torch.float32
+        and values.dtype is torch.int64
+        and keys.is_cpu
+        and values.is_cpu
+        and not keys.requires_grad
+    ):
+        shape = keys.shape
+        n = shape[0]
+        if (
+            0 < n <= 1024
+            and len(shape) == 2
+            and shape[1]
+            and (dim is None or shape[1] == dim)
+            and values.shape == shape[:1]
+        ):
+            as_list = values.tolist()
+            finite = all_finite(keys)
+            low, high = min(as_list), max(as_list)
+            return CheckedRows(keys, values, None, finite, low, high, None, as_list)
     if not isinstance(keys, Tensor):
         raise ValueError(f"`keys` must be a torch.Tensor; got {type(keys).__name__}.")
     if not isinstance(values, Tensor):
         raise ValueError(f"`values` must be a torch.Tensor; got {type(values).__name__}.")
-    width = "D" if dim is None else str(dim)
-    if keys.ndim != 2 or (dim is not None and keys.shape[1] != dim):
+    shape = keys.shape
+    if len(shape) != 2 or (dim is not None and shape[1] != dim):
+        width = "D" if dim is None else str(dim)
         raise ValueError(
-            f"`keys` must have shape [N, {width}] (the memory's key width); got shape {tuple(keys.shape)}."
+            f"`keys` must have shape [N, {width}] (the memory's key width); got shape {tuple(shape)}."
         )
-    if keys.shape[1] == 0:
-        raise ValueError(f"`keys` must have at least one column; got shape {tuple(keys.shape)}.")
-    if keys.dtype == torch.bool or keys.is_complex():
+    if shape[1] == 0:
+        raise ValueError(f"`keys` must have at least one column; got shape {tuple(shape)}.")
+    if keys.dtype is not torch.float32 and (keys.dtype == torch.bool or keys.is_complex()):
         raise ValueError(f"`keys` must be real-valued; got dtype {keys.dtype}.")
-    if values.ndim != 1 or values.shape[0] != keys.shape[0]:
+    if values.dim() != 1 or values.shape[0] != shape[0]:
         raise ValueError(
-            f"`values` must have shape [N] with N = {keys.shape[0]} (the number of keys); got shape"
+            f"`values` must have shape [N] with N = {shape[0]} (the number of keys); got shape"
             f" {tuple(values.shape)}."
         )
-    if values.dtype == torch.bool or values.is_complex():
-        raise ValueError(f"`values` must be integer labels; got dtype {values.dtype}.")
-    keys32 = keys.detach().to(torch.float32)
-    norms = None
+    labels = values  # integer tensors never require grad
+    if labels.dtype is not torch.int64:
+        labels = labels.detach()
+        if labels.dtype == torch.bool or labels.is_complex():
+            raise ValueError(f"`values` must be integer labels; got dtype {labels.dtype}.")
+        if labels.is_floating_point():
+            ok = torch.isfinite(labels) & (labels == labels.floor()) & (labels < 2.0**63)
+            if not bool(ok.all()):
+                bad = labels[~ok][:3].tolist()
+                raise ValueError(
+                    f"`values` must be integer labels; got non-integral values such as {bad}."
+                )
+        labels = labels.to(torch.int64)
+    keys32 = keys.detach() if keys.requires_grad else keys
+    if keys32.dtype is not torch.float32:
+        keys32 = keys32.to(torch.float32)
+    squares = None
     if on_cpu:
-        norms = squared_norms_np(keys32.cpu().numpy())
-        finite = bool(np.isfinite(norms).all()) or all_finite(keys32)  # squares can overflow
-    else:
-        finite = all_finite(keys32)
-    if not finite:
-        raise ValueError("`keys` must be finite (as float32); got NaN or infinite values.")
-    labels = values.detach()
-    if labels.is_floating_point():
-        ok = torch.isfinite(labels) & (labels == labels.floor()) & (labels < 2.0**63)
-        if not bool(ok.all()):
-            bad = labels[~ok][:3].tolist()
-            raise ValueError(
-                f"`values` must be integer labels; got non-integral values such as {bad}."
-            )
-    if any_negative(labels):
-        bad = labels[labels < 0][:3].tolist()
-        raise ValueError(f"`values` must be non-negative labels; got {bad}.")
-    return keys32, labels.to(torch.int64), norms
+        if not keys32.is_cpu:
+            keys32 = keys32.cpu()
+        if not labels.is_cpu:
+            labels = labels.cpu()
+        if norms:
+            keys_np = keys32.numpy()
+            squares = np.einsum("nd,nd->n", keys_np, keys_np)
+    low, high, listed = label_bounds(labels)
+    finite = keys_are_finite(keys32, squares)
+    return CheckedRows(keys32, labels, squares, finite, low, high, None, listed)
+
+
+def label_bounds(labels: Tensor) -> tuple[int, int, list[int] | None]:
+    """``(min, max, the labels as a list or None)`` of int64 labels, ``(0, -1, [])`` when
+    there are none (one pass, one sync)."""
+    n = labels.shape[0]
+    if n == 0:
+        return 0, -1, []
+    if labels.is_cpu:
+        if n <= 1024:  # Python on a short list beats two numpy reductions
+            listed = labels.tolist()
+            return min(listed), max(listed), listed
+        array = labels.numpy()
+        return int(array.min()), int(array.max()), None
+    low, high = torch.aminmax(labels)
+    return int(low), int(high), None
+
+
+def keys_are_finite(keys32: Tensor, norms: npt.NDArray[np.float32] | None) -> bool:
+    """Whether float32 keys hold no NaN/inf: from their squared norms when given (a sum that
+    overflows falls back to the element-wise check)."""
+    if norms is not None:  # non-negative: a finite sum proves them all finite
+        return math.isfinite(norms.sum()) or all_finite(keys32)
+    return all_finite(keys32)
+
+
+def check_keys_and_labels(
+    keys: Tensor, values: Tensor, dim: int | None, on_cpu: bool
+) -> tuple[Tensor, Tensor, npt.NDArray[np.float32] | None]:
+    """Validated ``(keys as float32, labels as int64, squared key norms)``; raises for
+    non-finite keys and negative labels too."""
+    rows = check_rows(keys, values, dim, on_cpu)
+    problem = rows.problem()
+    if problem is not None:
+        raise ValueError(problem)
+    return rows.keys, rows.values, rows.norms
 
 
 def check_payload(
@@ -373,10 +494,22 @@ def squared_norms_np(keys: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
     return norms
 
 
+#: Zero vectors by length, for :func:`all_finite`'s dot product.
+_ZEROS: dict[int, npt.NDArray[np.float32]] = {}
+
+
 def all_finite(x: Tensor) -> bool:
     """Whether a float tensor holds no NaN/inf (numpy on the CPU: no OpenMP region)."""
-    if x.device.type == "cpu":
+    if x.is_cpu:
         a = x.numpy()
+        size = a.size
+        if size <= 1 << 16 and x.dtype is torch.float32:
+            # One BLAS dot with zeros (the cheapest call between two training steps): inf * 0
+            # and NaN * 0 are NaN and propagate, every finite product is 0, so nothing overflows.
+            zeros = _ZEROS.get(size)
+            if zeros is None:
+                zeros = _ZEROS[size] = np.zeros(size, dtype=np.float32)
+            return math.isfinite(np.dot(a.reshape(-1), zeros))
         # A NaN or inf anywhere makes the sum non-finite; a finite sum proves all are finite.
         # Only a sum that overflows needs the element-wise check.
         return bool(np.isfinite(a.sum())) or bool(np.isfinite(a).all())

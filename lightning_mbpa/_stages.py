@@ -214,16 +214,11 @@ def replay(
 
 
 def abandon(cb: MbPA) -> None:
-    """After an exception: remove the hooks and write what finished before it."""
+    """After an exception: remove the hooks (the batches that finished before it are in the
+    memory already)."""
     cb._writer.remove()
     cb._writer.end_batch()
     cb._adapter.stop()
-    # The batches that finished before the exception are in the memory, as without the
-    # write buffer; a failing write must not hide the original exception.
-    try:
-        cb._writer.flush()
-    except ValueError as err:
-        rank_zero_warn(f"MbPA: staged writes could not be written after an exception: {err}")
 
 
 def start_eval_batch(

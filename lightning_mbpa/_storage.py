@@ -33,16 +33,18 @@ class KeyStore:
     def __init__(self, capacity: int, device: torch.device) -> None:
         self.capacity = capacity
         self.device = device
+        self.on_cpu = device.type == "cpu"  # read on every write
         self.dim: int | None = None
         self.keys: Tensor | None = None
         self.values: Tensor | None = None
         self.norms: Tensor | None = None
         self.payload: dict[str, Tensor] | None = None
         self.size = 0
-
-    @property
-    def on_cpu(self) -> bool:
-        return self.device.type == "cpu"
+        # (the key buffer, numpy views of the key, label and norm buffers) for `write_run`
+        self._views: (
+            tuple[Tensor, npt.NDArray[np.float32], npt.NDArray[np.int64], npt.NDArray[np.float32]]
+            | None
+        ) = None
 
     def allocate(self, dim: int) -> None:
         """Fresh, untouched buffers for keys of width ``dim`` (the old contents are released)."""
@@ -60,6 +62,7 @@ class KeyStore:
             self.values = torch.empty((self.capacity,), dtype=torch.int64, device=self.device)
             self.norms = torch.empty((self.capacity,), dtype=torch.float32, device=self.device)
         self.dim = dim
+        self._views = None  # the old buffers' pages are released
 
     def allocate_payload(self, like: Mapping[str, Tensor]) -> None:
         """Untouched CPU buffers ``[capacity, ...]`` with the row shape and dtype of each tensor."""
@@ -114,6 +117,21 @@ class KeyStore:
                 self.values.index_copy_(0, slots_t, kept_labels.to(self.device))
                 self.norms.index_copy_(0, slots_t, kept.square().sum(1))
         return slots
+
+    def write_run(
+        self, keys32: Tensor, labels: Tensor, norms: npt.NDArray[np.float32], start: int
+    ) -> None:
+        """Writes ``N`` validated CPU rows (keys, labels, squared norms) to slots
+        ``start .. start + N - 1`` of CPU storage: three numpy slice copies."""
+        views = self._views
+        if views is None or views[0] is not self.keys:  # numpy views, made once per buffer
+            assert self.keys is not None and self.values is not None and self.norms is not None
+            arrays = (self.keys.numpy(), self.values.numpy(), self.norms.numpy())
+            views = self._views = (self.keys, *arrays)
+        end = start + norms.shape[0]
+        views[1][start:end] = keys32.numpy()
+        views[2][start:end] = labels.numpy()
+        views[3][start:end] = norms
 
     def write_payload(self, payload: Mapping[str, Tensor], slot_of_row: Int64Array) -> None:
         """``payload[name]`` row ``i`` to slot ``slot_of_row[i]`` (``-1``: not kept), per name."""
@@ -184,4 +202,5 @@ class KeyStore:
             values[:n].copy_(self.values[:n])
             norms[:n].copy_(self.norms[:n])
             self.keys, self.values, self.norms = keys, values, norms
-        self.device = device
+        self.device, self.on_cpu = device, device.type == "cpu"
+        self._views = None

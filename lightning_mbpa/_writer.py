@@ -3,9 +3,12 @@
 A forward pre-hook on the head captures its input ``h = f(x)``; after each training step (and,
 with ``online_writes``, each test step) the captured inputs are paired with the batch's labels,
 checked once (key width, label range, finite values; under DDP on the rows gathered from every
-rank, so all ranks refuse the same batches) and staged in a small buffer that reaches the
-:class:`~lightning_mbpa.EpisodicMemory` in bulk. A bad batch is refused when it arrives, before
-anything of it is staged.
+rank, so all ranks refuse the same batches) and written to the
+:class:`~lightning_mbpa.EpisodicMemory` at once: the memory checks each row once
+(:meth:`~lightning_mbpa.EpisodicMemory.check_rows`) and writes the checked rows without a second
+look (:meth:`~lightning_mbpa.EpisodicMemory.add_checked`). A bad batch fails or is refused when it
+arrives, before anything of it is written, and nothing is held back: the memory holds every
+finished batch whenever anyone reads, saves or pickles it.
 """
 
 from __future__ import annotations
@@ -24,20 +27,14 @@ from torch.utils.hooks import RemovableHandle
 from lightning_mbpa._checks import (
     IGNORE_INDEX,
     finite_rows,
-    keys_finite,
     labels_outside,
     sentence,
 )
 from lightning_mbpa._head import HeadBinding
-from lightning_mbpa.memory import EXACT_INDEX, EpisodicMemory
-
-# Training writes are staged in a buffer of about this size and written to the memory in bulk.
-_WRITE_BUFFER_BYTES = 1 << 20
+from lightning_mbpa.memory import CheckedRows, EpisodicMemory
 
 #: ``payload_of(head_inputs, labels, calls) -> stored inputs or None`` (see ``Drift.payload``).
 PayloadOf = Callable[[Tensor, Tensor, int], "dict[str, Tensor] | None"]
-#: ``(keys [N, D], labels [N], (min, max) of the labels if known to be >= 0)``.
-_Pair = tuple[Tensor, Tensor, "tuple[int, int] | None"]
 
 
 def generator_state_bytes(generator: torch.Generator) -> bytes:
@@ -84,15 +81,9 @@ class Writer:
         self._warnings = WarningCache()
         self._warned_unmatched_calls = False  # head calls skipped for not matching the labels
         self._index_checked_dim: int | None = None  # key width the index was checked to take
-        # The staging buffer: rows of `len(_sizes)` batches, written in bulk by `flush`.
-        self._keys: Tensor | None = None
-        self._values: Tensor | None = None
-        self._rows = 0
-        self._sizes: list[int] = []
 
     # ---- pickling and checkpoints
     def __getstate__(self) -> dict[str, Any]:
-        self.flush()
         return {
             "head": self.head,
             "generator": generator_state_bytes(self.generator),
@@ -109,16 +100,9 @@ class Writer:
         # `target` is given back by the owner (`rebind`)
 
     def rebind(self, target: EpisodicMemory, head: HeadBinding) -> None:
-        """Write to ``target`` from now on (what was staged goes to the previous target)."""
-        if getattr(self, "target", None) is not None and self._sizes:
-            self.flush()
+        """Write to ``target`` from now on."""
         self.target, self.head = target, head
         self._index_checked_dim = None
-
-    @property
-    def staged_rows(self) -> int:
-        """Rows staged and not yet written to the memory."""
-        return self._rows
 
     # ---- the capture hooks (registered and removed here only)
     def install(self, model: nn.Module) -> None:
@@ -164,8 +148,15 @@ class Writer:
         self.capturing = False
         self.captured.clear()
 
-    @torch.compiler.disable
     def _capture(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        if torch.compiler.is_compiling():  # traced by dynamo: leave the graph for the capture
+            self._capture_outside_graph(module, args)
+        elif self.capturing and args and isinstance(args[0], Tensor):
+            self.captured.append((module, args[0].detach()))
+
+    @torch.compiler.disable
+    def _capture_outside_graph(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        # the disabled function's wrapper costs microseconds per call: compiled models only
         if self.capturing and args and isinstance(args[0], Tensor):
             self.captured.append((module, args[0].detach()))
 
@@ -218,6 +209,9 @@ class Writer:
         labels, or nothing of it: every check runs first, on the batch that carries the data.
         Head inputs that do not match the labels are an error if ``required``, else skipped.
 
+        The memory checks the rows once (:meth:`EpisodicMemory.check_rows`); this adds what only
+        the callback knows (the head's classes, the ignore label, refusing non-finite batches)
+        and writes the checked rows without a second look (:meth:`EpisodicMemory.add_checked`).
         Under DDP (``strategy`` given) the checks run on the rows gathered from every rank, so
         every rank refuses the same batches and the collectives stay matched.
         """
@@ -237,18 +231,19 @@ class Writer:
         payload = None if payload_of is None else payload_of(inputs[0], labels, len(inputs))
         if strategy is not None:
             if payload is None:
-                gathered = [_gather(strategy, keys.float(), values) for keys, values, _ in pairs]
-                pairs = [(keys, values, None) for keys, values in gathered]
+                gathered = [_gather(strategy, keys.float(), values) for keys, values in pairs]
+                pairs = [(keys, values) for keys, values in gathered]
             else:  # stored inputs: exactly one pair, gathered with its inputs
-                ((keys, values, _),) = pairs
-                keys, values, *rows = _gather(strategy, keys.float(), values, *payload.values())
-                pairs, payload = [(keys, values, None)], dict(zip(payload, rows, strict=True))
-        self._check_pairs(pairs, where)
-        if not all(keys_finite(keys) for keys, _, _ in pairs):
-            self._refuse(pairs, where)
-            return
-        for keys, values, _ in pairs:
-            self._add(keys, values, fraction, payload)
+                ((keys, values),) = pairs
+                keys, values, *leaves = _gather(strategy, keys.float(), values, *payload.values())
+                pairs, payload = [(keys, values)], dict(zip(payload, leaves, strict=True))
+        checked = self._check(pairs, payload, where)
+        for rows in checked:
+            if not rows.finite:
+                self._refuse(checked, where)
+                return
+        for rows in checked:
+            self._add(rows, fraction)
 
     def skipped_training_step(self) -> bool:
         """A training step that did not call the head after the head ran in earlier steps.
@@ -273,9 +268,8 @@ class Writer:
                 "with via `head=...`."
             )
 
-    def _pairs(self, inputs: list[Tensor], labels: Tensor) -> list[_Pair]:
-        """The ``(keys, labels, label range)`` of every head input that matches the labels,
-        without the rows labelled ``IGNORE_INDEX``.
+    def _pairs(self, inputs: list[Tensor], labels: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """The ``(keys [N, D], labels [N])`` of every head input that matches the labels.
 
         A head called several times per step writes every call whose input matches the labels;
         calls that do not match (a head reused on other data) are skipped with a warning, once.
@@ -287,20 +281,7 @@ class Writer:
                 continue
             keys = batch_inputs if batch_inputs.dim() == 2 else batch_inputs.flatten(0, -2)
             values = labels if labels.dim() == 1 else labels.reshape(-1)
-            if not (values.is_cpu and keys.is_cpu) and values.device != keys.device:
-                values = values.to(keys.device)
-            bounds = None
-            if values.is_cpu and 0 < values.numel() <= 1024 and not values.is_floating_point():
-                # every batch: one `tolist()` gives the ignore_index and the range checks
-                listed = values.tolist()
-                low = min(listed)
-                if low >= 0:
-                    bounds = (low, max(listed))
-            if bounds is None:
-                keep = values != IGNORE_INDEX
-                if not bool(keep.all()):
-                    keys, values = keys[keep], values[keep]
-            kept.append((keys, values, bounds))
+            kept.append((keys, values))
         if kept and len(kept) < len(inputs) and not self._warned_unmatched_calls:
             self._warned_unmatched_calls = True
             shapes = [tuple(x.shape) for x in inputs]
@@ -313,29 +294,30 @@ class Writer:
             )
         return kept
 
-    def _check_pairs(self, pairs: list[_Pair], where: str) -> None:
-        """Refuse keys whose width differs from the memory's and labels the head cannot predict."""
-        # The width is fixed by the memory (also once cleared), else by the staged rows.
-        dim = self.target.dim
-        if dim is None and self._rows:
-            assert self._keys is not None
-            dim = self._keys.shape[1]
-        if dim is None and pairs and self._index_checked_dim != pairs[0][0].shape[1]:
-            # the first key fixes the width: an index that cannot take it fails now, not at the
-            # first bulk write of the staged rows (an epoch later)
+    def _check(
+        self, pairs: list[tuple[Tensor, Tensor]], payload: dict[str, Tensor] | None, where: str
+    ) -> list[CheckedRows]:
+        """The memory's checked rows of every pair, without the rows labelled ``IGNORE_INDEX``;
+        refuses keys whose width differs from the memory's and labels the head cannot predict."""
+        memory = self.target
+        dim = memory.dim
+        if dim is None and self._index_checked_dim != pairs[0][0].shape[1]:
+            # the first key fixes the width: an index that cannot take it fails with the
+            # head's name in the message
             width = pairs[0][0].shape[1]
             try:
-                self.target.check_dim(width)
+                memory.check_dim(width)
             except ValueError as err:
                 raise MisconfigurationException(
-                    f"MbPA(index={self.target.index_string!r}) cannot index the keys of the head "
+                    f"MbPA(index={memory.index_string!r}) cannot index the keys of the head "
                     f"{self.head.name!r}, which are {width} wide: {sentence(err)} Choose an "
                     "index for that width (for 'PQm' and 'IVFn,PQm', m must divide it) or 'Flat'."
                 ) from err
             self._index_checked_dim = width
         classes = self.head.classes()
         high = None if classes is None else (2 if classes == 1 else classes)
-        for keys, values, bounds in pairs:
+        checked = []
+        for keys, values in pairs:
             dim = keys.shape[1] if dim is None else dim
             if keys.shape[1] != dim:
                 raise MisconfigurationException(
@@ -344,20 +326,26 @@ class Writer:
                     "MbPA needs a head with a fixed input width: name such a module with "
                     "`head=...`."
                 )
-            if bounds is not None and (high is None or bounds[1] < high):
-                continue  # non-negative and in range (from `_pairs`' one `tolist()`)
-            problem = labels_outside(values, classes)
-            if problem is not None:
+            rows = memory.check_rows(keys, values, payload)
+            if rows.low < 0:  # the rows to skip, or labels no head can predict
+                keep = rows.values != IGNORE_INDEX
+                if not bool(keep.all()):
+                    rows = rows.select(keep)
+            if rows.low < 0 or (high is not None and rows.high >= high):
+                problem = labels_outside(rows.values, classes)
+                assert problem is not None
                 raise ValueError(
                     f"MbPA: the labels of the {where} must be {problem[0]} for the head "
                     f"{self.head.name!r}, or {IGNORE_INDEX} to skip a row; got {problem[1]}. "
                     "Fix the labels, or name the module that outputs one logit per class with "
                     "`head=...`."
                 )
+            checked.append(rows)
+        return checked
 
-    def _refuse(self, pairs: list[_Pair], where: str) -> None:
-        count = sum(int((~finite_rows(keys)).sum()) for keys, _, _ in pairs)
-        total = sum(keys.shape[0] for keys, _, _ in pairs)
+    def _refuse(self, checked: list[CheckedRows], where: str) -> None:
+        count = sum(int((~finite_rows(rows.keys)).sum()) for rows in checked)
+        total = sum(len(rows) for rows in checked)
         self.refused_batches += 1
         self.refused_rows += count
         self._warnings.warn(
@@ -368,111 +356,14 @@ class Writer:
             category=UserWarning,
         )
 
-    def _add(
-        self,
-        keys: Tensor,
-        values: Tensor,
-        fraction: float,
-        payload: dict[str, Tensor] | None,
-    ) -> None:
-        """Stage (or, with stored inputs, write) rows that passed every check; under DDP they
-        were gathered from every rank already."""
-        if fraction < 1.0 and keys.shape[0] > 0:
+    def _add(self, rows: CheckedRows, fraction: float) -> None:
+        """Write rows that passed every check (under DDP gathered from every rank already),
+        the ``fraction`` of them chosen by the writer's generator."""
+        if fraction < 1.0 and len(rows) > 0:
             # after the gather, so every rank makes the same choice from the same generator
-            chosen = torch.rand(keys.shape[0], generator=self.generator) < fraction
-            chosen = chosen.to(keys.device)
-            keys, values = keys[chosen], values[chosen]
-            if payload is not None:
-                payload = {name: t[chosen.to(t.device)] for name, t in payload.items()}
-        if keys.shape[0] == 0:
-            return
-        if payload is not None:  # stored inputs (store_inputs=True) are written unstaged
-            self.flush()
-            self.target.add(keys.float(), values, payload)
-            return
-        self.stage(keys, values)
-
-    def stage(self, keys: Tensor, values: Tensor) -> None:
-        """Copy checked rows into the write buffer (about 1 MiB of float32 keys), which is
-        written to the memory in bulk when full. The copy is made now, so nothing of the batch
-        is held on to; a batch as large as the buffer is written directly."""
-        n, dim = keys.shape
-        buffer, start = self._keys, self._rows
-        if (  # the common case: CPU float32 rows that fit in the allocated buffer
-            buffer is not None
-            and buffer.is_cpu
-            and keys.is_cpu
-            and values.is_cpu
-            and keys.dtype == torch.float32
-            and buffer.shape[1] == dim
-            and start + n <= buffer.shape[0]
-            and n * dim * 4 < _WRITE_BUFFER_BYTES
-        ):
-            assert self._values is not None
-            # numpy slice assignment: a few µs less per batch than two torch copies
-            buffer.numpy()[start : start + n] = keys.numpy()
-            self._values.numpy()[start : start + n] = values.numpy()
-            self._rows += n
-            self._sizes.append(n)
-            return
-        if n * dim * 4 >= _WRITE_BUFFER_BYTES:
-            self.flush()
-            self._write(keys, values, [n])
-            return
-        buffer = self._keys
-        if (
-            buffer is None
-            or buffer.shape[1] != dim
-            or buffer.device != keys.device
-            or self._rows + n > buffer.shape[0]
-        ):
-            self.flush()
-            if buffer is None or buffer.shape[1] != dim or buffer.device != keys.device:
-                rows = _WRITE_BUFFER_BYTES // (4 * dim)
-                with torch.inference_mode(False):  # online writes happen under inference mode
-                    self._keys = keys.new_empty((rows, dim), dtype=torch.float32)
-                    self._values = values.new_empty((rows,), dtype=torch.int64)
-        assert self._keys is not None and self._values is not None
-        start = self._rows
-        self._keys[start : start + n].copy_(keys)
-        self._values[start : start + n].copy_(values)
-        self._rows += n
-        self._sizes.append(n)
-
-    def flush(self) -> None:
-        """Write the staged rows to the memory."""
-        rows, sizes = self._rows, self._sizes
-        if not sizes:
-            return
-        self._rows, self._sizes = 0, []
-        assert self._keys is not None and self._values is not None
-        self._write(self._keys[:rows], self._values[:rows], sizes)
-
-    def release(self) -> None:
-        """Write what is staged and free the buffer (end of a run)."""
-        self.flush()
-        self._keys = self._values = None
-
-    def _write(self, keys: Tensor, values: Tensor, sizes: list[int]) -> None:
-        """Writes rows staged by ``len(sizes)`` batches (``sizes`` rows each).
-
-        One ``add`` for all of them, which leaves the memory exactly as one ``add`` per batch
-        would (FIFO and reservoir slots follow the row order). An approximate index gets one
-        ``add`` per batch, since when it trains and compacts depends on those boundaries. If a
-        write is refused, the batches before the refused one are written and its error is
-        raised, as without the buffer.
-        """
-        memory = self.target
-        if len(sizes) > 1 and memory.index_string == EXACT_INDEX:
-            try:
-                memory.add(keys, values)
-                return
-            except ValueError:
-                pass  # nothing was written: find the refused batch below
-        start = 0
-        for n in sizes:
-            memory.add(keys[start : start + n], values[start : start + n])
-            start += n
+            rows = rows.select(torch.rand(len(rows), generator=self.generator) < fraction)
+        if len(rows):
+            self.target.append_checked(rows)
 
 
 def _gather(strategy: Any, *tensors: Tensor) -> tuple[Tensor, ...]:

@@ -196,33 +196,50 @@ class MbPA(Callback):
         output_cache_bytes: int = 2 * 2**30,
     ) -> None:
         super().__init__()
-        # every argument but `memory` (build_memory checks it); check_arguments takes each by name
-        given = {n: v for n, v in locals().items() if n not in ("self", "__class__", "memory")}
-        self.adapt_on = check_arguments(**given)
-        self.head = head
-        self.k = int(k)
-        self.adaptation_steps = int(adaptation_steps)
-        self.adaptation_lr = float(adaptation_lr)
-        self.beta = float(beta)
-        self.kernel_eps = float(kernel_eps)
-        self.adaptation_loss = adaptation_loss
-        self.label_key = label_key
+        # every argument but `memory` (build_memory checks it), by name: mypy checks the names
+        self.adapt_on = check_arguments(
+            head=head,
+            memory_size=memory_size,
+            k=k,
+            adaptation_steps=adaptation_steps,
+            adaptation_lr=adaptation_lr,
+            beta=beta,
+            kernel_eps=kernel_eps,
+            adaptation_loss=adaptation_loss,
+            label_key=label_key,
+            eviction=eviction,
+            index=index,
+            write_fraction=write_fraction,
+            adapt_on=adapt_on,
+            online_writes=online_writes,
+            save_memory=save_memory,
+            seed=seed,
+            store_inputs=store_inputs,
+            refresh_keys=refresh_keys,
+            refresh_batch_size=refresh_batch_size,
+            replay_every_n_steps=replay_every_n_steps,
+            replay_batch_size=replay_batch_size,
+            replay_sampling=replay_sampling,
+            base_weight=base_weight,
+            memory_weight=memory_weight,
+            memory_temperature=memory_temperature,
+            write_on_fit=write_on_fit,
+            output_cache_bytes=output_cache_bytes,
+        )
+        self.head, self.label_key, self.seed = head, label_key, int(seed)
+        self.k, self.adaptation_steps = int(k), int(adaptation_steps)
+        self.adaptation_lr, self.beta = float(adaptation_lr), float(beta)
+        self.kernel_eps, self.adaptation_loss = float(kernel_eps), adaptation_loss
         self.write_fraction = float(write_fraction)
-        self.online_writes = online_writes
-        self.save_memory = save_memory
-        self.seed = int(seed)
-        self.store_inputs = store_inputs
-        self.refresh_keys = refresh_keys
-        self.refresh_batch_size = int(refresh_batch_size)
+        self.online_writes, self.save_memory = online_writes, save_memory
+        self.store_inputs, self.write_on_fit = store_inputs, write_on_fit
+        self.refresh_keys, self.refresh_batch_size = refresh_keys, int(refresh_batch_size)
         self.replay_every_n_steps = (
             None if replay_every_n_steps is None else int(replay_every_n_steps)
         )
-        self.replay_batch_size = int(replay_batch_size)
-        self.replay_sampling = replay_sampling
-        self.base_weight = float(base_weight)
-        self.memory_weight = float(memory_weight)
+        self.replay_batch_size, self.replay_sampling = int(replay_batch_size), replay_sampling
+        self.base_weight, self.memory_weight = float(base_weight), float(memory_weight)
         self.memory_temperature = None if memory_temperature is None else float(memory_temperature)
-        self.write_on_fit = write_on_fit
         self.output_cache_bytes = int(output_cache_bytes)
         self._memory = _checkpoint.build_memory(memory, memory_size, eviction, index, self.seed)
         self._head = HeadBinding(head)
@@ -239,13 +256,8 @@ class MbPA(Callback):
     # ------------------------------------------------------------------ the memory
     @property
     def memory(self) -> EpisodicMemory:
-        """The episodic memory, with every write made so far in it.
-
-        Training writes are staged and reach the memory in bulk (one ``add`` per few thousand
-        rows instead of one per batch); reading this attribute writes what is staged first, and
-        so do epoch ends, checkpoints and the start of validate/test/predict.
-        """
-        self._writer.flush()
+        """The episodic memory, with every write made so far in it (each batch's rows are
+        written when its step ends)."""
         return self._memory
 
     @memory.setter
@@ -254,7 +266,7 @@ class MbPA(Callback):
             raise MisconfigurationException(
                 f"MbPA.memory must be an EpisodicMemory; got {type(memory).__name__}."
             )
-        self._writer.rebind(memory, self._head)  # what was staged goes to the old memory
+        self._writer.rebind(memory, self._head)
         self._memory = memory
         self._adapter.invalidate()
 
@@ -289,22 +301,15 @@ class MbPA(Callback):
         return self._writer.refused_batches
 
     # ------------------------------------------------------------------ pickling
-    def __getstate__(self) -> dict[str, Any]:
-        return _checkpoint.pickled_state(self)
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        _checkpoint.unpickle(self, state)
+    __getstate__ = _checkpoint.pickled_state
+    __setstate__ = _checkpoint.unpickle
 
     @property
     @override
     def state_key(self) -> str:
         """Checkpoint key: depends only on ``head``, so changing the adaptation settings between
         fit and test still restores the memory."""
-        # Lightning reads it for every hook call of every callback: build the string once per head.
-        cached = self.__dict__.get("_state_key_for")
-        if cached is None or cached[0] != self.head:
-            cached = self._state_key_for = (self.head, self._generate_state_key(head=self.head))
-        return cached[1]
+        return _checkpoint.state_key(self)
 
     # ------------------------------------------------------------------ extension points
     def extract_labels(self, batch: Any) -> Tensor | None:
@@ -341,7 +346,6 @@ class MbPA(Callback):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._writer.remove()
         self._adapter.detach()
-        self._writer.release()
 
     @override
     def on_exception(
@@ -359,7 +363,6 @@ class MbPA(Callback):
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._writer.remove()
-        self._writer.flush()
 
     @override
     def on_before_optimizer_step(

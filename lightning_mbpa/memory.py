@@ -31,6 +31,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -50,26 +51,29 @@ from lightning_mbpa._faiss_index import Int64Array, _LiveRowIndex, _new_index
 from lightning_mbpa._kernel_choice import forget_kernel_choices, kernel_choices
 from lightning_mbpa._memory_checks import (
     EXACT_INDEX,
-    INSERTED_KEY,
     PAYLOAD_KEY,
     STATE_KEYS,
     Backend,
+    CheckedRows,
     Eviction,
     check_config,
     check_key_update,
-    check_keys_and_labels,
     check_payload,
     check_queries,
+    check_rows,
     check_state,
     resolve_device,
 )
+from lightning_mbpa._memory_state import check_class_balanced_state, memory_state, restore_state
 from lightning_mbpa._neighbours import Neighbours, empty_neighbours, gather_cpu, gather_on_device
 from lightning_mbpa._storage import KeyStore
+from lightning_mbpa._writing import PendingRows, refusal, write_rows
 
 __all__ = [
     "EXACT_INDEX",
     "PAYLOAD_KEY",
     "STATE_KEYS",
+    "CheckedRows",
     "EpisodicMemory",
     "Neighbours",
     "forget_kernel_choices",
@@ -202,6 +206,7 @@ class EpisodicMemory:
         self._slots = SlotAssigner(eviction, self._capacity, self._seed)
         self._exact = ExactSearch(backend)
         self._ann: _LiveRowIndex | None = None
+        self._pending = PendingRows()  # small writes waiting for one bulk write
         # Bumped by every change of the contents: caches derived from the keys compare it.
         self._version = 0
         if dim is not None:
@@ -276,6 +281,7 @@ class EpisodicMemory:
     @property
     def keys(self) -> Tensor:
         """A view of the filled part of the key buffer, ``[len, D]`` float32, in slot order."""
+        self._settle()
         if self._store.keys is None:
             return torch.empty(0, 0, dtype=torch.float32, device=self._store.device)
         return self._store.keys[: self._store.size]
@@ -283,6 +289,7 @@ class EpisodicMemory:
     @property
     def values(self) -> Tensor:
         """A view of the filled part of the label buffer, ``[len]`` int64, in slot order."""
+        self._settle()
         if self._store.values is None:
             return torch.empty(0, dtype=torch.int64, device=self._store.device)
         return self._store.values[: self._store.size]
@@ -291,6 +298,7 @@ class EpisodicMemory:
     def payload(self) -> dict[str, Tensor]:
         """Views of the filled part of the payload buffers, ``[len, ...]`` on the CPU, in slot
         order, by name; empty when the memory stores no payload."""
+        self._settle()
         if self._store.payload is None:
             return {}
         return {name: buffer[: self._store.size] for name, buffer in self._store.payload.items()}
@@ -299,11 +307,13 @@ class EpisodicMemory:
     def version(self) -> int:
         """A counter that every change of the stored entries (write, key update, clear, load,
         move to another device) increases: a cache of anything computed from the keys is current while it holds."""
+        self._settle()
         return self._version
 
     @property
     def num_seen(self) -> int:
         """How many rows were ever offered to :meth:`add` (kept or not) since the last clear."""
+        self._settle()
         return self._slots.num_seen
 
     @property
@@ -313,24 +323,29 @@ class EpisodicMemory:
         It holds rows in add order, not slots, and may hold overwritten rows; use it to read or
         tune search settings, not to add or search directly.
         """
+        self._settle()
         return None if self._ann is None else self._ann.index
 
     @property
     def is_trained(self) -> bool:
         """False while an approximate index waits for enough keys to train (search is exact)."""
+        self._settle()
         return self._ann is None or self._ann.active
 
     @property
     def _keys(self) -> Tensor | None:
         """The whole preallocated key buffer (None before the width is fixed)."""
+        self._settle()
         return self._store.keys
 
     @property
     def _norms(self) -> Tensor | None:
         """The whole preallocated buffer of squared key norms (None before the width is fixed)."""
+        self._settle()
         return self._store.norms
 
     def __len__(self) -> int:
+        self._settle()
         return self._store.size
 
     def __repr__(self) -> str:
@@ -367,7 +382,8 @@ class EpisodicMemory:
         """Writes ``N`` ``(key, label)`` pairs, evicting as configured.
 
         Keys are detached and stored as float32; labels as int64 (integral float labels such as
-        ``3.0`` are accepted). Nothing changes when a check fails.
+        ``3.0`` are accepted). Nothing changes when a check fails. The same as
+        ``add_checked(check_rows(keys, values, payload))``.
 
         Args:
             keys: ``[N, D]`` real-valued, finite.
@@ -385,36 +401,109 @@ class EpisodicMemory:
             ValueError: Bad shapes, non-finite keys, negative/non-integer/bool labels, a payload
                 that is missing, unexpected or does not match the stored one.
         """
+        return self.add_checked(self._check_rows(keys, values, payload, norms=True))
+
+    def check_rows(
+        self, keys: Tensor, values: Tensor, payload: Mapping[str, Tensor] | None = None
+    ) -> CheckedRows:
+        """Checks rows for :meth:`add_checked` or :meth:`append_checked` in one pass over the
+        data, for a caller that looks at them before writing (``MbPA`` drops rows with an ignore
+        label by :meth:`CheckedRows.select`, compares the labels with the head's classes and
+        refuses non-finite batches), so that nothing is checked twice. Changes nothing.
+
+        Shapes, dtypes, integral labels and the payload's layout raise here; whether the keys are
+        finite and the labels non-negative is measured (``finite``, ``low``) and enforced when
+        the rows are written.
+
+        Raises:
+            ValueError: As :meth:`add`, but for non-finite keys and negative labels.
+        """
         store = self._store
-        keys32, labels, new_norms = check_keys_and_labels(keys, values, store.dim, store.on_cpu)
-        check_payload(payload, keys32.shape[0], store.payload, store.size)
-        n = keys32.shape[0]
-        if n == 0:
+        if payload is None and store.payload is None:  # the common case, in one call
+            pending = store.on_cpu and self._index_string == EXACT_INDEX
+            return check_rows(keys, values, store.dim, store.on_cpu, not pending)
+        return self._check_rows(keys, values, payload, norms=True)
+
+    def add_checked(self, rows: CheckedRows) -> Tensor:
+        """Writes rows :meth:`check_rows` checked for this memory without looking at the data
+        again, as :meth:`add` (which is ``add_checked(check_rows(...))``) would; returns the slots.
+
+        Raises:
+            ValueError: The rows hold non-finite keys or negative labels (nothing is written), or
+                no longer fit the memory (cleared or reloaded since they were checked).
+        """
+        self._settle()
+        if not self._accept(rows):
             return torch.empty(0, dtype=torch.int64)
-        if store.dim is None:
-            self._allocate(keys32.shape[1])
-        if payload is not None and store.payload is None:
-            store.allocate_payload(payload)
-        slot_of_row, runs = self._slots.assign(
-            n, labels.cpu().numpy() if self._eviction == "class_balanced" else None
-        )
-        slots = store.write(keys32, labels, new_norms, slot_of_row, runs)
-        if payload is not None:
-            store.write_payload(payload, slot_of_row)
-        self._slots.advance(n)
-        store.size = self._slots.size
+        slot_of_row = write_rows(self._store, self._slots, self._ann, rows)
         self._version += 1
-        if self._ann is not None:
-            if slots is None:
-                slots = slot_of_row[slot_of_row >= 0]
-            self._ann.update(store.keys_numpy(), slots)
+        n = len(rows)
+        if slot_of_row is None:  # n consecutive slots
+            start = (self._slots.num_seen - n) % self._capacity
+            slot_of_row = np.arange(start, start + n, dtype=np.int64)
+        if rows.payload is not None:
+            self._store.write_payload(rows.payload, slot_of_row)
         return torch.from_numpy(slot_of_row)
+
+    def append_checked(self, rows: CheckedRows) -> None:
+        """Writes checked rows as :meth:`add_checked` does, but small CPU writes to an exact
+        memory without a payload may first wait in a pending buffer (about 1 MiB of keys) that
+        is written in one bulk write before anything reads or changes the memory (every property,
+        search, ``len``, ``state_dict``, pickle and write sees them). The memory ends exactly as
+        one :meth:`add` per call would leave it; a failing check raises now, nothing pending.
+
+        Raises:
+            ValueError: As :meth:`add_checked`.
+        """
+        pending = self._pending
+        if rows.payload is not None or not self._buffers() or not pending.fits(rows):
+            self.add_checked(rows)
+        elif self._accept(rows):
+            if pending.count and not pending.room(len(rows), rows.keys.shape[1]):
+                self._settle()
+            pending.append(rows)
+
+    def _check_rows(
+        self, keys: Tensor, values: Tensor, payload: Mapping[str, Tensor] | None, norms: bool
+    ) -> CheckedRows:
+        store = self._store
+        rows = check_rows(keys, values, store.dim, store.on_cpu, norms)
+        if payload is not None or store.payload is not None:
+            check_payload(payload, len(rows), store.payload, store.size)
+            rows = dataclasses.replace(rows, payload=payload)
+        return rows
+
+    def _accept(self, rows: CheckedRows) -> bool:
+        """Raises unless checked rows may be written now (:func:`refusal`); allocates the
+        storage for the first ones. False: there are none."""
+        store = self._store
+        problem = refusal(rows, store, self._pending.count)
+        if problem is not None:
+            raise ValueError(problem)
+        if not len(rows):
+            return False
+        if store.dim is None:
+            self._allocate(rows.keys.shape[1])
+        if rows.payload is not None and store.payload is None:
+            store.allocate_payload(rows.payload)
+        return True
+
+    def _buffers(self) -> bool:
+        """Whether small writes may wait in the pending buffer: exact search on CPU storage."""
+        return self._index_string == EXACT_INDEX and self._store.on_cpu
+
+    def _settle(self) -> None:
+        """Writes the pending rows, in one bulk write, before anything reads or changes them."""
+        if self._pending.count:
+            write_rows(self._store, self._slots, self._ann, self._pending.take())
+            self._version += 1
 
     def clear(self) -> None:
         """Empties the memory: ``len``, ``num_seen`` and the FIFO cursor go to 0, the reservoir
         generator is re-seeded with ``seed`` and an approximate index goes back to untrained. A
         fixed ``dim`` stays fixed; the buffers are reallocated, so their pages are released. The
         payload is dropped (the next write decides whether there is one)."""
+        self._pending.drop()
         self._slots.reset()
         self._store.size = 0
         self._version += 1
@@ -437,6 +526,7 @@ class EpisodicMemory:
         Raises:
             ValueError: Slots out of range or repeated, keys of the wrong shape or not finite.
         """
+        self._settle()
         store = self._store
         slots_np, keys32, new_norms = check_key_update(
             slots, keys, store.size, store.dim, store.on_cpu
@@ -467,6 +557,7 @@ class EpisodicMemory:
         Raises:
             ValueError: ``k < 1``, queries not ``[B, D]``, not floating point or not finite.
         """
+        self._settle()
         store = self._store
         q32 = check_queries(queries, k, store.dim)
         k = int(k)
@@ -517,21 +608,8 @@ class EpisodicMemory:
         of each slot's entry. Approximate indexes are
         not stored; :meth:`load_state_dict` rebuilds them from the keys.
         """
-        d = -1 if self.dim is None else self.dim
-        state: dict[str, Any] = {
-            "keys": self.keys.clone() if self._store.keys is not None else torch.empty(0, 0),
-            "values": self.values.clone(),
-            "capacity": torch.tensor(self._capacity, dtype=torch.int64),
-            "dim": torch.tensor(d, dtype=torch.int64),
-            "cursor": torch.tensor(self._slots.cursor, dtype=torch.int64),
-            "num_seen": torch.tensor(self._slots.num_seen, dtype=torch.int64),
-            "generator_state": self._slots.generator.get_state(),
-        }
-        if self._store.payload is not None:
-            state[PAYLOAD_KEY] = {name: t.clone() for name, t in self.payload.items()}
-        if self._slots.inserted is not None:
-            state[INSERTED_KEY] = torch.from_numpy(self._slots.inserted[: len(self)].copy())
-        return state
+        self._settle()
+        return memory_state(self._store, self._slots, self._capacity)
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restores :meth:`state_dict` output; everything is checked before anything changes.
@@ -541,28 +619,17 @@ class EpisodicMemory:
                 memory's, inconsistent shapes or counters, non-finite keys, negative labels or a
                 bad generator state. The memory is left as it was.
         """
+        self._settle()
         checked = check_state(state, self._capacity, self.dim)
-        if self._eviction == "class_balanced" and checked.size and checked.inserted is None:
-            raise ValueError(
-                f"`state[{INSERTED_KEY!r}]` is missing: a memory with eviction='class_balanced' "
-                "needs the write count of each entry (the state of a 'fifo' or 'reservoir' "
-                "memory does not have it)."
-            )
+        check_class_balanced_state(checked, self._eviction)
         ann = None
         if self._index_string != EXACT_INDEX and checked.dim != -1:
             ann = _LiveRowIndex(self._index_string, checked.dim, self._index_params, self._capacity)
-
         # Everything checked: commit. Fresh buffers release the pages of the old contents.
         new_dim = checked.dim if checked.dim != -1 else self.dim
         if new_dim is not None:
             self._allocate(new_dim)
-        self._slots.restore(
-            checked.num_seen,
-            checked.generator,
-            checked.values.cpu().numpy(),
-            None if checked.inserted is None else checked.inserted.cpu().numpy(),
-        )
-        self._store.load(None, checked.size, checked.keys, checked.values, checked.payload)
+        restore_state(self._store, self._slots, checked)
         self._version += 1
         if ann is not None:
             self._ann = ann
@@ -586,6 +653,7 @@ class EpisodicMemory:
         storage stays on the CPU (this is then a no-op; searches still return results on the
         queries' device).
         """
+        self._settle()
         target = resolve_device(device)
         if (
             self._backend_arg == "faiss"

@@ -149,22 +149,22 @@ def free_port() -> int:
 
 
 def count_writes_and_adaptations(monkeypatch) -> dict[str, int]:
-    """Counts rows written by ``EpisodicMemory.add`` (rows, not calls: the callback writes
-    training batches in bulk) and calls of the callback's ``local_adapt``."""
+    """Counts rows written to an ``EpisodicMemory`` (every write, ``add`` or the callback's
+    checked rows, is accepted once by ``_accept``) and calls of the callback's ``local_adapt``."""
     import lightning_mbpa.adaptation as adaptation_module
     from lightning_mbpa.memory import EpisodicMemory
 
     calls = {"add": 0, "adapt": 0}
-    real_add, real_adapt = EpisodicMemory.add, adaptation_module.local_adapt
+    real_add, real_adapt = EpisodicMemory._accept, adaptation_module.local_adapt
 
-    def counting_add(self, keys, *args, **kwargs):
-        calls["add"] += keys.shape[0]
-        return real_add(self, keys, *args, **kwargs)
+    def counting_add(self, rows, *args, **kwargs):
+        calls["add"] += len(rows)
+        return real_add(self, rows, *args, **kwargs)
 
     def counting_adapt(*args, **kwargs):
         calls["adapt"] += 1
         return real_adapt(*args, **kwargs)
 
-    monkeypatch.setattr(EpisodicMemory, "add", counting_add)
+    monkeypatch.setattr(EpisodicMemory, "_accept", counting_add)
     monkeypatch.setattr("lightning_mbpa.adaptation.local_adapt", counting_adapt)
     return calls

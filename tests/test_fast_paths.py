@@ -1,14 +1,16 @@
 """The callback's fast paths give the results of the straightforward ones.
 
-Training writes are staged and reach the memory in bulk; the memory must then be bit-identical to
-one ``EpisodicMemory.add`` per batch (built here from head inputs recorded by an independent hook)
-and current whenever anyone reads it. The per-slot cache of the head's base outputs must equal a
+Training writes go through the memory's checked rows (``check_rows`` then ``add_checked``, each
+row looked at once); the memory must then be bit-identical to one ``EpisodicMemory.add`` per batch
+(built here from head inputs recorded by an independent hook) and to a plain per-row FIFO, and
+current whenever anyone reads, saves or pickles it. The per-slot cache of the head's base outputs must equal a
 recomputation.
 """
 
 from __future__ import annotations
 
 import math
+import pickle
 import warnings
 
 import pytest
@@ -79,18 +81,18 @@ def assert_same_memory(got: EpisodicMemory, expected: EpisodicMemory) -> None:
 @pytest.mark.parametrize(
     "config",
     [
-        dict(memory_size=40),  # the ring wraps within and across flushes
+        dict(memory_size=40),  # the ring wraps within and across batches
         dict(memory_size=40, eviction="reservoir"),
         dict(memory_size=500, write_fraction=0.5),
         dict(memory_size=300, index="IVF4,Flat"),  # trains at 156 keys, mid-epoch
-        dict(memory_size=500, sequence=True),  # 80 rows a batch: written directly, unstaged
+        dict(memory_size=500, sequence=True),  # [B, T, D] head inputs, -100 padding
+        dict(memory_size=100, eviction="class_balanced"),
     ],
-    ids=["fifo", "reservoir", "write_fraction", "ivf", "sequence"],
+    ids=["fifo", "reservoir", "write_fraction", "ivf", "sequence", "class_balanced"],
 )
-def test_buffered_writes_equal_one_add_per_batch(config, monkeypatch):
+def test_training_writes_equal_one_add_per_batch(config):
     config = dict(config)
     sequence = config.pop("sequence", False)
-    monkeypatch.setattr("lightning_mbpa._writer._WRITE_BUFFER_BYTES", 3 * 16 * 16 * 4)
     torch.manual_seed(0)
     if sequence:
         g = torch.Generator().manual_seed(0)
@@ -128,8 +130,7 @@ class ReadsTheMemory(Callback):
         self.seen.append(self.mbpa.memory.num_seen)
 
 
-def test_the_memory_is_current_whenever_it_is_read_during_fit(tmp_path, monkeypatch):
-    monkeypatch.setattr("lightning_mbpa._writer._WRITE_BUFFER_BYTES", 1 << 30)  # never full
+def test_the_memory_is_current_whenever_it_is_read_during_fit(tmp_path):
     x, y = blobs(96, seed=0)
     cb = MbPA(k=4, memory_size=1000, **ADAPT)
     reader = ReadsTheMemory(cb)
@@ -144,11 +145,9 @@ def test_the_memory_is_current_whenever_it_is_read_during_fit(tmp_path, monkeypa
         step = int(path.stem.split("step=")[1])
         state = torch.load(path, weights_only=True)["callbacks"][cb.state_key]["memory"]
         assert int(state["num_seen"]) == 16 * step
-    assert cb._writer.staged_rows == 0  # fit end flushed
 
 
-def test_staged_writes_equal_one_add_per_batch_when_the_ring_wraps(monkeypatch):
-    monkeypatch.setattr("lightning_mbpa._writer._WRITE_BUFFER_BYTES", 5 * 16 * 16 * 4)
+def test_training_writes_equal_one_add_per_batch_when_the_ring_wraps():
     x, y = blobs(192, seed=0)
     torch.manual_seed(0)
     cb, recorder = MbPA(k=4, memory_size=150, **ADAPT), Recorder()  # the ring wraps
@@ -280,22 +279,7 @@ def test_a_new_memory_checks_the_width_of_the_next_batch(memory, message):
     assert len(cb.memory) == 0  # the new memory: the third batch was refused
 
 
-def test_a_refused_bulk_write_writes_the_batches_before_the_refused_one():
-    # The callback refuses bad batches itself (test_reliability); should the memory still refuse
-    # a staged batch, the bulk write falls back to one add per batch and stops at that one.
-    g = torch.Generator().manual_seed(0)
-    batches = [(torch.randn(16, 8, generator=g), torch.randint(0, 4, (16,), generator=g))]
-    batches += [(torch.randn(16, 8, generator=g), torch.full((16,), -5)), batches[0]]
-    cb = MbPA(k=4, memory_size=1000, **ADAPT)
-    for keys, labels in batches:
-        cb._writer.stage(keys, labels)
-    with pytest.raises(ValueError, match="non-negative"):
-        len(cb.memory)
-    assert cb.memory.num_seen == 16 and torch.equal(cb.memory.keys, batches[0][0])
-    assert cb._writer.staged_rows == 0
-
-
-def test_a_refused_batch_leaves_the_staged_ones_to_be_written():
+def test_a_refused_populate_batch_leaves_the_batches_before_it_written():
     x, y = blobs(64, seed=0)
     model = TinyClassifier()
     bad = y.clone()
@@ -390,3 +374,227 @@ def test_lazy_output_cache_grows_past_its_first_table():
         got = cb._adapter.neighbour_outputs(cb.memory, indices)
         torch.testing.assert_close(got, expected[indices], rtol=1e-6, atol=1e-6)
     assert bool(cb._adapter.cached_slots.all()) and len(cb._adapter.cached_slots) == 5000
+
+
+# ---------------------------------------------------------------------- one write path
+
+
+def _batches(sizes, dim=6, classes=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [
+        (torch.randn(n, dim, generator=g), torch.randint(0, classes, (n,), generator=g))
+        for n in sizes
+    ]
+
+
+def _plain_fifo(batches, capacity):
+    """What a FIFO memory must hold, row by row in plain Python: row t goes to slot t % capacity."""
+    keys, values, seen = [None] * capacity, [None] * capacity, 0
+    for batch_keys, batch_values in batches:
+        for key, value in zip(batch_keys, batch_values.tolist(), strict=True):
+            keys[seen % capacity], values[seen % capacity] = key, value
+            seen += 1
+    size = min(seen, capacity)
+    return torch.stack(keys[:size]), torch.tensor(values[:size]), seen
+
+
+@pytest.mark.parametrize("capacity", [7, 40, 1000])  # wraps within batches, across them, never
+def test_appended_rows_equal_a_plain_per_row_fifo(capacity, monkeypatch):
+    monkeypatch.setattr("lightning_mbpa._writing.PENDING_BYTES", 12 * 6 * 4)  # 12 rows pending
+    batches = _batches([3, 5, 1, 9, 2, 11, 4, 13, 6, 8, 3])  # 13 rows: over the buffer, direct
+    memory = EpisodicMemory(capacity)
+    for keys, values in batches:
+        memory.append_checked(memory.check_rows(keys, values))
+    expected_keys, expected_values, seen = _plain_fifo(batches, capacity)
+    assert memory.num_seen == seen and len(memory) == len(expected_values)
+    assert torch.equal(memory.keys, expected_keys)
+    assert torch.equal(memory.values, expected_values)
+    norms = (expected_keys.double() ** 2).sum(1).float()
+    torch.testing.assert_close(memory._norms[: len(memory)], norms, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("eviction", ["fifo", "reservoir", "class_balanced"])
+def test_appended_rows_equal_one_add_per_row(eviction, monkeypatch):
+    """Pending rows, bulk writes and direct writes (a large batch, a search in between) leave
+    the memory bit-identical to inserting the rows one at a time."""
+    monkeypatch.setattr("lightning_mbpa._writing.PENDING_BYTES", 10 * 6 * 4)
+    batches = _batches([3, 5, 1, 9, 2, 11, 4, 2, 6, 8, 3, 7])
+    memory, reference = EpisodicMemory(20, eviction=eviction), EpisodicMemory(20, eviction=eviction)
+    for i, (keys, values) in enumerate(batches):
+        memory.append_checked(memory.check_rows(keys, values))
+        if i == 6:
+            memory.search(keys[:2], 3)  # a read writes the pending rows first
+        if i == 8:
+            memory.add(keys, values)  # a direct write after the pending ones
+            for row in range(len(values)):
+                reference.add(keys[row : row + 1], values[row : row + 1])
+        for row in range(len(values)):
+            reference.add(keys[row : row + 1], values[row : row + 1])
+    assert_same_memory(memory, reference)
+
+
+def test_pending_rows_are_in_every_read_state_and_pickle():
+    memory = EpisodicMemory(100)
+    (keys, values), (more_keys, more_values) = _batches([4, 3])
+    memory.append_checked(memory.check_rows(keys, values))
+    assert len(memory) == 4 and torch.equal(memory.keys, keys)  # written when read
+    memory.append_checked(memory.check_rows(more_keys, more_values))
+    assert memory.state_dict()["num_seen"] == 7
+    memory.append_checked(memory.check_rows(keys, values))
+    restored = pickle.loads(pickle.dumps(memory))
+    assert torch.equal(restored.keys, torch.cat([keys, more_keys, keys]))
+    memory.append_checked(memory.check_rows(keys, values))
+    found = memory.search(keys[:1], 1)
+    assert int(found.indices[0, 0]) in (0, 7, 11) and memory.num_seen == 15
+    memory.append_checked(memory.check_rows(keys, values))
+    memory.clear()  # pending rows go with the rest
+    assert len(memory) == 0 and memory.num_seen == 0
+
+
+@pytest.mark.parametrize(
+    ("keys", "values", "message"),
+    [
+        (torch.tensor([[0.0, 1.0], [math.nan, 0.0]]), torch.tensor([0, 1]), "finite"),
+        (torch.tensor([[0.0, 1.0], [math.inf, 0.0]]), torch.tensor([0, 1]), "finite"),
+        (torch.ones(2, 2), torch.tensor([0, -3]), r"non-negative labels; got \[-3\]"),
+        (torch.ones(2, 3), torch.tensor([0, 1]), r"shape \[N, 2\]"),
+        (torch.ones(2, 2), torch.tensor([0.5, 1.0]), "non-integral"),
+    ],
+    ids=["nan", "inf", "negative", "width", "non-integral"],
+)
+def test_a_refused_append_changes_nothing_and_leaves_the_pending_rows(keys, values, message):
+    memory = EpisodicMemory(100)
+    good_keys, good_values = torch.randn(3, 2), torch.tensor([1, 2, 3])
+    memory.append_checked(memory.check_rows(good_keys, good_values))  # waits in the buffer
+    with pytest.raises(ValueError, match=message):
+        memory.append_checked(memory.check_rows(keys, values))
+    assert memory.num_seen == 3 and torch.equal(memory.keys, good_keys)
+    with pytest.raises(ValueError, match=message):
+        memory.add(keys, values)
+    assert memory.num_seen == 3
+
+
+def test_checked_rows_dropped_by_select_are_not_looked_at_again():
+    memory = EpisodicMemory(100)
+    keys = torch.tensor([[1.0, 2.0], [math.nan, 0.0], [3.0, 4.0]])
+    rows = memory.check_rows(keys, torch.tensor([2, -100, 0]))
+    assert not rows.finite and (rows.low, rows.high) == (-100, 2)
+    kept = rows.select(torch.tensor([True, False, True]))  # the ignored row held the NaN
+    assert kept.finite and (kept.low, kept.high) == (0, 2) and kept.problem() is None
+    memory.append_checked(kept)
+    assert torch.equal(memory.keys, keys[[0, 2]]) and memory.values.tolist() == [2, 0]
+
+
+class SnapshotBefore(Callback):
+    """Saves MbPA's memory (``state_dict``: every finished batch) when batch ``at`` starts."""
+
+    def __init__(self, mbpa: MbPA, at: int) -> None:
+        self.mbpa, self.at, self.state, self.started = mbpa, at, None, []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.started.append(batch_idx)
+        if batch_idx == self.at:
+            self.state = {k: v.clone() for k, v in self.mbpa.memory.state_dict().items()}
+
+
+@pytest.mark.parametrize("bad", ["label", "nan"])
+def test_a_bad_row_in_batch_n_fails_in_batch_n_with_the_memory_as_before(bad):
+    """Batches 0-3 wait in the pending buffer (nothing reads the memory before batch 4 starts);
+    a bad row in batch 4 raises (or, non-finite, is refused with a warning) while batch 4 is
+    processed, and the memory is bit-identical to the one before batch 4."""
+    x, y = blobs(112)
+    pairs = [(x[i : i + 16].clone(), y[i : i + 16].clone()) for i in range(0, 112, 16)]
+    if bad == "label":
+        pairs[4][1][5] = 4  # the head has 4 outputs
+    cb = MbPA(k=4, **ADAPT)
+    snapshot = SnapshotBefore(cb, at=4)
+    model = Frozen()
+    if bad == "nan":
+        model.encoder.register_forward_hook(
+            lambda module, args, out: (
+                out.index_fill(0, torch.tensor([5]), math.nan) if snapshot.started[-1] == 4 else out
+            )
+        )
+    fit = trainer(callbacks=[snapshot, cb]).fit
+    if bad == "label":
+        with pytest.raises(ValueError, match=r"labels of the training batch must be .* got \[4\]"):
+            fit(model, DataLoader(pairs, batch_size=None))
+        assert snapshot.started[-1] == 4  # raised while batch 4 was processed
+        after = cb.memory.state_dict()
+    else:
+        with pytest.warns(UserWarning, match="refused a training batch: 1 of its 16"):
+            fit(model, DataLoader(pairs[:5], batch_size=None))  # batch 4 is the last one
+        assert cb.refused_batches == 1
+        after = cb.memory.state_dict()
+    assert snapshot.state is not None and int(snapshot.state["num_seen"]) == 4 * 16
+    assert after.keys() == snapshot.state.keys()
+    for name in after:
+        assert torch.equal(after[name], snapshot.state[name]), name
+
+
+class PicklesAt(Callback):
+    """Pickles MbPA after MbPA's own end of batch ``at`` (its rows still pending)."""
+
+    def __init__(self, mbpa: MbPA, at: int) -> None:
+        self.mbpa, self.at, self.pickled = mbpa, at, None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if batch_idx == self.at:
+            self.pickled = pickle.dumps(self.mbpa)
+
+
+def test_checkpoints_and_pickles_mid_epoch_equal_one_add_per_batch(tmp_path):
+    """Pending rows are in every checkpoint and pickle taken mid-epoch: each equals a memory
+    written by one ``add`` per batch finished so far."""
+    x, y = blobs(160, seed=0)
+    cb, recorder = MbPA(k=4, memory_size=100, **ADAPT), Recorder()  # the ring wraps at step 7
+    pickler = PicklesAt(cb, at=6)
+    every_three = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=3, save_top_k=-1)
+    trainer(
+        callbacks=[cb, recorder, pickler, every_three], max_epochs=1, enable_checkpointing=True
+    ).fit(TinyClassifier(), loader(x, y))
+    saved = sorted(tmp_path.glob("*.ckpt"), key=lambda p: int(p.stem.split("step=")[1]))
+    assert [int(p.stem.split("step=")[1]) for p in saved] == [3, 6, 9]
+    for path in saved:
+        step = int(path.stem.split("step=")[1])
+        state = torch.load(path, weights_only=True)["callbacks"][cb.state_key]["memory"]
+        expected = one_add_per_batch(recorder.batches[:step], 100).state_dict()
+        assert state.keys() == expected.keys()
+        for name in state:
+            assert torch.equal(state[name], expected[name]), (step, name)
+    unpickled = pickle.loads(pickler.pickled)
+    assert_same_memory(unpickled.memory, one_add_per_batch(recorder.batches[:7], 100))
+
+
+@pytest.mark.parametrize("change", ["none", "nan", "inf", "huge", "negative", "ignored"])
+def test_the_one_call_check_of_a_training_batch_equals_the_general_check(change):
+    """Rows checked for the pending buffer (one call: CPU float32 keys, int64 labels) carry the
+    same keys, labels, finiteness and label range as the general check that computes norms."""
+    from lightning_mbpa._memory_checks import check_rows
+
+    g = torch.Generator().manual_seed(0)
+    keys, values = torch.randn(64, 16, generator=g), torch.randint(0, 10, (64,), generator=g)
+    if change == "nan":
+        keys[7, 3] = math.nan
+    elif change == "inf":
+        keys[0, 0] = -math.inf
+    elif change == "huge":
+        keys *= 1e37  # finite, but the squares overflow
+    elif change == "negative":
+        values[5] = -2
+    elif change == "ignored":
+        values[::4] = -100
+    fast = check_rows(keys, values, 16, on_cpu=True, norms=False)
+    general = check_rows(keys.clone(), values.clone(), 16, on_cpu=True, norms=True)
+    assert fast.norms is None and general.norms is not None
+    assert fast.finite == general.finite == (change not in ("nan", "inf"))
+    assert (
+        (fast.low, fast.high)
+        == (general.low, general.high)
+        == (
+            int(values.min()),
+            int(values.max()),
+        )
+    )
+    torch.testing.assert_close(fast.keys, keys, rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(fast.values, values) and fast.listed == values.tolist()

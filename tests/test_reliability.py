@@ -813,7 +813,8 @@ def test_a_fault_inside_test_or_predict_leaves_weights_memory_and_hooks_as_they_
     assert_bit_identical(before, model)
     assert_memory_is(cb, memory)
     assert_no_hooks(model)
-    assert cb._adapter.stage is None and not cb._adapter.calls and not cb._writer.captured
+    # internal only (no public view of what the hooks hold): no captured tensor is kept alive
+    assert not cb._writer.captured
     with torch.no_grad():  # a plain forward is the base model again
         assert torch.equal(model(xt), TinyClassifier.forward(model, xt))
     # and the callback works as before the fault
