@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
+import sys
 import time
 from collections.abc import Callable
 
@@ -30,6 +32,9 @@ from torch import Tensor, nn
 from torch.profiler import ProfilerActivity, profile
 
 from lightning_mbpa.adaptation import kernel_weights, local_adapt
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from memory import cpu_model  # benchmarks/memory.py
 
 BATCH, DIM, NEIGHBOURS, HIDDEN = 256, 512, 32, 256
 LR, BETA = 0.01, 1e-3
@@ -230,11 +235,7 @@ def bench_mlp(num_classes: int, steps: int, loop_queries: int, device: str) -> s
 def device_name(device: str) -> str:
     if device.startswith("cuda"):
         return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
-    except (OSError, StopIteration):
-        return "unknown CPU"
+    return cpu_model()
 
 
 def main() -> None:

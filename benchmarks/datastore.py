@@ -30,8 +30,9 @@ from __future__ import annotations
 import argparse
 import gc
 import math
-import platform
+import os
 import statistics
+import sys
 import time
 
 import numpy as np
@@ -42,22 +43,13 @@ import faiss  # after torch, as in lightning_mbpa.memory: one shared OpenMP runt
 
 from lightning_mbpa.memory import EpisodicMemory
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from memory import cpu_model  # benchmarks/memory.py
+
 LATENT_DIM = 16
 LATENT_CLUSTERS = 64
 NOISE = 0.05
 CHUNK = 50_000
-
-
-def cpu_name() -> str:
-    """The CPU model from /proc/cpuinfo (Linux), else platform.processor()."""
-    try:
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def mixture(m: int, d: int, seed: int, draw: int) -> torch.Tensor:
@@ -159,7 +151,7 @@ def main() -> None:
     args = parser.parse_args()
     n, d, k = args.n, args.dim, args.k
     threads_before = torch.get_num_threads()
-    print(f"CPU: {cpu_name()} ({torch.get_num_threads()} threads available)")
+    print(f"CPU: {cpu_model()} ({torch.get_num_threads()} threads available)")
     print(
         f"torch {torch.__version__}, faiss {faiss.__version__}; N={n:,}, D={d}, K={k}, "
         f"B={args.batch} queries per search; keys: synthetic Gaussian mixture "
