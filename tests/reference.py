@@ -32,8 +32,12 @@ def adapt_one(
     steps: int,
     lr: float,
     beta: float,
+    offsets: Tensor | None = None,
 ) -> Tensor:
-    """``steps`` of θx ← θx − lr·∇Σ w·CE − beta·(θx − θ) on a deep copy; returns head_θx(query)."""
+    """``steps`` of θx ← θx − lr·∇Σ w·CE − beta·(θx − θ) on a deep copy; returns head_θx(query).
+
+    With ``offsets`` the loss is ``CE(head(h) + offsets, y)`` (the logit-adjusted loss) and the
+    query is still predicted without them."""
     local = copy.deepcopy(head).eval()
     theta = [p.detach().clone() for p in local.parameters()]
     opt = torch.optim.SGD(local.parameters(), lr=lr)
@@ -41,7 +45,7 @@ def adapt_one(
         for _ in range(steps):
             before = [p.detach().clone() for p in local.parameters()]
             opt.zero_grad()
-            logits = local(keys)
+            logits = local(keys) if offsets is None else local(keys) + offsets
             if logits.shape[-1] == 1:
                 losses = F.binary_cross_entropy_with_logits(
                     logits[:, 0], labels.to(logits.dtype), reduction="none"

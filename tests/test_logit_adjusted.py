@@ -4,19 +4,17 @@ library, and the callback's default left as it was."""
 
 from __future__ import annotations
 
-import copy
 import pickle
 
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
 
 from lightning_mbpa import MbPA, class_log_prior, kernel_weights, local_adapt
 from tests.helpers import TinyClassifier, TwoLayerHead, blobs, loader, trainer
-from tests.reference import brute_force, kernel
+from tests.reference import adapt_one, brute_force, kernel
 
 
 def reference_log_prior(labels: list[int], num_classes: int) -> np.ndarray:
@@ -40,27 +38,7 @@ def adjusted_adapt_one(
 ) -> Tensor:
     """A deep copy and a fresh SGD optimiser per query; the loss is ``CE(head(h) + offsets, y)``;
     returns ``head_θx(query)`` without the offsets."""
-    local = copy.deepcopy(head).eval()
-    theta = [p.detach().clone() for p in local.parameters()]
-    opt = torch.optim.SGD(local.parameters(), lr=lr)
-    with torch.enable_grad():
-        for _ in range(steps):
-            before = [p.detach().clone() for p in local.parameters()]
-            opt.zero_grad()
-            logits = local(keys) + offsets
-            if logits.shape[-1] == 1:
-                losses = F.binary_cross_entropy_with_logits(
-                    logits[:, 0], labels.to(logits.dtype), reduction="none"
-                )
-            else:
-                losses = F.cross_entropy(logits, labels, reduction="none")
-            (weights * losses).sum().backward()
-            opt.step()
-            with torch.no_grad():
-                for p, p_before, p0 in zip(local.parameters(), before, theta, strict=True):
-                    p.sub_(beta * (p_before - p0))
-    with torch.no_grad():
-        return local(query[None])[0]
+    return adapt_one(head, query, keys, labels, weights, steps, lr, beta, offsets=offsets)
 
 
 # ---------------------------------------------------------------- class_log_prior
