@@ -55,7 +55,7 @@ from torch.utils.data import DataLoader, TensorDataset
 # isort: split
 import faiss  # after torch, as in lightning_mbpa.memory: one shared OpenMP runtime
 
-from lightning_mbpa import MbPA
+from lightning_mbpa import MbPA, _neighbours
 from lightning_mbpa.memory import EpisodicMemory
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -336,8 +336,9 @@ def test_time(n: int, index: str, args: argparse.Namespace) -> tuple[str, dict[s
     hook_watch = _Stopwatch(device)
     memory = cb.memory
     memory.search = search_watch.wrap(memory.search)
-    memory._gather_cpu = gather_watch.wrap(memory._gather_cpu)
-    memory._gather = gather_watch.wrap(memory._gather)
+    # the search's gather step, looked up in its module at every search: restored below
+    gathers = _neighbours.gather_cpu, _neighbours.gather_on_device
+    _neighbours.gather_cpu, _neighbours.gather_on_device = map(gather_watch.wrap, gathers)
     cb._adapter._hook = hook_watch.wrap(cb._adapter._hook)  # registered at each test start
     hook_seconds = []
 
@@ -370,6 +371,7 @@ def test_time(n: int, index: str, args: argparse.Namespace) -> tuple[str, dict[s
             if name == "test+MbPA":
                 search_s.append(search_watch.seconds)
                 gather_s.append(gather_watch.seconds)
+    _neighbours.gather_cpu, _neighbours.gather_on_device = gathers
     med = {name: statistics.median(t) for name, t in times.items()}
     total, fwd = med["test+MbPA"], med["forward"]
     hook, searching, gathering = (statistics.median(v) for v in (hook_seconds, search_s, gather_s))

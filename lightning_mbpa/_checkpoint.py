@@ -43,7 +43,10 @@ class SavedState:
 
 
 def checkpoint_entry(cb: MbPA) -> dict[str, Any]:
-    """The callback's checkpoint entry: plain tensors and primitives (``weights_only=True``)."""
+    """The callback's checkpoint entry: plain tensors and primitives (``weights_only=True``);
+    empty with ``save_memory=False``."""
+    if not cb.save_memory:
+        return {}
     return {
         "memory": cb.memory.state_dict(),
         "memory_config": cb._memory.config,
@@ -55,7 +58,10 @@ def checkpoint_entry(cb: MbPA) -> dict[str, Any]:
 
 
 def restore_checkpoint(cb: MbPA, state_dict: dict[str, Any]) -> None:
-    """Restore a checkpoint entry; everything is checked before anything changes."""
+    """Restore a checkpoint entry; everything is checked before anything changes. Nothing is
+    restored with ``save_memory=False`` or from an empty entry."""
+    if not cb.save_memory or not state_dict:
+        return
     module = cb._module_ref() if cb._module_ref is not None else None
     saved = read_checkpoint(
         state_dict,
@@ -98,6 +104,17 @@ def pickled_state(cb: MbPA) -> dict[str, Any]:
     torch.save({"config": cb._memory.config, "state": cb._memory.state_dict()}, buffer)
     state["_memory"] = buffer.getvalue()
     return state
+
+
+def replace_memory(cb: MbPA, memory: EpisodicMemory) -> None:
+    """The ``MbPA.memory`` setter: the callback's parts follow the new memory."""
+    if not isinstance(memory, EpisodicMemory):
+        raise MisconfigurationException(
+            f"MbPA.memory must be an EpisodicMemory; got {type(memory).__name__}."
+        )
+    cb._writer.rebind(memory, cb._head)
+    cb._memory = memory
+    cb._adapter.invalidate()
 
 
 def unpickle(cb: MbPA, state: dict[str, Any]) -> None:

@@ -1,6 +1,6 @@
 """Labelled batches for :class:`~lightning_mbpa.MbPA`: finding their labels, and writing
 training batches, the batches of ``populate()`` and, with ``online_writes``, test batches after
-they were predicted.
+they were predicted; at the end of each evaluation batch, the metrics on its labels.
 
 The callback's extension points (``extract_labels``, ``extract_inputs``) find the labels and
 inputs; its writer checks and stages the rows; with ``store_inputs`` its drift part slices the
@@ -19,6 +19,8 @@ from lightning_mbpa._checks import sentence
 from lightning_mbpa.batches import as_label_tensor, describe, find_label_name, get_item
 
 if TYPE_CHECKING:
+    import lightning.pytorch as pl
+
     from lightning_mbpa.callback import MbPA
 
 
@@ -150,6 +152,19 @@ def write_training_batch(cb: MbPA, pl_module: nn.Module, batch: Any) -> None:
         writer.head_has_run = True
     finally:
         writer.end_batch()
+
+
+def end_eval_batch(cb: MbPA, trainer: pl.Trainer, pl_module: nn.Module, batch: Any) -> None:
+    """After a validate/test/predict step: check that the head was called where MbPA adapts,
+    update the metrics and, in a test with ``online_writes``, write the batch."""
+    if trainer.testing:
+        end_test_batch(cb, pl_module, batch)
+    elif trainer.predicting:
+        cb._adapter.check_head_was_called("predict")
+        cb._adapter.calls.clear()
+    elif cb._adapter.stage == "validate":
+        cb._adapter.check_head_was_called("validate")
+        update_metrics(cb, batch)
 
 
 def end_test_batch(cb: MbPA, pl_module: nn.Module, batch: Any) -> None:

@@ -4,11 +4,13 @@ One idea: whatever ranked the candidates (the torch or faiss exact kernel, an ap
 index), the neighbours handed back are read from the stored keys and labels, their squared
 distances recomputed exactly as ``||q - h||²`` (a difference: exact for duplicates, unlike
 ``|q|² + |h|² - 2 q·h``), sorted ascending and padded to ``k`` with masked columns.
+:func:`nearest` is a memory's whole search: candidates from its approximate index or exact
+kernel, then gathered.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -16,6 +18,11 @@ import torch
 from torch import Tensor
 
 from lightning_mbpa._profiling import phase
+
+if TYPE_CHECKING:
+    from lightning_mbpa._exact_search import ExactSearch
+    from lightning_mbpa._faiss_index import _LiveRowIndex
+    from lightning_mbpa._storage import KeyStore
 
 Int64Array = npt.NDArray[np.int64]
 
@@ -41,6 +48,36 @@ class Neighbours(NamedTuple):
     distances: Tensor
     mask: Tensor
     indices: Tensor
+
+
+def nearest(
+    store: KeyStore,
+    exact: ExactSearch,
+    ann: _LiveRowIndex | None,
+    q32: Tensor,
+    k: int,
+    queries: Tensor,
+) -> Neighbours:
+    """The ``k`` nearest entries of ``store`` to checked float32 queries ``q32`` (``queries``
+    as given: their device and dtype are the results'), ranked by the approximate index
+    ``ann`` once it is trained, else by the exact kernel."""
+    b = queries.shape[0]
+    if store.size == 0 or b == 0:
+        return empty_neighbours(b, k, queries.shape[1], queries.dtype, queries.device)
+    kk = min(k, store.size)
+    assert store.keys is not None and store.values is not None
+    if ann is not None and ann.active:
+        q_np = q32.cpu().numpy()
+        slots_np, exact_distances = ann.search(q_np, kk)
+        keys, values = store.keys.numpy(), store.values.numpy()
+        return gather_cpu(keys, values, q_np, slots_np, k, queries, exact_distances)
+    assert store.norms is not None
+    n = store.size
+    slots = exact.candidates(store.keys[:n], store.norms[:n], q32, kk)
+    if isinstance(slots, Tensor):
+        return gather_on_device(store.keys, store.values, q32, slots, k, queries)
+    keys, values = store.keys.numpy(), store.values.numpy()
+    return gather_cpu(keys, values, q32.cpu().numpy(), slots, k, queries)
 
 
 def empty_neighbours(

@@ -70,6 +70,15 @@ def move_memory(cb: MbPA, pl_module: nn.Module) -> None:
         cb.memory.to(device)
 
 
+def start_stage(cb: MbPA, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+    """``on_{validation,test,predict}_start``: adapt in the stages of ``adapt_on`` (not in the
+    sanity check); a test that does not adapt may still write online."""
+    if stage in cb.adapt_on and not (stage == "validate" and trainer.sanity_checking):
+        start_adapting(cb, trainer, pl_module, stage)
+    elif stage == "test" and cb.online_writes:
+        cb._writer.install(pl_module)
+
+
 def start_adapting(
     cb: MbPA, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str
 ) -> None:
@@ -191,6 +200,14 @@ def refresh(cb: MbPA, model: nn.Module, trainer: pl.Trainer | None) -> int:
         )
     cb._adapter.invalidate()
     return n
+
+
+def end_train_epoch(cb: MbPA, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    """``on_train_epoch_end``: refresh the keys with ``refresh_keys="epoch_end"``, and log how
+    long that took."""
+    if cb.refresh_keys == "epoch_end" and len(cb.memory) > 0:
+        refresh(cb, pl_module, trainer)
+        pl_module.log("mbpa/refresh_s", float(cb._drift.last_refresh_seconds or 0.0))
 
 
 def replay(

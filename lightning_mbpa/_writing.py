@@ -78,6 +78,21 @@ def write_rows(
     return slot_of_row
 
 
+def write_placed(
+    store: KeyStore, slots: SlotAssigner, ann: _LiveRowIndex | None, rows: CheckedRows
+) -> Int64Array:
+    """:func:`write_rows`, and the rows' payload at their slots; returns the slot of each row
+    (``-1``: not kept)."""
+    slot_of_row = write_rows(store, slots, ann, rows)
+    if slot_of_row is None:  # n consecutive slots
+        n = len(rows)
+        start = (slots.num_seen - n) % store.capacity
+        slot_of_row = np.arange(start, start + n, dtype=np.int64)
+    if rows.payload is not None:
+        store.write_payload(rows.payload, slot_of_row)
+    return slot_of_row
+
+
 class PendingRows:
     """Checked CPU rows accepted by a memory and not yet in its storage, in arrival order.
 

@@ -18,7 +18,6 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
 from typing_extensions import override
 
@@ -262,13 +261,7 @@ class MbPA(Callback):
 
     @memory.setter
     def memory(self, memory: EpisodicMemory) -> None:
-        if not isinstance(memory, EpisodicMemory):
-            raise MisconfigurationException(
-                f"MbPA.memory must be an EpisodicMemory; got {type(memory).__name__}."
-            )
-        self._writer.rebind(memory, self._head)
-        self._memory = memory
-        self._adapter.invalidate()
+        _checkpoint.replace_memory(self, memory)
 
     @property
     def memory_size(self) -> int:
@@ -372,9 +365,7 @@ class MbPA(Callback):
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.refresh_keys == "epoch_end" and len(self.memory) > 0:
-            _stages.refresh(self, pl_module, trainer)
-            pl_module.log("mbpa/refresh_s", float(self._drift.last_refresh_seconds or 0.0))
+        _stages.end_train_epoch(self, trainer, pl_module)
 
     @override
     def on_train_batch_start(
@@ -397,8 +388,7 @@ class MbPA(Callback):
 
     @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if "validate" in self.adapt_on and not trainer.sanity_checking:
-            _stages.start_adapting(self, trainer, pl_module, "validate")
+        _stages.start_stage(self, trainer, pl_module, "validate")
 
     @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -406,10 +396,7 @@ class MbPA(Callback):
 
     @override
     def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if "test" in self.adapt_on:
-            _stages.start_adapting(self, trainer, pl_module, "test")
-        elif self.online_writes:
-            self._writer.install(pl_module)
+        _stages.start_stage(self, trainer, pl_module, "test")
 
     @override
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -418,8 +405,7 @@ class MbPA(Callback):
 
     @override
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if "predict" in self.adapt_on:
-            _stages.start_adapting(self, trainer, pl_module, "predict")
+        _stages.start_stage(self, trainer, pl_module, "predict")
 
     on_predict_end = on_validation_end
 
@@ -447,58 +433,27 @@ class MbPA(Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        if self._adapter.stage == "validate":
-            self._adapter.check_head_was_called("validate")
-            _labelled.update_metrics(self, batch)
+        _labelled.end_eval_batch(self, trainer, pl_module, batch)
+
+    on_test_batch_end = on_validation_batch_end
+    on_predict_batch_end = on_validation_batch_end
 
     @override
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._adapter.stage == "validate":
+        if self._adapter.stage in ("validate", "test"):  # adapting in this stage: log its metrics
             self._adapter.log_epoch(pl_module, len(self.memory), self._strategy)
 
-    @override
-    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._adapter.stage == "test":
-            self._adapter.log_epoch(pl_module, len(self.memory), self._strategy)
-
-    @override
-    def on_test_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        _labelled.end_test_batch(self, pl_module, batch)
-
-    @override
-    def on_predict_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        self._adapter.check_head_was_called("predict")
-        self._adapter.calls.clear()
+    on_test_epoch_end = on_validation_epoch_end
 
     # ------------------------------------------------------------------ checkpointing
     @override
     def state_dict(self) -> dict[str, Any]:
-        if not self.save_memory:
-            return {}
         return _checkpoint.checkpoint_entry(self)
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore the memory; everything is checked before anything changes, so a refused
         checkpoint leaves the callback and its memory exactly as they were."""
-        if not self.save_memory or not state_dict:
-            return
         _checkpoint.restore_checkpoint(self, state_dict)
 
     # ------------------------------------------------------------------ populate / refresh

@@ -4,19 +4,8 @@ Memory-based Parameter Adaptation (MbPA; Sprechmann et al., 2018, "Memory-based 
 Adaptation", arXiv:1802.10542) writes the embedding ``h = f(x)`` of every training example and its
 label into an episodic memory, and at test time adapts the output head on the K stored
 embeddings nearest to each query by squared Euclidean distance. This module is that memory and
-nothing else: a preallocated float32 key buffer with a FIFO ring (the paper's choice) or reservoir
-eviction, searched exactly (a matmul + ``topk`` on the buffer's device, or ``faiss.knn`` over the
-buffer itself; on the CPU ``backend="auto"`` times both on the machine at hand and uses the
-faster) or through an approximate faiss index (HNSW, IVF, PQ, ...) that never returns an
-overwritten entry. Optionally every entry also carries a *payload* (e.g. the example's model
-input, kept on the CPU) that follows it through eviction, so that its key can be recomputed
-later (:meth:`EpisodicMemory.update_keys`). It has no Lightning dependency.
-
-:class:`EpisodicMemory` is composed of parts that each own one piece of state: the buffers
-(:mod:`lightning_mbpa._storage`), slot assignment (:mod:`lightning_mbpa._eviction`), the exact
-search kernels (:mod:`lightning_mbpa._exact_search`) and the choice between them
-(:mod:`lightning_mbpa._kernel_choice`), an approximate index (:mod:`lightning_mbpa._faiss_index`),
-and the gathering of neighbours (:mod:`lightning_mbpa._neighbours`).
+nothing else (:class:`EpisodicMemory`); it has no Lightning dependency. Its parts, each owning
+one piece of state, are private modules (``docs/design/memory.md`` lists them).
 
 Example:
     >>> import torch
@@ -36,7 +25,6 @@ from collections.abc import Mapping
 from typing import Any, Literal
 
 import numpy as np
-import numpy.typing as npt
 import torch
 from torch import Tensor
 
@@ -47,7 +35,7 @@ from lightning_mbpa._exact_search import (  # noqa: F401  (re-exported for tests
     ExactSearch,
     _smallest,
 )
-from lightning_mbpa._faiss_index import Int64Array, _LiveRowIndex, _new_index
+from lightning_mbpa._faiss_index import _LiveRowIndex, _new_index
 from lightning_mbpa._kernel_choice import forget_kernel_choices, kernel_choices
 from lightning_mbpa._memory_checks import (
     EXACT_INDEX,
@@ -65,9 +53,9 @@ from lightning_mbpa._memory_checks import (
     resolve_device,
 )
 from lightning_mbpa._memory_state import check_class_balanced_state, memory_state, restore_state
-from lightning_mbpa._neighbours import Neighbours, empty_neighbours, gather_cpu, gather_on_device
+from lightning_mbpa._neighbours import Neighbours, nearest
 from lightning_mbpa._storage import KeyStore
-from lightning_mbpa._writing import PendingRows, refusal, write_rows
+from lightning_mbpa._writing import PendingRows, refusal, write_placed, write_rows
 
 __all__ = [
     "EXACT_INDEX",
@@ -84,61 +72,24 @@ __all__ = [
 class EpisodicMemory:
     """A fixed-capacity memory of float32 keys and int64 labels with exact or approximate K-NN.
 
-    Keys live in a preallocated, uninitialised ``[capacity, D]`` float32 buffer (``torch.empty``),
-    so the operating system only backs the pages that have been written: resident memory grows
-    with the fill, not with the capacity.
+    Keys live in a preallocated, uninitialised ``[capacity, D]`` float32 buffer, so resident
+    memory grows with the fill, not with the capacity. Eviction once the memory is full:
 
-    Eviction once the memory is full:
+    * ``"fifo"``: a ring; the oldest entry is overwritten (the paper's choice).
+    * ``"reservoir"``: Algorithm R: the memory is a uniform sample of everything ever offered,
+      drawn with a ``torch.Generator`` seeded with ``seed``.
+    * ``"class_balanced"``: the oldest entry of the class that holds the most entries (among
+      equally large classes the item's own, else the smallest label): per-class counts stay as
+      equal as the stream allows.
 
-    * ``"fifo"``: a ring; the oldest entry is overwritten (the paper's choice). A batch larger than
-      the capacity keeps its last ``capacity`` rows.
-    * ``"reservoir"``: Algorithm R over everything ever offered: item ``t`` (0-based, counted over
-      all calls) takes slot ``t`` while ``t < capacity``, else draws ``j`` uniform in ``[0, t]``
-      and replaces slot ``j`` if ``j < capacity``. The memory is then a uniform sample of the whole
-      stream. Draws come from a ``torch.Generator`` seeded with ``seed``; within one batch the later
-      of two rows drawing the same slot wins, exactly as one-at-a-time insertion would.
-    * ``"class_balanced"``: for imbalanced streams. Item ``t`` takes slot ``t`` while
-      ``t < capacity``; then it overwrites the oldest entry of the class that currently holds the
-      most entries. Among equally large classes: the item's own class if it is one of them (so
-      their counts stay within one of each other), else the smallest label. A full memory so
-      keeps per-class counts as equal as the stream allows: an entry of a smaller class is never
-      evicted while a larger class exists. A batch is processed row by row in order, exactly as
-      one-at-a-time insertion would (O(log capacity) per row). The write count of each slot is
-      kept (``state_dict()["inserted"]``) so a restored memory evicts exactly as this one would.
-
-    Search (:meth:`search`) returns the ``k`` nearest keys by squared Euclidean distance:
-
-    * ``index="Flat"`` (exact): on the ``faiss`` backend, ``faiss.knn`` directly over the filled
-      part of the key buffer (zero copy, nothing to rebuild); on the ``torch`` backend, a chunked
-      ``|h|² - 2 q·h`` matmul and top-k on the buffer's device, with ``|h|²`` cached per slot. On
-      the CPU each searching thread keeps its block of scores (64 MiB at most unless
-      ``B·k > 2**24``: ``B`` rows of ``max(k, 2**24 / B)`` columns) for its next search, until
-      the memory is cleared or moved. ``backend="auto"`` chooses between the two (see below).
-    * any other ``faiss.index_factory`` string (``"HNSW32"``, ``"IVF256,Flat"``, ``"IVF256,PQ16"``,
-      optionally behind ``"PCA64,"``/``"OPQ16,"``), faiss backend only. The index is built at the
-      first write. One that needs training (IVF, PQ) is trained on the stored keys once
-      ``39 * (largest number of centroids it learns)`` keys exist (``nlist`` for IVF, ``2**nbits``
-      for PQ; capped at ``capacity``; never if ``capacity`` is below the number of centroids);
-      until then search is exact. Each write only adds the new rows to the index; overwritten rows
-      are hidden by a liveness bitmap passed to faiss as an ``IDSelectorBitmap``. When the dead
-      rows outnumber the live ones the index is compacted (reset, keeping its training, and the
-      live keys re-added in slot order): the one place a rebuild happens, amortised O(1) per write.
-      Distances of the returned neighbours are always recomputed exactly from the stored keys.
-
-    Payload: :meth:`add` may also take a mapping of per-row tensors (``payload``, e.g. the model
-    inputs the keys were computed from). They are stored on the CPU in preallocated
-    ``[capacity, ...]`` buffers (dtype kept) at the same slots as the keys, so eviction, state
-    dicts and pickling keep them aligned with their keys; :attr:`payload` reads them back.
-    A memory either stores a payload with every entry or with none (:meth:`clear` resets this).
-    :meth:`update_keys` overwrites stored keys in place, e.g. with keys recomputed from the
-    payload by a network whose weights have changed.
-
-    Threads: nothing here changes a thread setting. On the CPU the memory-bound steps (writes,
-    gathering the neighbours' keys) run single-threaded in numpy; only the distance computation
-    (faiss or the torch matmul) is parallel. Importing this module loads torch before faiss, so
-    faiss shares torch's OpenMP runtime and follows ``torch.set_num_threads``. On a machine whose
-    cores are busy with other work, OpenMP's spin-waiting can make a 2-thread search several times
-    slower than a 1-thread one; ``OMP_WAIT_POLICY=passive`` or fewer threads avoid that.
+    Every eviction treats a batch row by row, exactly as one-at-a-time insertion would.
+    :meth:`search` returns the ``k`` nearest keys by squared Euclidean distance, exactly
+    (``index="Flat"``) or through an approximate faiss index that never returns an overwritten
+    entry; the distances returned are always exact. Each entry may carry a *payload* (per-row
+    tensors such as the model input, kept on the CPU) that follows it through eviction, so that
+    its key can be recomputed later (:meth:`update_keys`). Nothing here changes a thread
+    setting. How the buffers, eviction, search kernels and threads work in detail:
+    [Memory layout](design/memory.md).
 
     Args:
         capacity: Maximum number of entries (>= 1).
@@ -435,14 +386,8 @@ class EpisodicMemory:
         self._settle()
         if not self._accept(rows):
             return torch.empty(0, dtype=torch.int64)
-        slot_of_row = write_rows(self._store, self._slots, self._ann, rows)
+        slot_of_row = write_placed(self._store, self._slots, self._ann, rows)
         self._version += 1
-        n = len(rows)
-        if slot_of_row is None:  # n consecutive slots
-            start = (self._slots.num_seen - n) % self._capacity
-            slot_of_row = np.arange(start, start + n, dtype=np.int64)
-        if rows.payload is not None:
-            self._store.write_payload(rows.payload, slot_of_row)
         return torch.from_numpy(slot_of_row)
 
     def append_checked(self, rows: CheckedRows) -> None:
@@ -558,41 +503,8 @@ class EpisodicMemory:
             ValueError: ``k < 1``, queries not ``[B, D]``, not floating point or not finite.
         """
         self._settle()
-        store = self._store
-        q32 = check_queries(queries, k, store.dim)
-        k = int(k)
-        b = queries.shape[0]
-        if store.size == 0 or b == 0:
-            return empty_neighbours(b, k, queries.shape[1], queries.dtype, queries.device)
-        kk = min(k, store.size)
-        if self._ann is not None and self._ann.active:
-            q_np = q32.cpu().numpy()
-            slots_np, exact = self._ann.search(q_np, kk)
-            return self._gather_cpu(q_np, slots_np, k, queries, exact)
-        assert store.keys is not None and store.norms is not None
-        n = store.size
-        slots = self._exact.candidates(store.keys[:n], store.norms[:n], q32, kk)
-        if isinstance(slots, Tensor):
-            return self._gather(q32, slots, k, queries)
-        return self._gather_cpu(q32.cpu().numpy(), slots, k, queries)
-
-    def _gather_cpu(
-        self,
-        q: npt.NDArray[np.float32],
-        slots: Int64Array,
-        k: int,
-        queries: Tensor,
-        distances: npt.NDArray[np.float32] | None = None,
-    ) -> Neighbours:
-        """:func:`~lightning_mbpa._neighbours.gather_cpu` over this memory's CPU buffers."""
-        assert self._store.keys is not None and self._store.values is not None
-        keys, values = self._store.keys.numpy(), self._store.values.numpy()
-        return gather_cpu(keys, values, q, slots, k, queries, distances)
-
-    def _gather(self, q32: Tensor, slots: Tensor, k: int, queries: Tensor) -> Neighbours:
-        """:func:`~lightning_mbpa._neighbours.gather_on_device` over this memory's buffers."""
-        assert self._store.keys is not None and self._store.values is not None
-        return gather_on_device(self._store.keys, self._store.values, q32, slots, k, queries)
+        q32 = check_queries(queries, k, self._store.dim)
+        return nearest(self._store, self._exact, self._ann, q32, int(k), queries)
 
     # ------------------------------------------------------------------ state
 

@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 import lightning_mbpa._exact_search as _exact_search
 import lightning_mbpa.memory as memory_module
+from lightning_mbpa._neighbours import gather_cpu
 from lightning_mbpa.memory import EpisodicMemory, Neighbours
 
 HYPOTHESIS = settings(max_examples=60, deadline=None)
@@ -363,7 +364,8 @@ def test_gather_reorders_candidates_that_come_unsorted() -> None:
     q, _ = clustered(12, 8, seed=1)
     found = memory.search(q, 9)
     shuffled = found.indices.numpy()[:, np.random.default_rng(0).permutation(9)]
-    again = memory._gather_cpu(q.numpy(), shuffled, 9, q)
+    keys, values = memory.keys.numpy(), memory.values.numpy()
+    again = gather_cpu(keys, values, q.numpy(), shuffled, 9, q)
     for name in Neighbours._fields:
         assert torch.equal(getattr(again, name), getattr(found, name)), name
     assert_exact_knn(found, x.numpy(), q.numpy(), 9)
