@@ -195,8 +195,10 @@ class SlotAssigner:
         if seen + n <= cap:
             self.inserted[seen : seen + n] = np.arange(seen, seen + n, dtype=np.int64)
             return slot, [(0, seen, n)]
-        if len(set(slot.tolist())) < n:  # a slot taken twice within the batch
-            slot = _keep_last(slot)  # the last row written to a slot is the one it holds
+        if len(set(slot.tolist())) == n:  # every slot taken once
+            self.inserted[slot] = np.arange(seen, seen + n, dtype=np.int64)
+            return slot, None
+        slot = _keep_last(slot)  # the last row written to a slot is the one it holds
         kept = np.flatnonzero(slot >= 0)
         self.inserted[slot[kept]] = seen + kept
         return slot, None
