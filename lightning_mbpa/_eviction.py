@@ -38,8 +38,8 @@ class SlotAssigner:
       classes the row's own class if it is one of them, else the smallest label. Rows are
       processed in order, exactly as one-at-a-time insertion would. ``inserted[slot]`` is the
       ``t`` of the row in each slot; per class a queue of its slots, oldest first, and a heap of
-      ``(-count, label)`` (stale entries skipped) make each row O(1) when its class is a largest
-      one, else O(log classes).
+      ``(-count, label)`` (stale entries skipped): a row of a largest class costs a rotation of
+      its queue, any other row a few heap operations.
     """
 
     def __init__(self, eviction: Eviction, capacity: int, seed: int) -> None:
