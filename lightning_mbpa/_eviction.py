@@ -35,10 +35,11 @@ class SlotAssigner:
       rows drawing the same slot wins, exactly as one-at-a-time insertion would.
     * ``"class_balanced"``: row ``t`` takes slot ``t`` while ``t < capacity``, else overwrites the
       oldest entry (smallest ``t``) of the currently largest class; among equally large
-      classes the row's own class if it is one of them, else the smallest label. Rows are processed in order,
-      exactly as one-at-a-time insertion would. ``inserted[slot]`` is the ``t`` of the row
-      in each slot; per class a queue of its slots, oldest first, and a heap of
-      ``(-count, label)`` (stale entries skipped) make each row O(log capacity).
+      classes the row's own class if it is one of them, else the smallest label. Rows are
+      processed in order, exactly as one-at-a-time insertion would. ``inserted[slot]`` is the
+      ``t`` of the row in each slot; per class a queue of its slots, oldest first, and a heap of
+      ``(-count, label)`` (stale entries skipped): a row of a largest class costs a rotation of
+      its queue, any other row a few heap operations.
     """
 
     def __init__(self, eviction: Eviction, capacity: int, seed: int) -> None:
@@ -147,38 +148,68 @@ class SlotAssigner:
         return _keep_last(slot), None
 
     def _assign_class_balanced(self, labels: Int64Array) -> tuple[Int64Array, list[Run] | None]:
+        """One row at a time, but only a row whose class is not a largest one touches the heap.
+
+        A row of a largest class evicts that class's own oldest entry: the counts stay as they
+        are, so the largest count ``top`` stays valid and the row costs a queue rotation. Only
+        the other rows change two counts; they pop the largest class (smallest label on ties)
+        off the heap and push the two new counts.
+        """
         assert self.inserted is not None
         cap, seen, n = self.capacity, self.num_seen, labels.shape[0]
-        queues, heap, inserted = self._queues, self._heap, self.inserted
-        slot = np.empty(n, dtype=np.int64)
-        for row, label in enumerate(labels.tolist()):
-            t = seen + row
-            if t < cap:
-                s = t
-            else:
-                while True:  # the largest class (smallest label on ties); skip stale entries
-                    count, largest = heap[0]
-                    if len(queues[largest]) == -count:
-                        break
-                    heapq.heappop(heap)
-                own = queues.get(label)
-                if own is not None and len(own) == -count:  # the row's class is a largest one
-                    largest = label
-                s = queues[largest].popleft()
-                heapq.heappush(heap, (-len(queues[largest]), largest))
+        queues, heap = self._queues, self._heap
+        rows = labels.tolist()
+        filling = min(n, max(0, cap - seen))  # rows that take an empty slot
+        for s, label in enumerate(rows[:filling], start=seen):
             queue = queues.get(label)
             if queue is None:
                 queue = queues[label] = deque()
             queue.append(s)
-            heapq.heappush(heap, (-len(queue), label))
-            inserted[s] = t
-            slot[row] = s
+        if filling:
+            heap[:] = [(-len(queue), label) for label, queue in queues.items()]
+            heapq.heapify(heap)
+        evicted: list[int] = []
+        if filling < n:
+            top = self._largest_count()
+            for label in rows[filling:]:
+                own = queues.get(label)
+                if own is not None and len(own) == top:  # the row's class is a largest one
+                    s = own.popleft()
+                    own.append(s)
+                else:
+                    largest = heap[0][1]  # the smallest label among the largest classes
+                    s = queues[largest].popleft()
+                    heapq.heapreplace(heap, (1 - top, largest))
+                    if own is None:
+                        own = queues[label] = deque()
+                    own.append(s)
+                    heapq.heappush(heap, (-len(own), label))
+                    top = self._largest_count()
+                evicted.append(s)
+        slot = np.empty(n, dtype=np.int64)
+        slot[:filling] = np.arange(seen, seen + filling, dtype=np.int64)
+        slot[filling:] = evicted
         if len(heap) > 4 * len(queues) + 64:  # drop the stale entries
-            self._heap = [(-len(q), label) for label, q in queues.items() if q]
-            heapq.heapify(self._heap)
+            heap[:] = [(-len(q), label) for label, q in queues.items() if q]
+            heapq.heapify(heap)
         if seen + n <= cap:
+            self.inserted[seen : seen + n] = np.arange(seen, seen + n, dtype=np.int64)
             return slot, [(0, seen, n)]
-        return _keep_last(slot), None
+        if len(set(slot.tolist())) == n:  # every slot taken once
+            self.inserted[slot] = np.arange(seen, seen + n, dtype=np.int64)
+            return slot, None
+        slot = _keep_last(slot)  # the last row written to a slot is the one it holds
+        kept = np.flatnonzero(slot >= 0)
+        self.inserted[slot[kept]] = seen + kept
+        return slot, None
+
+    def _largest_count(self) -> int:
+        """The largest class size, after dropping stale heap entries off the top of the heap
+        (an entry is stale once its class's size changed)."""
+        heap, queues = self._heap, self._queues
+        while len(queues[heap[0][1]]) != -heap[0][0]:
+            heapq.heappop(heap)
+        return -heap[0][0]
 
     def advance(self, n: int) -> None:
         """Counts ``n`` more rows as offered."""
