@@ -11,12 +11,12 @@ import pickle
 
 import pytest
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_mbpa import EpisodicMemory, MbPA
 from lightning_mbpa._drift import draw_replay_slots
-from tests.helpers import TinyClassifier, assert_bit_identical, blobs, loader, params, trainer
+from tests.helpers import TinyClassifier, blobs, loader, trainer
 
 ADAPT = dict(k=8, adaptation_steps=1)
 
@@ -137,46 +137,6 @@ def test_class_balanced_replay_in_fit_draws_the_reference_slots():
             labels[t % 40] = label
         labels = labels[: min(40, len(written))]
         assert slots == reference_class_balanced_draw(labels, 8, g)
-
-
-class Killed(Exception):
-    pass
-
-
-class CrashAt(Callback):
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_step == self.step:
-            raise Killed
-
-
-def test_class_balanced_replay_resumes_with_the_same_draws(tmp_path):
-    x, y = blobs(96, seed=0)
-    kwargs = dict(
-        store_inputs=True,
-        memory_size=150,
-        replay_every_n_steps=3,
-        replay_batch_size=8,
-        replay_sampling="class_balanced",
-    )
-
-    def run(*callbacks, ckpt_path=None):
-        torch.manual_seed(0)
-        model = TinyClassifier()
-        cb = MbPA(**kwargs, **ADAPT)
-        trainer(callbacks=[cb, *callbacks], max_epochs=3, enable_checkpointing=bool(callbacks)).fit(
-            model, loader(x, y), ckpt_path=ckpt_path
-        )
-        return model, cb
-
-    straight, straight_cb = run()
-    with pytest.raises(Killed):  # at step 8; last.ckpt is from the end of epoch 0 (step 6)
-        run(ModelCheckpoint(dirpath=tmp_path, save_last=True), CrashAt(8))
-    resumed, resumed_cb = run(ModelCheckpoint(dirpath=tmp_path), ckpt_path=tmp_path / "last.ckpt")
-    assert_bit_identical(params(straight), resumed)
-    assert torch.equal(resumed_cb._drift.replay_slots, straight_cb._drift.replay_slots)
 
 
 def test_pickled_callback_keeps_its_replay_sampling():

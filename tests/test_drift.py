@@ -279,9 +279,16 @@ class CrashAt(Callback):
             raise Killed
 
 
-def test_crash_then_resume_replays_the_same_examples(tmp_path, data):
+@pytest.mark.parametrize("sampling", ["uniform", "class_balanced"])
+def test_crash_then_resume_replays_the_same_examples(tmp_path, data, sampling):
     x, y, _, _ = data
-    kwargs = dict(store_inputs=True, memory_size=150, replay_every_n_steps=3, replay_batch_size=8)
+    kwargs = dict(
+        store_inputs=True,
+        memory_size=150,
+        replay_every_n_steps=3,
+        replay_batch_size=8,
+        replay_sampling=sampling,
+    )
 
     def run(*callbacks, ckpt_path=None):
         torch.manual_seed(0)
@@ -298,6 +305,7 @@ def test_crash_then_resume_replays_the_same_examples(tmp_path, data):
     resumed, resumed_cb = run(ModelCheckpoint(dirpath=tmp_path), ckpt_path=tmp_path / "last.ckpt")
     assert_bit_identical(params(straight), resumed)
     assert torch.equal(resumed_cb.memory.payload["0"], straight_cb.memory.payload["0"])
+    assert torch.equal(resumed_cb._drift.replay_slots, straight_cb._drift.replay_slots)
     assert torch.equal(resumed_cb._drift.replay_slots, straight_cb._drift.replay_slots)
 
 
