@@ -327,8 +327,10 @@ def evaluate(model: WordLSTM, loader: DataLoader, mbpa: MbPA | None, label: str)
     metrics = trainer.test(model, loader, verbose=False)[0]
     nll = torch.cat(model.token_nll, dim=1).reshape(-1)  # [B, windows·T]: each stream in order
     nll = nll[stream_targets(loader) != IGNORE]
+    seconds = time.perf_counter() - start
     print(
-        f"  {label}: perplexity {metrics['test/ppl']:.2f} ({time.perf_counter() - start:.0f} s)",
+        f"  {label}: perplexity {metrics['test/ppl']:.2f} ({seconds:.0f} s, "
+        f"{nll.numel() / seconds:.0f} tokens/s)",
         flush=True,
     )
     return nll
