@@ -14,11 +14,19 @@ differently configured :class:`lightning_mbpa.MbPA` callback; the head's output 
   the most recent test tokens, each written after it was predicted;
 - kNN-LM (Khandelwal et al., 2020): the memory holds every training token (keys computed with the
   trained model), ``memory_temperature=τ``, λa = 0;
+- MbPA (cache) + base, MbPA (cache) + base + memory: the head adapted, one step, on neighbours
+  from the cache's memory (the test history), mixed with the base and the memory's vote;
 - MbPA: the head adapted on the training neighbours (λa = 1);
-- MbPA + base, and the three-way mixture MbPA + base + memory.
+- MbPA + base, and the three-way mixture MbPA + base + memory;
+- MbPA+hist + base, MbPA+hist + base + memory: adapted on the training tokens plus the test
+  history.
+
+``--memories`` picks the groups: ``history`` (the cache and MbPA (cache) rows) and/or
+``datastore`` (kNN-LM and every row on the training tokens).
 
     python examples/language_model.py --config examples/configs/wikitext2.yaml
     python examples/language_model.py --config examples/configs/wikitext2_quick.yaml
+    python examples/language_model.py --config examples/configs/wikitext2_history.yaml
 
 ``valid.txt``/``test.txt`` (pytorch/examples' ``word_language_model`` format) are read from
 ``--data.data_dir`` and downloaded there when absent. Prints one table (test perplexity per
@@ -40,7 +48,7 @@ import time
 import urllib.request
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 if __package__ in (None, ""):  # run as a script: make the `examples` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -284,6 +292,14 @@ class LanguageModelCLI(LightningCLI):
             default=None,
             help="adaptation_lr values tried on the held-out text (None: the YAML's).",
         )
+        parser.add_argument(
+            "--memories",
+            type=list[Literal["history", "datastore"]],
+            default=["history", "datastore"],
+            help="Rows to run besides the base LM: 'history' (the memory is the test history: "
+            "the cache and MbPA on it) and/or 'datastore' (the training tokens: kNN-LM, MbPA, "
+            "and MbPA on the training tokens plus the test history).",
+        )
         parser.link_arguments("data.vocab_size", "model.vocab_size", apply_on="instantiate")
 
 
@@ -388,79 +404,62 @@ def run(args: list[str] | None = None) -> dict[str, Any]:
     )
     trainer.fit(model, datamodule=data)
     model.eval()
-    datastore = build_datastore(model, data.loader("train"), len(data.ids["train"]), template.index)
+    memories = set(config.memories)
+    datastore = None
+    if "datastore" in memories:
+        datastore = build_datastore(
+            model, data.loader("train"), len(data.ids["train"]), template.index
+        )
     memory_free = {"adaptation_steps": 0}
     cache = {"write_on_fit": False, "online_writes": True, "memory_size": config.cache_size}
+    history = {"write_on_fit": True, "online_writes": True}
     ws = [float(w) for w in config.weights]
+    pairs = [(1 - w, w) for w in ws]
+    triples = [(1 - b - m, b, m) for b, m in itertools.product([0.0, *ws], ws) if b + m < 1]
+    lrs = [float(v) for v in (config.lrs or [settings["adaptation_lr"]])]
+    room = max(data.ids["holdout"].numel(), data.ids["test"].numel())
 
     # ---- choose weights and steps on the held-out text
     print("\nChoosing weights and steps on the held-out text:", flush=True)
     held = data.loader("holdout")
     comp = {"base": evaluate(model, held, None, "base")}
-    comp["cache"] = evaluate(
-        model,
-        held,
-        callback(settings, None, **cache, **memory_free, memory_weight=1.0),
-        "cache only",
-    )
-    comp["knn"] = evaluate(
-        model, held, callback(settings, datastore, **memory_free, memory_weight=1.0), "kNN only"
-    )
-    history = {"write_on_fit": True, "online_writes": True}
-    room = max(data.ids["holdout"].numel(), data.ids["test"].numel())
-    comp["knn+history"] = evaluate(
-        model,
-        held,
-        callback(
-            settings, with_history(datastore, room), **history, **memory_free, memory_weight=1
-        ),
-        "kNN + history only",
-    )
-    lrs = [float(v) for v in (config.lrs or [settings["adaptation_lr"]])]
 
-    def choose_mbpa(fresh: bool, label: str) -> tuple[int, float]:
-        """The (steps, lr) of the lowest held-out perplexity; its NLLs go to ``comp[label]``."""
+    def choose_mbpa(memory_of: Any, extra: dict[str, Any], label: str) -> tuple[int, float]:
+        """The (steps, lr) of the lowest held-out perplexity with the memory ``memory_of()``;
+        its NLLs go to ``comp[label]``."""
         runs = {}
         for steps, lr in itertools.product(config.steps, lrs):
-            memory = with_history(datastore, room) if fresh else datastore
-            runs[(steps, lr)] = evaluate(
-                model,
-                held,
-                callback(
-                    {**settings, "adaptation_lr": lr},
-                    memory,
-                    adaptation_steps=steps,
-                    **(history if fresh else {}),
-                ),
-                f"{label}, {steps} step(s), lr {lr:g}",
+            mbpa = callback(
+                {**settings, "adaptation_lr": lr}, memory_of(), adaptation_steps=steps, **extra
             )
+            runs[(steps, lr)] = evaluate(model, held, mbpa, f"{label}, {steps} step(s), lr {lr:g}")
         best = min(runs, key=lambda c: runs[c].mean().item())
         comp[label] = runs[best]
         return best
 
-    best_steps, best_lr = choose_mbpa(False, "MbPA")
-    hist_steps, hist_lr = choose_mbpa(True, "MbPA, datastore + history")
-    pairs = [(1 - w, w) for w in ws]
-    lam_cache = best_mixture({"base": comp["base"], "cache": comp["cache"]}, pairs)[1]
-    lam_knn = best_mixture({"base": comp["base"], "knn": comp["knn"]}, pairs)[1]
-    lam_mbpa_base = best_mixture({"mbpa": comp["MbPA"], "base": comp["base"]}, pairs)[1]
-    triples = [(1 - b - m, b, m) for b, m in itertools.product([0.0, *ws], ws) if b + m < 1]
-    _, lam_b3, lam_m3 = best_mixture(
-        {"mbpa": comp["MbPA"], "base": comp["base"], "knn": comp["knn"]}, triples
-    )
-    hist = comp["MbPA, datastore + history"]
-    lam_h2 = best_mixture({"mbpa": hist, "base": comp["base"]}, pairs)[1]
-    _, lam_hb, lam_hm = best_mixture(
-        {"mbpa": hist, "base": comp["base"], "memory": comp["knn+history"]}, triples
-    )
-    mbpa_d = {**settings, "adaptation_lr": best_lr}
-    mbpa_h = {**settings, "adaptation_lr": hist_lr}
-    test_room = data.ids["test"].numel()
+    def mixtures(label: str, memory: str) -> tuple[float, float, float]:
+        """``(λb of MbPA + base, λb, λm of the three-way mixture)`` for the MbPA component
+        ``label`` with the memory-only component ``memory``."""
+        two = best_mixture({"mbpa": comp[label], "base": comp["base"]}, pairs)[1]
+        three = {"mbpa": comp[label], "base": comp["base"], "memory": comp[memory]}
+        _, lam_b, lam_m = best_mixture(three, triples)
+        return two, lam_b, lam_m
 
-    # ---- every row on the test split, through the callback
-    rows = {
-        "base": (None, "the LM alone"),
-        "cache": (
+    rows: dict[str, tuple[MbPA | None, str]] = {"base": (None, "the LM alone")}
+    picked: dict[str, Any] = {}
+    if "history" in memories:
+        comp["cache"] = evaluate(
+            model,
+            held,
+            callback(settings, None, **cache, **memory_free, memory_weight=1.0),
+            "cache only",
+        )
+        c_steps, c_lr = choose_mbpa(lambda: None, cache, "MbPA (cache)")
+        lam_cache = best_mixture({"base": comp["base"], "cache": comp["cache"]}, pairs)[1]
+        lam_c2, lam_cb, lam_cm = mixtures("MbPA (cache)", "cache")
+        mbpa_c = {**settings, "adaptation_lr": c_lr}
+        picked.update(cache_size=config.cache_size, cache_steps=c_steps, cache_lr=c_lr)
+        rows["cache"] = (
             callback(
                 settings,
                 None,
@@ -470,22 +469,61 @@ def run(args: list[str] | None = None) -> dict[str, Any]:
                 memory_weight=lam_cache,
             ),
             f"test history, {config.cache_size} tokens; λb={1 - lam_cache:g}, λm={lam_cache:g}",
-        ),
-        "kNN-LM": (
+        )
+        rows["MbPA (cache) + base"] = (
+            callback(mbpa_c, None, **cache, adaptation_steps=c_steps, base_weight=lam_c2),
+            f"the cache's memory, {c_steps} step(s), lr {c_lr:g}; λa={1 - lam_c2:g}, λb={lam_c2:g}",
+        )
+        rows["MbPA (cache) + base + memory"] = (
+            callback(
+                mbpa_c,
+                None,
+                **cache,
+                adaptation_steps=c_steps,
+                base_weight=lam_cb,
+                memory_weight=lam_cm,
+            ),
+            f"the cache's memory; λa={1 - lam_cb - lam_cm:g}, λb={lam_cb:g}, λm={lam_cm:g}",
+        )
+    if datastore is not None:
+        store = datastore
+        comp["knn"] = evaluate(
+            model, held, callback(settings, store, **memory_free, memory_weight=1.0), "kNN only"
+        )
+        comp["knn+history"] = evaluate(
+            model,
+            held,
+            callback(
+                settings, with_history(store, room), **history, **memory_free, memory_weight=1
+            ),
+            "kNN + history only",
+        )
+        best_steps, best_lr = choose_mbpa(lambda: store, {}, "MbPA")
+        hist_steps, hist_lr = choose_mbpa(
+            lambda: with_history(store, room), history, "MbPA, datastore + history"
+        )
+        lam_knn = best_mixture({"base": comp["base"], "knn": comp["knn"]}, pairs)[1]
+        lam_mbpa_base, lam_b3, lam_m3 = mixtures("MbPA", "knn")
+        lam_h2, lam_hb, lam_hm = mixtures("MbPA, datastore + history", "knn+history")
+        mbpa_d = {**settings, "adaptation_lr": best_lr}
+        mbpa_h = {**settings, "adaptation_lr": hist_lr}
+        test_room = data.ids["test"].numel()
+        picked.update(steps=best_steps, lr=best_lr, history_steps=hist_steps, history_lr=hist_lr)
+        rows["kNN-LM"] = (
             callback(
                 settings, datastore, **memory_free, base_weight=1 - lam_knn, memory_weight=lam_knn
             ),
             f"training datastore; λb={1 - lam_knn:g}, λm={lam_knn:g}",
-        ),
-        "MbPA": (
+        )
+        rows["MbPA"] = (
             callback(mbpa_d, datastore, adaptation_steps=best_steps),
             f"training datastore, {best_steps} step(s), lr {best_lr:g}; λa=1",
-        ),
-        "MbPA + base": (
+        )
+        rows["MbPA + base"] = (
             callback(mbpa_d, datastore, adaptation_steps=best_steps, base_weight=lam_mbpa_base),
             f"λa={1 - lam_mbpa_base:g}, λb={lam_mbpa_base:g}",
-        ),
-        "MbPA + base + memory": (
+        )
+        rows["MbPA + base + memory"] = (
             callback(
                 mbpa_d,
                 datastore,
@@ -494,8 +532,8 @@ def run(args: list[str] | None = None) -> dict[str, Any]:
                 memory_weight=lam_m3,
             ),
             f"λa={1 - lam_b3 - lam_m3:g}, λb={lam_b3:g}, λm={lam_m3:g}",
-        ),
-        "MbPA+hist + base": (
+        )
+        rows["MbPA+hist + base"] = (
             callback(
                 mbpa_h,
                 with_history(datastore, test_room),
@@ -505,8 +543,8 @@ def run(args: list[str] | None = None) -> dict[str, Any]:
             ),
             f"datastore + test history, {hist_steps} step(s), lr {hist_lr:g}; "
             f"λa={1 - lam_h2:g}, λb={lam_h2:g}",
-        ),
-        "MbPA+hist + base + memory": (
+        )
+        rows["MbPA+hist + base + memory"] = (
             callback(
                 mbpa_h,
                 with_history(datastore, test_room),
@@ -516,8 +554,9 @@ def run(args: list[str] | None = None) -> dict[str, Any]:
                 memory_weight=lam_hm,
             ),
             f"datastore + test history; λa={1 - lam_hb - lam_hm:g}, λb={lam_hb:g}, λm={lam_hm:g}",
-        ),
-    }
+        )
+
+    # ---- every row on the test split, through the callback
     print("\nTest split:", flush=True)
     test = data.loader("test")
     nll = {name: evaluate(model, test, mbpa, name) for name, (mbpa, _) in rows.items()}
@@ -543,14 +582,7 @@ def run(args: list[str] | None = None) -> dict[str, Any]:
             for name in rows
         },
         "buckets": buckets,
-        "settings": {
-            **settings,
-            "cache_size": config.cache_size,
-            "steps": best_steps,
-            "lr": best_lr,
-            "history_steps": hist_steps,
-            "history_lr": hist_lr,
-        },
+        "settings": {**settings, **picked},
         "seconds": time.perf_counter() - start,
         "cpu": _cpu_name(),
     }

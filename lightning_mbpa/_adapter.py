@@ -336,6 +336,8 @@ class Adapter:
             self._slot_softmax.offer(q32, base32)  # the test history reuses these logits
         adapted = adapted.to(base.dtype)
         active = adaptation._without_overflow(adapted, base, (weights > 0).any(dim=1))
+        if bool(active.all()):
+            return adapted
         return torch.where(active[:, None], adapted, base)
 
     @staticmethod

@@ -12,6 +12,8 @@ import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
 
+from lightning_mbpa._numbers import finite_along_last
+
 #: Labels to skip (torch ``cross_entropy``'s ``ignore_index``).
 IGNORE_INDEX = -100
 
@@ -35,7 +37,7 @@ def module_device(module: nn.Module) -> torch.device:
 
 def finite_rows(keys: Tensor) -> Tensor:
     """``[N]`` bool: rows that are finite, also once stored as float32."""
-    return torch.isfinite(keys.float() if keys.dtype == torch.float64 else keys).all(-1)
+    return finite_along_last(keys.float() if keys.dtype == torch.float64 else keys)
 
 
 def small_cpu(values: Tensor) -> bool:

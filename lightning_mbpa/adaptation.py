@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from lightning_mbpa._dual_form import _adapt_linear_dual_chunked
 from lightning_mbpa._generic_form import _adapt_generic
 from lightning_mbpa._head_layers import _leading_linear, _linear_head
-from lightning_mbpa._numbers import is_real
+from lightning_mbpa._numbers import finite_along_last, is_real
 
 __all__ = [
     "ADAPTATION_LOSSES",
@@ -364,7 +364,10 @@ def _linear_outputs(linear: nn.Linear, keys: Tensor, dtype: torch.dtype) -> Tens
 def _without_overflow(adapted: Tensor, base: Tensor, active: Tensor) -> Tensor:
     """``active`` without the queries whose adapted outputs overflowed to NaN/inf where their
     base outputs are finite; those keep the base outputs, with a warning that says why."""
-    overflowed = active & ~torch.isfinite(adapted).all(-1) & torch.isfinite(base).all(-1)
+    overflowed = active & ~finite_along_last(adapted)
+    if not bool(overflowed.any()):
+        return active
+    overflowed &= finite_along_last(base)
     if not bool(overflowed.any()):
         return active
     warnings.warn(

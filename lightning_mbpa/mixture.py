@@ -140,10 +140,10 @@ def mix_log_probs(
 ) -> Tensor:
     """``log(λa·p_adapted + base_weight·p_base + memory_weight·p_memory)``, ``[B, C]``.
 
-    ``λa = 1 − base_weight − memory_weight``. Computed in log space (a ``logsumexp`` over the
-    components with non-zero weight, each ``log λ + log p``), in float32 (float64 for float64
-    logits), then floored at :data:`LOG_FLOOR` (≈ −87.34) so that a class no component gives
-    mass to stays finite.
+    ``λa = 1 − base_weight − memory_weight``. Computed in log space, in float32 (float64 for
+    float64 logits): the dense part ``λa·p_adapted + λb·p_base`` over every class, then the
+    memory's mass added at the (at most K) classes its neighbours hold; floored at
+    :data:`LOG_FLOOR` (≈ −87.34) so that a class no component gives mass to stays finite.
 
     Args:
         base_logits: ``[B, C]`` logits of the trained head (``p_base = softmax``), C >= 2.
@@ -176,7 +176,6 @@ def mix_log_probs(
             f"`base_logits` must be [B, C] with C >= 2 classes, got {tuple(base_logits.shape)}."
         )
     dtype = _work_dtype(base_logits)
-    log_base = torch.log_softmax(base_logits.to(dtype), dim=-1)
     if adapted_logits is None:
         base_weight, adapted_weight = base_weight + adapted_weight, 0.0
     elif adapted_logits.shape != base_logits.shape:
@@ -184,31 +183,50 @@ def mix_log_probs(
             f"`adapted_logits` must have the shape of `base_logits` {tuple(base_logits.shape)}, "
             f"got {tuple(adapted_logits.shape)}."
         )
-    log_memory = None
+    if memory_weight > 0 and memory_weights is None:
+        base_weight, memory_weight = base_weight + memory_weight, 0.0
+    empty = None
     if memory_weight > 0:
-        if memory_weights is None:
-            base_weight, memory_weight = base_weight + memory_weight, 0.0
-        else:
-            if memory_labels is None or memory_weights.shape[0] != base_logits.shape[0]:
-                raise ValueError(
-                    "`memory_weights` needs `memory_labels` of its shape, with one row per row "
-                    f"of `base_logits` ({base_logits.shape[0]})."
-                )
-            log_memory = memory_log_probs(
-                memory_weights.to(dtype), memory_labels, base_logits.shape[1]
+        assert memory_weights is not None
+        if memory_labels is None or memory_weights.shape[0] != base_logits.shape[0]:
+            raise ValueError(
+                "`memory_weights` needs `memory_labels` of its shape, with one row per row "
+                f"of `base_logits` ({base_logits.shape[0]})."
             )
-            empty = ~(memory_weights > 0).any(dim=-1, keepdim=True)
-            log_memory = torch.where(empty, log_base, log_memory)
-    terms = []
+        if memory_weights.dim() != 2 or memory_labels.shape != memory_weights.shape:
+            raise ValueError(
+                f"`memory_weights` and `memory_labels` must both be [B, K], got "
+                f"{tuple(memory_weights.shape)} and {tuple(memory_labels.shape)}."
+            )
+        empty = ~(memory_weights > 0).any(dim=-1, keepdim=True)
+    # The dense part, λa·p_adapted + λb·p_base (a row without neighbours adds its memory share
+    # λm to λb), in log space; then the memory's mass, which sits on the K neighbours' labels
+    # only, is added at those classes: no [B, C] memory distribution, no log of its zeros.
+    mixed = None
     if adapted_weight > 0:
         assert adapted_logits is not None
-        terms.append(math.log(adapted_weight) + torch.log_softmax(adapted_logits.to(dtype), -1))
-    if base_weight > 0:
-        terms.append(math.log(base_weight) + log_base)
-    if log_memory is not None:
-        terms.append(math.log(memory_weight) + log_memory)
-    mixed = terms[0] if len(terms) == 1 else torch.logsumexp(torch.stack(terms), dim=0)
-    return mixed.clamp_min(LOG_FLOOR)
+        mixed = torch.log_softmax(adapted_logits.to(dtype), -1).add_(math.log(adapted_weight))
+    log_base_weight: Tensor | float | None = None
+    if empty is not None and bool(empty.any()):
+        row_weight = empty.to(dtype).mul_(memory_weight).add_(base_weight)
+        log_base_weight = row_weight.log()  # −inf where 0: no base term there
+    elif base_weight > 0:
+        log_base_weight = math.log(base_weight)
+    if log_base_weight is not None:
+        weighted_base = torch.log_softmax(base_logits.to(dtype), dim=-1).add_(log_base_weight)
+        mixed = weighted_base if mixed is None else torch.logaddexp(mixed, weighted_base)
+    if mixed is None:  # the memory alone, every row with neighbours
+        mixed = torch.full(base_logits.shape, -math.inf, dtype=dtype, device=base_logits.device)
+    if memory_weight > 0:
+        assert memory_weights is not None and memory_labels is not None and empty is not None
+        labels = memory_labels.long().clamp(0, base_logits.shape[1] - 1)
+        weights = memory_weights.to(dtype).masked_fill(empty, 0.0)
+        # p_memory at each neighbour's label: Σ_j w_j·[y_j = y_k] (duplicates get equal values)
+        same = (labels[:, :, None] == labels[:, None, :]).to(dtype)
+        mass = torch.bmm(same, weights[:, :, None]).squeeze(2)
+        at_labels = torch.logaddexp(mixed.gather(1, labels), (memory_weight * mass).log())
+        mixed = mixed.scatter(1, labels, at_labels)
+    return mixed.clamp_min_(LOG_FLOOR)
 
 
 def _work_dtype(t: Tensor) -> torch.dtype:

@@ -68,6 +68,8 @@ def test_pipeline_runs_and_reports_every_row(tmp_path: Path) -> None:
     assert list(rows) == [
         "base",
         "cache",
+        "MbPA (cache) + base",
+        "MbPA (cache) + base + memory",
         "kNN-LM",
         "MbPA",
         "MbPA + base",
@@ -75,7 +77,8 @@ def test_pipeline_runs_and_reports_every_row(tmp_path: Path) -> None:
         "MbPA+hist + base",
         "MbPA+hist + base + memory",
     ]
-    assert result["settings"]["lr"] in (0.1, 0.5) and result["settings"]["history_lr"] in (0.1, 0.5)
+    chosen = result["settings"]
+    assert {chosen["lr"], chosen["history_lr"], chosen["cache_lr"]} <= {0.1, 0.5}
     assert all(math.isfinite(row["perplexity"]) and row["perplexity"] > 1 for row in rows.values())
     # the buckets cover every predicted test token
     n = result["tokens"]["test"]  # 4 streams of (n - 1) // 4 tokens each
@@ -85,6 +88,25 @@ def test_pipeline_runs_and_reports_every_row(tmp_path: Path) -> None:
     assert saved["rows"]["base"]["perplexity"] == pytest.approx(rows["base"]["perplexity"])
     report = lm.report(result)
     assert "MbPA + base + memory" in report and "Wall time" in report
+
+
+def test_history_rows_alone_build_no_datastore(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write_corpus(tmp_path)
+
+    def no_datastore(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the datastore was built")
+
+    monkeypatch.setattr(lm, "build_datastore", no_datastore)
+    result = lm.run([*tiny_args(tmp_path), "--memories", "[history]"])
+    assert list(result["rows"]) == [
+        "base",
+        "cache",
+        "MbPA (cache) + base",
+        "MbPA (cache) + base + memory",
+    ]
+    assert "lr" not in result["settings"] and result["settings"]["cache_lr"] in (0.1, 0.5)
 
 
 def test_best_mixture_matches_a_brute_force_search() -> None:

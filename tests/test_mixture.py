@@ -15,6 +15,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchmetrics
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
@@ -56,6 +58,7 @@ def np_mixture(
 ) -> np.ndarray:
     """``log(λa·p_adapted + λb·p_base + λm·p_memory)`` with p_base for rows without neighbours."""
     la = 1.0 - lb - lm
+    la = 0.0 if la < 1e-9 else la  # round-off of sums such as 1 − 0.9 − 0.1
     pb = np_softmax(base.astype(np.float64))
     pa = pb if adapted is None else np_softmax(adapted.astype(np.float64))
     pm = pb.copy()
@@ -95,6 +98,54 @@ def test_mixture_matches_numpy(tau: float | None, lb: float, lm: float) -> None:
     expected = np_mixture(base.numpy(), adapted.numpy(), expected_w, y.numpy(), lb, lm)
     assert torch.isfinite(out).all()
     np.testing.assert_allclose(out.numpy(), expected, rtol=1e-5, atol=1e-5)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    shape=st.tuples(st.integers(1, 6), st.integers(1, 9), st.integers(2, 12)),
+    scale=st.sampled_from([1e-3, 1.0, 30.0, 1e4]),
+    lb=st.sampled_from([0.0, 0.05, 0.5, 1.0]),
+    lm=st.sampled_from([0.0, 0.1, 0.5, 1.0]),
+    adapted=st.booleans(),
+    empty_rows=st.booleans(),
+)
+def test_mixture_matches_numpy_on_any_labels_and_extreme_logits(
+    seed: int,
+    shape: tuple[int, int, int],
+    scale: float,
+    lb: float,
+    lm: float,
+    adapted: bool,
+    empty_rows: bool,
+) -> None:
+    """Repeated neighbour labels (few classes), masked neighbours holding any label, rows
+    without neighbours, logits from tiny to huge: the sparse memory update equals the dense
+    reference."""
+    if lb + lm > 1:
+        lb = 1.0 - lm
+    g = torch.Generator().manual_seed(seed)
+    B, K, C = shape
+    base = torch.randn(B, C, generator=g, dtype=torch.float64) * scale
+    adapted_logits = torch.randn(B, C, generator=g, dtype=torch.float64) * scale
+    mask = torch.rand(B, K, generator=g) > 0.3
+    if empty_rows:
+        mask[0] = False
+    y = torch.randint(0, C, (B, K), generator=g)
+    w = neighbour_weights(torch.rand(B, K, generator=g, dtype=torch.float64), mask)
+    out = mix_log_probs(
+        base,
+        base_weight=lb,
+        memory_weight=lm,
+        adapted_logits=adapted_logits if adapted else None,
+        memory_weights=w,
+        memory_labels=y,
+    )
+    expected = np_mixture(
+        base.numpy(), adapted_logits.numpy() if adapted else None, w.numpy(), y.numpy(), lb, lm
+    )
+    assert torch.isfinite(out).all()
+    np.testing.assert_allclose(out.numpy(), expected, rtol=1e-9, atol=1e-9)
 
 
 def test_memory_only_gives_finite_floor_to_classes_without_mass() -> None:
