@@ -72,6 +72,7 @@ FILES = ("valid.txt", "test.txt")
 IGNORE = -100
 # settings of the YAML's MbPA that every row's callback shares
 SHARED = ("head", "k", "adaptation_lr", "beta", "kernel_eps", "memory_temperature", "index")
+SHARED += ("output_cache_bytes",)
 BUCKETS = ((0, 0, "unseen"), (1, 9, "1-9"), (10, 99, "10-99"), (100, 999, "100-999"))
 BUCKETS += ((1000, 10**12, "1000+"),)
 
@@ -403,6 +404,10 @@ def run(args: list[str] | None = None) -> dict[str, Any]:
         flush=True,
     )
     trainer.fit(model, datamodule=data)
+    best = getattr(trainer.checkpoint_callback, "best_model_path", "")
+    if best:  # a ModelCheckpoint on val/ppl: the epoch of the lowest held-out perplexity
+        model.load_state_dict(torch.load(best, weights_only=True)["state_dict"])
+        print(f"Weights of the best epoch (held-out perplexity): {best}", flush=True)
     model.eval()
     memories = set(config.memories)
     datastore = None
@@ -583,6 +588,7 @@ def run(args: list[str] | None = None) -> dict[str, Any]:
         },
         "buckets": buckets,
         "settings": {**settings, **picked},
+        "checkpoint": best,
         "seconds": time.perf_counter() - start,
         "cpu": _cpu_name(),
     }

@@ -99,7 +99,13 @@ def test_history_rows_alone_build_no_datastore(
         raise AssertionError("the datastore was built")
 
     monkeypatch.setattr(lm, "build_datastore", no_datastore)
-    result = lm.run([*tiny_args(tmp_path), "--memories", "[history]"])
+    history_config = CONFIG.replace("wikitext2_quick.yaml", "wikitext2_history.yaml")
+    args = [history_config if a == CONFIG else a for a in tiny_args(tmp_path)]
+    root = ["--trainer.default_root_dir", str(tmp_path), "--trainer.max_epochs", "2"]
+    result = lm.run([*args, *root])
+    # the YAML's ModelCheckpoint on the held-out perplexity: its best epoch's weights are tested
+    assert Path(result["checkpoint"]).is_file()
+    assert Path(result["checkpoint"]).is_relative_to(tmp_path)
     assert list(result["rows"]) == [
         "base",
         "cache",
@@ -153,3 +159,20 @@ def test_the_language_model_knows_nothing_of_mbpa() -> None:
     assert isinstance(tree, ast.ClassDef)
     tree.body = tree.body[1:]  # the docstring says so; the code must not mention it
     assert "mbpa" not in ast.unparse(tree).lower()
+
+
+@pytest.mark.parametrize("name", ["wikitext2.yaml", "wikitext2_history.yaml"])
+def test_full_configs_build(tmp_path: Path, name: str) -> None:
+    """The full configs parse and instantiate: the best held-out epoch is kept, and every row
+    shares the YAML's MbPA settings."""
+    write_corpus(tmp_path)
+    config = CONFIG.replace("wikitext2_quick.yaml", name)
+    cli = lm.build(["--config", config, "--data.data_dir", str(tmp_path), "--data.download", "false"])
+    kinds = {type(c).__name__ for c in cli.trainer.callbacks}
+    assert {"EarlyStopping", "ModelCheckpoint", "MbPA"} <= kinds
+    assert cli.trainer.checkpoint_callback.monitor == "val/ppl"
+    template = lm.find_mbpa(cli.trainer)
+    settings = {n: getattr(template, n) for n in lm.SHARED}
+    assert settings["k"] == 32 and settings["head"] == "decoder"
+    if name == "wikitext2.yaml":
+        assert settings["index"] == "HNSW32" and settings["output_cache_bytes"] == 12 * 2**30
