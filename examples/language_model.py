@@ -362,7 +362,8 @@ def callback(settings: dict[str, Any], memory: EpisodicMemory | None, **kwargs: 
     """A fresh MbPA with the YAML's shared settings; ``memory``: the datastore (not copied)."""
     if memory is not None:
         kwargs["memory_size"] = memory.capacity
-    mbpa = MbPA(**settings, **kwargs)
+        settings = {k: v for k, v in settings.items() if k != "index"}  # the datastore's own
+    mbpa = MbPA(**{**settings, **kwargs})
     if memory is not None:
         mbpa.memory = memory
     return mbpa
@@ -406,7 +407,7 @@ def run(args: list[str] | None = None) -> dict[str, Any]:
     trainer.fit(model, datamodule=data)
     best = getattr(trainer.checkpoint_callback, "best_model_path", "")
     if best:  # a ModelCheckpoint on val/ppl: the epoch of the lowest held-out perplexity
-        model.load_state_dict(torch.load(best, weights_only=True)["state_dict"])
+        model.load_state_dict(torch.load(best, map_location="cpu", weights_only=True)["state_dict"])
         print(f"Weights of the best epoch (held-out perplexity): {best}", flush=True)
     model.eval()
     memories = set(config.memories)
@@ -416,7 +417,9 @@ def run(args: list[str] | None = None) -> dict[str, Any]:
             model, data.loader("train"), len(data.ids["train"]), template.index
         )
     memory_free = {"adaptation_steps": 0}
+    # the cache: a few thousand keys, searched exactly whatever the datastore's index
     cache = {"write_on_fit": False, "online_writes": True, "memory_size": config.cache_size}
+    cache["index"] = "Flat"
     history = {"write_on_fit": True, "online_writes": True}
     ws = [float(w) for w in config.weights]
     pairs = [(1 - w, w) for w in ws]

@@ -205,15 +205,15 @@ def mix_log_probs(
     mixed = None
     if adapted_weight > 0:
         assert adapted_logits is not None
-        mixed = torch.log_softmax(adapted_logits.to(dtype), -1).add_(math.log(adapted_weight))
+        mixed = _plus(torch.log_softmax(adapted_logits.to(dtype), -1), math.log(adapted_weight))
     log_base_weight: Tensor | float | None = None
     if empty is not None and bool(empty.any()):
-        row_weight = empty.to(dtype).mul_(memory_weight).add_(base_weight)
+        row_weight = empty.to(dtype) * memory_weight + base_weight
         log_base_weight = row_weight.log()  # −inf where 0: no base term there
     elif base_weight > 0:
         log_base_weight = math.log(base_weight)
     if log_base_weight is not None:
-        weighted_base = torch.log_softmax(base_logits.to(dtype), dim=-1).add_(log_base_weight)
+        weighted_base = _plus(torch.log_softmax(base_logits.to(dtype), dim=-1), log_base_weight)
         mixed = weighted_base if mixed is None else torch.logaddexp(mixed, weighted_base)
     if mixed is None:  # the memory alone, every row with neighbours
         mixed = torch.full(base_logits.shape, -math.inf, dtype=dtype, device=base_logits.device)
@@ -221,12 +221,37 @@ def mix_log_probs(
         assert memory_weights is not None and memory_labels is not None and empty is not None
         labels = memory_labels.long().clamp(0, base_logits.shape[1] - 1)
         weights = memory_weights.to(dtype).masked_fill(empty, 0.0)
-        # p_memory at each neighbour's label: Σ_j w_j·[y_j = y_k] (duplicates get equal values)
-        same = (labels[:, :, None] == labels[:, None, :]).to(dtype)
-        mass = torch.bmm(same, weights[:, :, None]).squeeze(2)
-        at_labels = torch.logaddexp(mixed.gather(1, labels), (memory_weight * mass).log())
+        mass, first = _mass_at_labels(labels, weights)
+        held = mass > 0  # (a masked neighbour's label may hold no mass: log 0 is avoided)
+        gathered = mixed.gather(1, labels)
+        log_mass = (memory_weight * torch.where(held, mass, 1.0)).log()
+        at_labels = torch.where(held, torch.logaddexp(gathered, log_mass), gathered)
+        # a label held by several neighbours is written once per neighbour, with equal values;
+        # only its first copy carries the gradient (else it would count once per copy)
+        at_labels = torch.where(first, at_labels, at_labels.detach())
         mixed = mixed.scatter(1, labels, at_labels)
+    if mixed.requires_grad:
+        return mixed.clamp_min(LOG_FLOOR)
     return mixed.clamp_min_(LOG_FLOOR)
+
+
+def _plus(t: Tensor, value: Tensor | float) -> Tensor:
+    """``t + value``, in place where autograd does not need ``t``."""
+    return t + value if t.requires_grad else t.add_(value)
+
+
+def _mass_at_labels(labels: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
+    """For each of the ``[B, K]`` neighbours, the memory's mass at its label,
+    ``Σ_j w_j·[y_j = y_k]``, and whether it is the first neighbour (in label order) of its
+    label; by sorting each row's labels, ``O(B·K·log K)``."""
+    ordered, order = labels.sort(dim=1)
+    starts = torch.ones_like(ordered, dtype=torch.bool)
+    starts[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
+    group = starts.long().cumsum(1) - 1  # each sorted neighbour's label group
+    totals = torch.zeros_like(weights).scatter_add(1, group, weights.gather(1, order))
+    mass = torch.empty_like(weights).scatter(1, order, totals.gather(1, group))
+    first = torch.empty_like(starts).scatter(1, order, starts)
+    return mass, first
 
 
 def _work_dtype(t: Tensor) -> torch.dtype:

@@ -167,7 +167,9 @@ def test_full_configs_build(tmp_path: Path, name: str) -> None:
     shares the YAML's MbPA settings."""
     write_corpus(tmp_path)
     config = CONFIG.replace("wikitext2_quick.yaml", name)
-    cli = lm.build(["--config", config, "--data.data_dir", str(tmp_path), "--data.download", "false"])
+    cli = lm.build(
+        ["--config", config, "--data.data_dir", str(tmp_path), "--data.download", "false"]
+    )
     kinds = {type(c).__name__ for c in cli.trainer.callbacks}
     assert {"EarlyStopping", "ModelCheckpoint", "MbPA"} <= kinds
     assert cli.trainer.checkpoint_callback.monitor == "val/ppl"

@@ -148,6 +148,53 @@ def test_mixture_matches_numpy_on_any_labels_and_extreme_logits(
     np.testing.assert_allclose(out.numpy(), expected, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("lb,lm", [(0.3, 0.5), (0.0, 1.0), (1.0, 0.0), (0.0, 0.4), (0.2, 0.0)])
+def test_mixture_gradients_match_finite_differences(lb: float, lm: float) -> None:
+    """``mix_log_probs`` used in a loss: gradients to both logits (with repeated labels, masked
+    neighbours and a row without neighbours) and to the neighbour weights, against autograd's
+    finite differences."""
+    g = torch.Generator().manual_seed(3)
+    B, K, C = 4, 6, 5
+    base = torch.randn(B, C, generator=g, dtype=torch.float64, requires_grad=True)
+    adapted = torch.randn(B, C, generator=g, dtype=torch.float64, requires_grad=True)
+    y = torch.tensor(
+        [[1, 1, 3, 1, 0, 4], [2, 2, 2, 2, 2, 2], [0, 1, 2, 3, 4, 0], [4, 3, 4, 3, 4, 3]]
+    )
+    mask = torch.ones(B, K, dtype=torch.bool)
+    mask[0, 4:] = False  # masked neighbours, one with a label no real neighbour holds
+    mask[3] = False  # a row without neighbours: its memory part is p_base
+    w = neighbour_weights(torch.rand(B, K, generator=g, dtype=torch.float64), mask)
+
+    def mixed(b: Tensor, a: Tensor) -> Tensor:
+        return mix_log_probs(
+            b, base_weight=lb, memory_weight=lm, adapted_logits=a, memory_weights=w, memory_labels=y
+        )
+
+    assert torch.autograd.gradcheck(mixed, (base, adapted))
+    weights = torch.rand(B, K, generator=g, dtype=torch.float64) + 0.1  # every neighbour real
+    weights.requires_grad_(True)
+
+    def by_weights(v: Tensor) -> Tensor:
+        return mix_log_probs(
+            base.detach(), base_weight=lb, memory_weight=lm, memory_weights=v, memory_labels=y
+        )
+
+    assert torch.autograd.gradcheck(by_weights, (weights,))
+
+
+@pytest.mark.parametrize("k", [1, 1024])
+def test_mixture_with_many_neighbours_matches_numpy(k: int) -> None:
+    """kNN-LM's large K (labels sorted per row, not compared pairwise)."""
+    g = torch.Generator().manual_seed(k)
+    B, C = 3, 50
+    base = torch.randn(B, C, generator=g, dtype=torch.float64)
+    y = torch.randint(0, C, (B, k), generator=g)
+    w = neighbour_weights(torch.rand(B, k, generator=g, dtype=torch.float64), y >= 0)
+    out = mix_log_probs(base, base_weight=0.7, memory_weight=0.3, memory_weights=w, memory_labels=y)
+    expected = np_mixture(base.numpy(), None, w.numpy(), y.numpy(), 0.7, 0.3)
+    np.testing.assert_allclose(out.numpy(), expected, rtol=1e-12, atol=1e-12)
+
+
 def test_memory_only_gives_finite_floor_to_classes_without_mass() -> None:
     base = torch.zeros(2, 4)
     w = torch.tensor([[0.75, 0.25], [0.0, 0.0]])
