@@ -39,6 +39,7 @@ callback on the test split.
 
 from __future__ import annotations
 
+import gc
 import itertools
 import json
 import math
@@ -345,6 +346,8 @@ def evaluate(model: WordLSTM, loader: DataLoader, mbpa: MbPA | None, label: str)
     nll = torch.cat(model.token_nll, dim=1).reshape(-1)  # [B, windows·T]: each stream in order
     nll = nll[stream_targets(loader) != IGNORE]
     seconds = time.perf_counter() - start
+    del trainer
+    gc.collect()  # the trainer's reference cycles hold the row's memory and caches
     print(
         f"  {label}: perplexity {metrics['test/ppl']:.2f} ({seconds:.0f} s, "
         f"{nll.numel() / seconds:.0f} tokens/s)",
@@ -523,24 +526,6 @@ def run(args: list[str] | None = None) -> dict[str, Any]:
             ),
             f"training datastore; λb={1 - lam_knn:g}, λm={lam_knn:g}",
         )
-        rows["MbPA"] = (
-            callback(mbpa_d, datastore, adaptation_steps=best_steps),
-            f"training datastore, {best_steps} step(s), lr {best_lr:g}; λa=1",
-        )
-        rows["MbPA + base"] = (
-            callback(mbpa_d, datastore, adaptation_steps=best_steps, base_weight=lam_mbpa_base),
-            f"λa={1 - lam_mbpa_base:g}, λb={lam_mbpa_base:g}",
-        )
-        rows["MbPA + base + memory"] = (
-            callback(
-                mbpa_d,
-                datastore,
-                adaptation_steps=best_steps,
-                base_weight=lam_b3,
-                memory_weight=lam_m3,
-            ),
-            f"λa={1 - lam_b3 - lam_m3:g}, λb={lam_b3:g}, λm={lam_m3:g}",
-        )
         rows["MbPA+hist + base"] = (
             callback(
                 mbpa_h,
@@ -562,6 +547,24 @@ def run(args: list[str] | None = None) -> dict[str, Any]:
                 memory_weight=lam_hm,
             ),
             f"datastore + test history; λa={1 - lam_hb - lam_hm:g}, λb={lam_hb:g}, λm={lam_hm:g}",
+        )
+        rows["MbPA"] = (
+            callback(mbpa_d, datastore, adaptation_steps=best_steps),
+            f"training datastore, {best_steps} step(s), lr {best_lr:g}; λa=1",
+        )
+        rows["MbPA + base"] = (
+            callback(mbpa_d, datastore, adaptation_steps=best_steps, base_weight=lam_mbpa_base),
+            f"λa={1 - lam_mbpa_base:g}, λb={lam_mbpa_base:g}",
+        )
+        rows["MbPA + base + memory"] = (
+            callback(
+                mbpa_d,
+                datastore,
+                adaptation_steps=best_steps,
+                base_weight=lam_b3,
+                memory_weight=lam_m3,
+            ),
+            f"λa={1 - lam_b3 - lam_m3:g}, λb={lam_b3:g}, λm={lam_m3:g}",
         )
 
     # ---- every row on the test split, through the callback

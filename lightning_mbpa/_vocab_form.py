@@ -105,11 +105,11 @@ class SlotSoftmaxCache:
             table[missing] = self._softmax(head, memory_keys, slots[missing])
             return table, torch.arange(slots.numel())
         if self.probs is None or self.probs.shape[1] != classes:
-            self._allocate(min(capacity, max(slots.numel(), 1024)), classes, memory_keys)
+            self._allocate(capacity, classes, memory_keys)
         assert self.probs is not None and self.keys is not None
         self.last_used[rows[hit]] = self.tick  # this lookup's hits are not evicted for its misses
         if num_missing:
-            new_rows = self._free_rows(num_missing, capacity, classes, memory_keys)
+            new_rows = self._free_rows(num_missing)
             new_slots = slots[missing]
             first = int(new_rows[0])
             if bool((new_rows == torch.arange(first, first + num_missing)).all()):
@@ -136,6 +136,8 @@ class SlotSoftmaxCache:
             self.weights_id = ident
 
     def _allocate(self, rows: int, classes: int, memory_keys: Tensor) -> None:
+        # The whole budget at once, untouched: its pages are backed as rows are filled, so the
+        # table never grows by copying (which would need the old and the new table at once).
         with torch.inference_mode(False):
             self.probs = memory_keys.new_empty((rows, classes))
             self.keys = memory_keys.new_empty((rows, memory_keys.shape[1]))
@@ -144,22 +146,10 @@ class SlotSoftmaxCache:
         self.row_of_slot.fill_(-1)
         self.used = 0
 
-    def _free_rows(self, n: int, capacity: int, classes: int, memory_keys: Tensor) -> Tensor:
-        """``n`` rows to (re)fill: unused ones first (growing the table by doubling, up to
-        ``capacity``), then the least recently used rows not used by this lookup."""
-        assert self.probs is not None and self.keys is not None
-        rows_now = self.probs.shape[0]
-        if self.used + n > rows_now and rows_now < capacity:
-            size = min(capacity, max(self.used + n, 2 * rows_now))
-            with torch.inference_mode(False):
-                probs = self.probs.new_empty((size, classes))
-                keys = self.keys.new_empty((size, self.keys.shape[1]))
-            probs[: self.used] = self.probs[: self.used]
-            keys[: self.used] = self.keys[: self.used]
-            self.probs, self.keys = probs, keys
-            grow = size - rows_now
-            self.slot_of_row = torch.cat([self.slot_of_row, torch.full((grow,), -1)])
-            self.last_used = torch.cat([self.last_used, torch.zeros(grow, dtype=torch.int64)])
+    def _free_rows(self, n: int) -> Tensor:
+        """``n`` rows to (re)fill: unused ones first, then the least recently used rows not used
+        by this lookup."""
+        assert self.probs is not None
         fresh = min(n, self.probs.shape[0] - self.used)
         rows = torch.arange(self.used, self.used + fresh)
         if fresh < n:  # the table is full: replace rows filled before, dropped ones first

@@ -71,11 +71,11 @@ def test_pipeline_runs_and_reports_every_row(tmp_path: Path) -> None:
         "MbPA (cache) + base",
         "MbPA (cache) + base + memory",
         "kNN-LM",
+        "MbPA+hist + base",
+        "MbPA+hist + base + memory",
         "MbPA",
         "MbPA + base",
         "MbPA + base + memory",
-        "MbPA+hist + base",
-        "MbPA+hist + base + memory",
     ]
     chosen = result["settings"]
     assert {chosen["lr"], chosen["history_lr"], chosen["cache_lr"]} <= {0.1, 0.5}
