@@ -570,7 +570,10 @@ def run(args: list[str] | None = None) -> dict[str, Any]:
     # ---- every row on the test split, through the callback
     print("\nTest split:", flush=True)
     test = data.loader("test")
-    nll = {name: evaluate(model, test, mbpa, name) for name, (mbpa, _) in rows.items()}
+    nll = {
+        name: evaluate(model, test, mbpa, f"{name} ({setting})")
+        for name, (mbpa, setting) in rows.items()
+    }
     counts = Counter(data.ids["train"].tolist())
     targets = stream_targets(test)
     targets = targets[targets != IGNORE]
