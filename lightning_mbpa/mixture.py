@@ -112,23 +112,6 @@ def neighbour_weights(
     return torch.where(mask & any_valid, weights, torch.zeros((), dtype=dtype))
 
 
-def memory_log_probs(weights: Tensor, labels: Tensor, num_classes: int) -> Tensor:
-    """``log p_memory``: ``log Σ_k w_k·[y_k = y]`` for every class ``y``, ``[B, C]``.
-
-    Classes no neighbour holds get ``-inf``; so does every class of a row whose weights are all 0
-    (:func:`mix_log_probs` replaces such rows by the base distribution). Labels of zero-weight
-    neighbours may hold anything in ``[0, num_classes)`` (masked neighbours hold 0).
-    """
-    if weights.dim() != 2 or labels.shape != weights.shape:
-        raise ValueError(
-            f"`weights` and `labels` must both be [B, K], got {tuple(weights.shape)} and "
-            f"{tuple(labels.shape)}."
-        )
-    mass = weights.new_zeros((weights.shape[0], num_classes))
-    mass.scatter_add_(1, labels.long().clamp(0, num_classes - 1), weights)
-    return mass.log()
-
-
 def mix_log_probs(
     base_logits: Tensor,
     *,
@@ -218,10 +201,10 @@ def mix_log_probs(
     if mixed is None:  # the memory alone, every row with neighbours
         mixed = torch.full(base_logits.shape, -math.inf, dtype=dtype, device=base_logits.device)
     if memory_weight > 0:
-        assert memory_weights is not None and memory_labels is not None and empty is not None
+        assert memory_weights is not None and memory_labels is not None
         labels = memory_labels.long().clamp(0, base_logits.shape[1] - 1)
-        weights = memory_weights.to(dtype).masked_fill(empty, 0.0)
-        mass, first = _mass_at_labels(labels, weights)
+        # (a row without neighbours has only zero weights: its mass is 0 everywhere)
+        mass, first = _mass_at_labels(labels, memory_weights.to(dtype))
         held = mass > 0  # (a masked neighbour's label may hold no mass: log 0 is avoided)
         gathered = mixed.gather(1, labels)
         log_mass = (memory_weight * torch.where(held, mass, 1.0)).log()
