@@ -61,11 +61,14 @@ def extract_labels(batch: Any, label_key: str | int | None) -> Tensor | None:
         ) from err
 
 
-def write_batch(cb: MbPA, batch: Any, where: str, strategy: Any) -> None:
-    """Write the head inputs captured for ``batch`` with its labels; a batch without labels is a
-    configuration error."""
+def write_batch(
+    cb: MbPA, batch: Any, where: str, strategy: Any, labels: Tensor | None = None
+) -> None:
+    """Write the head inputs captured for ``batch`` with its labels (``labels`` when the caller
+    found them already); a batch without labels is a configuration error."""
     cb._writer.require_captured(where)
-    labels = cb.extract_labels(batch)
+    if labels is None:
+        labels = cb.extract_labels(batch)
     if labels is None:
         raise MisconfigurationException(
             f"MbPA: cannot find labels in the {where}: it contains {describe(batch)}. "
@@ -148,7 +151,12 @@ def write_training_batch(cb: MbPA, pl_module: nn.Module, batch: Any) -> None:
         writer.finish_discovery(pl_module)
         if writer.skipped_training_step():
             return
-        write_batch(cb, batch, "training batch", cb._strategy)
+        strategy = cb._strategy
+        labels = None
+        if writer.captured and strategy is None and not cb.store_inputs:  # maybe the common case
+            labels = cb.extract_labels(batch)
+        if labels is None or not writer.write_common(labels, cb.write_fraction):
+            write_batch(cb, batch, "training batch", strategy, labels)
         writer.head_has_run = True
     finally:
         writer.end_batch()

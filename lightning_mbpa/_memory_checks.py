@@ -151,19 +151,13 @@ class CheckedRows:
         return None
 
 
-def check_rows(
-    keys: Tensor, values: Tensor, dim: int | None, on_cpu: bool, norms: bool = True
-) -> CheckedRows:
-    """Keys and labels as :class:`CheckedRows`: types, shapes and integral labels are checked
-    here (``ValueError``); finiteness and the label range are measured, in one pass over each
-    tensor, and left to the caller (``CheckedRows.problem``).
-
-    With ``norms`` (and CPU storage) the squared key norms are computed, and double as the
-    finiteness check: a NaN or inf key makes its norm non-finite. Without, one sum over the keys
-    decides it (rows for the pending buffer, whose norms are computed in bulk)."""
-    if (  # every training batch: CPU float32 keys and int64 labels for the pending buffer
-        not norms
-        and type(keys) is Tensor
+def common_rows(keys: Tensor, values: Tensor, dim: int | None) -> CheckedRows | None:
+    """The checked rows of the common write, every training batch's: CPU float32 keys
+    ``[N, D]`` (``0 < N <= 1024``, of width ``dim`` unless None, without grad) and ``[N]`` int64
+    CPU labels, measured in one pass each without norms (the pending buffer computes them in
+    bulk); None for anything else, which :func:`check_rows` then checks in full."""
+    if (
+        type(keys) is Tensor
         and type(values) is Tensor
         and keys.dtype is torch.float32
         and values.dtype is torch.int64
@@ -184,6 +178,23 @@ def check_rows(
             finite = all_finite(keys)
             low, high = min(as_list), max(as_list)
             return CheckedRows(keys, values, None, finite, low, high, None, as_list)
+    return None
+
+
+def check_rows(
+    keys: Tensor, values: Tensor, dim: int | None, on_cpu: bool, norms: bool = True
+) -> CheckedRows:
+    """Keys and labels as :class:`CheckedRows`: types, shapes and integral labels are checked
+    here (``ValueError``); finiteness and the label range are measured, in one pass over each
+    tensor, and left to the caller (``CheckedRows.problem``).
+
+    With ``norms`` (and CPU storage) the squared key norms are computed, and double as the
+    finiteness check: a NaN or inf key makes its norm non-finite. Without, one dot product over
+    the keys decides it (rows for the pending buffer, whose norms are computed in bulk)."""
+    if not norms:
+        rows = common_rows(keys, values, dim)
+        if rows is not None:
+            return rows
     if not isinstance(keys, Tensor):
         raise ValueError(f"`keys` must be a torch.Tensor; got {type(keys).__name__}.")
     if not isinstance(values, Tensor):
@@ -494,22 +505,17 @@ def squared_norms_np(keys: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
     return norms
 
 
-#: Zero vectors by length, for :func:`all_finite`'s dot product.
-_ZEROS: dict[int, npt.NDArray[np.float32]] = {}
-
-
 def all_finite(x: Tensor) -> bool:
     """Whether a float tensor holds no NaN/inf (numpy on the CPU: no OpenMP region)."""
     if x.is_cpu:
         a = x.numpy()
-        size = a.size
-        if size <= 1 << 16 and x.dtype is torch.float32:
-            # One BLAS dot with zeros (the cheapest call between two training steps): inf * 0
-            # and NaN * 0 are NaN and propagate, every finite product is 0, so nothing overflows.
-            zeros = _ZEROS.get(size)
-            if zeros is None:
-                zeros = _ZEROS[size] = np.zeros(size, dtype=np.float32)
-            return math.isfinite(np.dot(a.reshape(-1), zeros))
+        if a.size <= 1 << 16 and x.dtype is torch.float32:
+            # One BLAS dot of the keys with themselves (the cheapest call between two training
+            # steps: it reads them once): a NaN or inf makes it non-finite, and a finite sum of
+            # squares proves every key finite. Only squares that overflow need the element-wise
+            # check.
+            flat = a.reshape(-1)
+            return math.isfinite(np.dot(flat, flat)) or bool(np.isfinite(a).all())
         # A NaN or inf anywhere makes the sum non-finite; a finite sum proves all are finite.
         # Only a sum that overflows needs the element-wise check.
         return bool(np.isfinite(a.sum())) or bool(np.isfinite(a).all())

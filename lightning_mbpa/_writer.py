@@ -245,6 +245,23 @@ class Writer:
         for rows in checked:
             self._add(rows, fraction)
 
+    def write_common(self, labels: Tensor | None, fraction: float) -> bool:
+        """Writes a batch in one pass when it is the common case (one captured head input
+        ``[N, D]`` with ``N`` labels, every row written, no payload or gather, and nothing that
+        any check would refuse or raise for; see :meth:`EpisodicMemory.append_if_valid`).
+        Returns False, having changed nothing, for anything else: then :meth:`write_captured`
+        checks and writes it."""
+        captured = self.captured
+        if labels is None or fraction != 1.0 or len(captured) != 1:
+            return False
+        return self.target.append_if_valid(captured[0][1], labels, self._labels_below())
+
+    def _labels_below(self) -> int | None:
+        """The labels the head can predict are ``[0, this)`` (None: unknown). A single output
+        is a binary head: labels 0 and 1."""
+        classes = self.head.classes()
+        return None if classes is None else (2 if classes == 1 else classes)
+
     def skipped_training_step(self) -> bool:
         """A training step that did not call the head after the head ran in earlier steps.
 
@@ -314,8 +331,8 @@ class Writer:
                     "index for that width (for 'PQm' and 'IVFn,PQm', m must divide it) or 'Flat'."
                 ) from err
             self._index_checked_dim = width
+        high = self._labels_below()
         classes = self.head.classes()
-        high = None if classes is None else (2 if classes == 1 else classes)
         checked = []
         for keys, values in pairs:
             dim = keys.shape[1] if dim is None else dim

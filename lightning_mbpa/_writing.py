@@ -136,7 +136,8 @@ class PendingRows:
         and an empty buffer."""
         assert self.keys is not None
         n, self.count = self.count, 0
-        keys, values = self.keys[:n], torch.tensor(self.values, dtype=torch.int64)
+        keys = self.keys[:n]
+        values = torch.from_numpy(np.array(self.values, dtype=np.int64))  # 4x torch.tensor(list)
         self.values = []
         return CheckedRows(torch.from_numpy(keys), values, squared_norms_np(keys), True, 0, 0)
 

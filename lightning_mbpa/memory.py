@@ -50,6 +50,7 @@ from lightning_mbpa._memory_checks import (
     check_queries,
     check_rows,
     check_state,
+    common_rows,
     resolve_device,
 )
 from lightning_mbpa._memory_state import check_class_balanced_state, memory_state, restore_state
@@ -407,6 +408,39 @@ class EpisodicMemory:
             if pending.count and not pending.room(len(rows), rows.keys.shape[1]):
                 self._settle()
             pending.append(rows)
+
+    def append_if_valid(
+        self, keys: Tensor, values: Tensor, labels_below: int | None = None
+    ) -> bool:
+        """Appends rows as ``append_checked(check_rows(keys, values))`` would, in one pass, when
+        they are the common small write and pass every check; otherwise changes nothing and
+        returns False, and the caller takes the general path (:meth:`check_rows`,
+        :meth:`append_checked`), which raises or refuses with the reason.
+
+        The common write: CPU float32 keys ``[N, D]`` (``N`` at most 1024, less than the pending
+        buffer) without grad for an exact CPU memory that holds keys of width ``D`` already and
+        no payload, ``[N]`` int64 CPU labels, every key finite and every label in
+        ``[0, labels_below)`` (``[0, inf)`` when None).
+        """
+        store = self._store
+        dim = store.dim
+        if dim is None or store.payload is not None or not self._buffers():
+            return False
+        rows = common_rows(keys, values, dim)
+        if (
+            rows is None
+            or not rows.finite
+            or rows.low < 0
+            or (labels_below is not None and rows.high >= labels_below)
+        ):
+            return False
+        pending = self._pending
+        if not pending.fits(rows):
+            return False
+        if pending.count and not pending.room(len(rows), dim):
+            self._settle()
+        pending.append(rows)
+        return True
 
     def _check_rows(
         self, keys: Tensor, values: Tensor, payload: Mapping[str, Tensor] | None, norms: bool

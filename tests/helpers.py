@@ -149,22 +149,29 @@ def free_port() -> int:
 
 
 def count_writes_and_adaptations(monkeypatch) -> dict[str, int]:
-    """Counts rows written to an ``EpisodicMemory`` (every write, ``add`` or the callback's
-    checked rows, is accepted once by ``_accept``) and calls of the callback's ``local_adapt``."""
+    """Counts rows written to an ``EpisodicMemory`` (every write goes to the storage at once or
+    to the pending buffer, once each) and calls of the callback's ``local_adapt``."""
     import lightning_mbpa.adaptation as adaptation_module
-    from lightning_mbpa.memory import EpisodicMemory
+    import lightning_mbpa.memory as memory_module
+    from lightning_mbpa._writing import PendingRows
 
     calls = {"add": 0, "adapt": 0}
-    real_add, real_adapt = EpisodicMemory._accept, adaptation_module.local_adapt
+    real_write, real_append = memory_module.write_placed, PendingRows.append
+    real_adapt = adaptation_module.local_adapt
 
-    def counting_add(self, rows, *args, **kwargs):
+    def counting_write(store, slots, ann, rows):
         calls["add"] += len(rows)
-        return real_add(self, rows, *args, **kwargs)
+        return real_write(store, slots, ann, rows)
+
+    def counting_append(self, rows):
+        calls["add"] += len(rows)
+        return real_append(self, rows)
 
     def counting_adapt(*args, **kwargs):
         calls["adapt"] += 1
         return real_adapt(*args, **kwargs)
 
-    monkeypatch.setattr(EpisodicMemory, "_accept", counting_add)
+    monkeypatch.setattr(memory_module, "write_placed", counting_write)
+    monkeypatch.setattr(PendingRows, "append", counting_append)
     monkeypatch.setattr("lightning_mbpa.adaptation.local_adapt", counting_adapt)
     return calls

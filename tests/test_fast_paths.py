@@ -13,9 +13,12 @@ import math
 import pickle
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader
@@ -74,7 +77,11 @@ def assert_same_memory(got: EpisodicMemory, expected: EpisodicMemory) -> None:
     a, b = got.state_dict(), expected.state_dict()
     assert a.keys() == b.keys()
     for name in a:
-        assert torch.equal(a[name], b[name]), name
+        if isinstance(a[name], dict):  # the payload
+            assert a[name].keys() == b[name].keys(), name
+            assert all(torch.equal(a[name][k], b[name][k]) for k in a[name]), name
+        else:
+            assert torch.equal(a[name], b[name]), name
     assert torch.equal(got._norms[: len(got)], expected._norms[: len(expected)])
 
 
@@ -598,3 +605,100 @@ def test_the_one_call_check_of_a_training_batch_equals_the_general_check(change)
     )
     torch.testing.assert_close(fast.keys, keys, rtol=0, atol=0, equal_nan=True)
     assert torch.equal(fast.values, values) and fast.listed == values.tolist()
+
+
+@pytest.mark.parametrize(
+    ("change", "written"),
+    [
+        ("none", True),
+        ("huge", True),  # finite keys whose squares overflow
+        ("binary", True),  # labels 0 and 1 below a single-output head's 2
+        ("nan", False),
+        ("inf", False),
+        ("negative", False),
+        ("ignored", False),
+        ("at the limit", False),  # a label the head cannot predict
+        ("float64 keys", False),
+        ("int32 labels", False),
+        ("3-d keys", False),
+        ("other width", False),
+        ("grad", False),
+        ("first write", False),  # the general path allocates the storage
+        ("approximate index", False),
+        ("payload", False),
+        ("over the buffer", False),
+    ],
+)
+def test_append_if_valid_writes_as_the_general_path_or_changes_nothing(change, written):
+    """The one-pass write of a training batch leaves the memory exactly as ``add`` would, and
+    declines, changing nothing (pending rows included), whatever needs the general path."""
+    g = torch.Generator().manual_seed(0)
+    keys, values = torch.randn(8, 4, generator=g), torch.randint(0, 5, (8,), generator=g)
+    below = 5
+    memory = EpisodicMemory(50, index="HNSW8" if change == "approximate index" else "Flat")
+    reference = EpisodicMemory(50)
+    if change == "payload":
+        payload = {"x": torch.zeros(3, 2)}
+        memory.add(torch.ones(3, 4), torch.tensor([0, 1, 2]), payload)
+        reference.add(torch.ones(3, 4), torch.tensor([0, 1, 2]), payload)
+    elif change != "first write":
+        first_keys, first_values = torch.randn(3, 4, generator=g), torch.tensor([0, 1, 2])
+        memory.append_checked(memory.check_rows(first_keys, first_values))  # pending
+        reference.add(first_keys, first_values)
+    if change == "huge":
+        keys = keys * 1e37
+    elif change == "binary":
+        values, below = values % 2, 2
+    elif change == "nan":
+        keys[2, 1] = math.nan
+    elif change == "inf":
+        keys[0, 3] = math.inf
+    elif change == "negative":
+        values[4] = -2
+    elif change == "ignored":
+        values[::3] = -100
+    elif change == "at the limit":
+        values[5] = below
+    elif change == "float64 keys":
+        keys = keys.double()
+    elif change == "int32 labels":
+        values = values.int()
+    elif change == "3-d keys":
+        keys, values = keys.reshape(2, 4, 4), values.reshape(2, 4)
+    elif change == "other width":
+        keys = torch.randn(8, 3, generator=g)
+    elif change == "grad":
+        keys.requires_grad_(True)
+    elif change == "over the buffer":
+        keys, values = torch.randn(1024, 256, generator=g), torch.randint(0, 5, (1024,))
+    pending = memory._pending
+    waiting = (pending.count, list(pending.values))
+    waiting_keys = None if pending.keys is None else pending.keys[: pending.count].copy()
+    assert memory.append_if_valid(keys, values, below) is written
+    if written:
+        reference.add(keys, values)
+    else:  # the pending rows are as they were, and so is everything once they are written
+        assert (pending.count, list(pending.values)) == waiting
+        if waiting_keys is not None:
+            assert np.array_equal(pending.keys[: pending.count], waiting_keys)
+    if change == "first write":
+        assert len(memory) == memory.num_seen == 0 and memory.dim is None
+    else:
+        assert_same_memory(memory, reference)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    size=st.sampled_from([1, 7, 64 * 128, (1 << 16) + 3]),  # both sides of the dot's size limit
+    value=st.floats(width=32, allow_nan=True, allow_infinity=True),
+    where=st.floats(0, 1, exclude_max=True),
+    scale=st.sampled_from([0.0, 1.0, 1e-30, 1e19, 3e38]),
+)
+def test_all_finite_agrees_with_numpy(size, value, where, scale):
+    from lightning_mbpa._memory_checks import all_finite
+
+    keys = np.random.default_rng(size).standard_normal(size).astype(np.float32) * np.float32(scale)
+    keys[int(where * size)] = value
+    tensor = torch.from_numpy(keys)
+    assert all_finite(tensor) == bool(np.isfinite(keys).all())
+    assert all_finite(tensor.reshape(1, -1).t()) == bool(np.isfinite(keys).all())
