@@ -32,6 +32,11 @@ from torch import Tensor, nn
 #: (below it the general dual form is as fast and keeps its own per-slot cache).
 VOCAB_MIN_CLASSES = 1024
 
+#: Rows of the head's logits computed at once when softmax rows are filled, through a scratch
+#: buffer that is reused: a batch's ``[misses, C]`` temporaries (hundreds of MB at vocabulary
+#: scale) would otherwise be fresh memory, paged in again for every batch.
+SOFTMAX_CHUNK_ROWS = 512
+
 #: Default byte budget of :class:`SlotSoftmaxCache` (the softmax rows plus a copy of each key),
 #: and of ``MbPA(output_cache_bytes=...)``.
 SLOT_CACHE_BYTES = 2 * 2**30
@@ -62,6 +67,8 @@ class SlotSoftmaxCache:
         self.tick = 0
         self.weights_id: tuple[int, ...] | None = None
         self.pending: tuple[Tensor, Tensor] | None = None
+        self.scratch: Tensor | None = None  # reused [SOFTMAX_CHUNK_ROWS, C] logits
+        self.batch_table: Tensor | None = None  # reused table of a batch that does not fit
         self.computed = 0  # slots whose softmax was computed with the head (statistics)
         self.reused = 0  # slots served from the offered logits
 
@@ -98,11 +105,11 @@ class SlotSoftmaxCache:
         missing = ~hit
         num_missing = int(missing.sum())
         if num_missing > capacity - int(hit.sum()):  # the batch does not fit: no caching
-            table = memory_keys.new_empty((slots.numel(), classes))
+            table = self._reused("batch_table", slots.numel(), classes, memory_keys)
             if bool(hit.any()):
                 assert self.probs is not None
                 table[hit] = self.probs[rows[hit]]
-            table[missing] = self._softmax(head, memory_keys, slots[missing])
+            self._softmax(head, memory_keys, slots[missing], table, missing.nonzero()[:, 0])
             return table, torch.arange(slots.numel())
         if self.probs is None or self.probs.shape[1] != classes:
             self._allocate(capacity, classes, memory_keys)
@@ -111,11 +118,7 @@ class SlotSoftmaxCache:
         if num_missing:
             new_rows = self._free_rows(num_missing)
             new_slots = slots[missing]
-            first = int(new_rows[0])
-            if bool((new_rows == torch.arange(first, first + num_missing)).all()):
-                self._softmax(head, memory_keys, new_slots, self.probs[first : first + num_missing])
-            else:
-                self.probs[new_rows] = self._softmax(head, memory_keys, new_slots)
+            self._softmax(head, memory_keys, new_slots, self.probs, new_rows)
             self.keys[new_rows] = memory_keys[new_slots]
             self.slot_of_row[new_rows] = new_slots
             self.row_of_slot[new_slots] = new_rows
@@ -168,28 +171,54 @@ class SlotSoftmaxCache:
         self.slot_of_row[rows] = -1
 
     def _softmax(
-        self, head: nn.Linear, memory_keys: Tensor, slots: Tensor, out: Tensor | None = None
-    ) -> Tensor:
-        """``softmax(W0·h + b0)`` of the slots (into ``out`` if given), from offered logits where
-        a slot's key is one of the offered keys (bit-identical), else with the head."""
+        self, head: nn.Linear, memory_keys: Tensor, slots: Tensor, out: Tensor, rows: Tensor
+    ) -> None:
+        """Writes ``softmax(W0·h + b0)`` of slot ``slots[i]`` to ``out[rows[i]]``, from offered
+        logits where a slot's key is one of the offered keys (bit-identical), else with the
+        head; :data:`SOFTMAX_CHUNK_ROWS` rows at a time through the reused scratch."""
         keys = memory_keys[slots]
-        found = torch.zeros(slots.numel(), dtype=torch.bool)
+        n = slots.numel()
+        where = None
         if self.pending is not None:
             offered_keys, offered_logits = self.pending
             where = _match_rows(keys, offered_keys)
-            found = where >= 0
-        if bool(found.any()):
-            logits = keys.new_empty((slots.numel(), head.out_features))
-            logits[found] = offered_logits[where[found]]
-            self.reused += int(found.sum())
-            if not bool(found.all()):
-                logits[~found] = _linear(head, keys[~found])
-        else:
-            logits = _linear(head, keys)
-        self.computed += int((~found).sum())
-        if out is None:
-            return torch.softmax(logits, dim=1)
-        return torch.softmax(logits, dim=1, out=out)
+            found = int((where >= 0).sum())
+            self.reused += found
+            if not found:
+                where = None
+        self.computed += n if where is None else int((where < 0).sum())
+        weight = head.weight.detach().float()
+        bias = None if head.bias is None else head.bias.detach().float()
+        first = int(rows[0]) if n else 0
+        contiguous = bool((rows == torch.arange(first, first + n)).all())
+        for start in range(0, n, SOFTMAX_CHUNK_ROWS):
+            stop = min(n, start + SOFTMAX_CHUNK_ROWS)
+            logits = self._reused("scratch", SOFTMAX_CHUNK_ROWS, weight.shape[0], memory_keys)
+            logits = logits[: stop - start]
+            chunk = None if where is None else where[start:stop]
+            if chunk is None or bool((chunk < 0).any()):
+                with torch.autocast(keys.device.type, enabled=False):
+                    if bias is None:
+                        torch.mm(keys[start:stop].float(), weight.t(), out=logits)
+                    else:
+                        torch.addmm(bias, keys[start:stop].float(), weight.t(), out=logits)
+            if chunk is not None:
+                found_rows = chunk >= 0
+                logits[found_rows] = offered_logits[chunk[found_rows]]
+            if contiguous:  # straight into the rows
+                torch.softmax(logits, dim=1, out=out[first + start : first + stop])
+            else:
+                out[rows[start:stop]] = torch.softmax(logits, dim=1, out=logits)
+
+    def _reused(self, name: str, rows: int, classes: int, like: Tensor) -> Tensor:
+        """``[rows, C]`` of the scratch buffer ``name``, grown (never shrunk) as needed: its pages
+        stay backed from one batch to the next."""
+        buffer: Tensor | None = getattr(self, name)
+        if buffer is None or buffer.shape[1] != classes or buffer.shape[0] < rows:
+            with torch.inference_mode(False):
+                buffer = like.new_empty((rows, classes))
+            setattr(self, name, buffer)
+        return buffer[:rows]
 
 
 def _match_rows(keys: Tensor, candidates: Tensor) -> Tensor:

@@ -65,16 +65,27 @@ def test_one_step_matches_the_per_query_reference(bias: bool, filled: int) -> No
         assert torch.equal(out[5], base[5])
 
 
-def test_slot_cache_stays_exact_while_the_memory_changes() -> None:
-    """A small cache (eviction every batch) over a FIFO memory that each batch overwrites, a key
-    update, and the test history served from the offered logits: every batch matches the
-    reference, and the cache did save work."""
+@pytest.mark.parametrize(
+    ("cached_rows", "chunk_rows"),
+    [
+        (40, 512),  # eviction every batch
+        (40, 5),  # softmax rows computed a few at a time, offered logits within chunks
+        (10, 3),  # no batch fits: a reused batch table of changing size
+    ],
+)
+def test_slot_cache_stays_exact_while_the_memory_changes(
+    cached_rows: int, chunk_rows: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A small cache over a FIFO memory that each batch overwrites, a key update, and the test
+    history served from the offered logits: every batch matches the reference, and the cache
+    did save work."""
+    monkeypatch.setattr("lightning_mbpa._vocab_form.SOFTMAX_CHUNK_ROWS", chunk_rows)
     torch.manual_seed(1)
     classes, dim, k, batch = 30, 6, 4, 16
     head = nn.Linear(dim, classes)
     memory = EpisodicMemory(capacity=48)
     memory.add(torch.randn(48, dim), torch.randint(0, classes, (48,)))
-    cache = SlotSoftmaxCache(budget_bytes=4 * (classes + dim) * 40)  # 40 rows
+    cache = SlotSoftmaxCache(budget_bytes=4 * (classes + dim) * cached_rows)
     lookups = 0
     for step in range(8):
         q = torch.randn(batch, dim)
@@ -93,7 +104,10 @@ def test_slot_cache_stays_exact_while_the_memory_changes() -> None:
         if step == 4:
             memory.update_keys(torch.tensor([0, 7]), torch.randn(2, dim))
     assert cache.reused > 0  # the history came from the offered logits
-    assert cache.computed + cache.reused < lookups  # rows were served from the cache
+    if cached_rows > batch:
+        assert cache.computed + cache.reused < lookups  # rows were served from the cache
+    else:
+        assert cache.computed + cache.reused == lookups and cache.probs is None
 
 
 def test_changed_head_weights_are_never_served_from_the_cache() -> None:
