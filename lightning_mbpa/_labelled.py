@@ -61,14 +61,15 @@ def extract_labels(batch: Any, label_key: str | int | None) -> Tensor | None:
         ) from err
 
 
-def write_batch(
-    cb: MbPA, batch: Any, where: str, strategy: Any, labels: Tensor | None = None
-) -> None:
-    """Write the head inputs captured for ``batch`` with its labels (``labels`` when the caller
-    found them already); a batch without labels is a configuration error."""
+def write_batch(cb: MbPA, batch: Any, where: str, strategy: Any) -> None:
+    """Write the head inputs captured for ``batch`` with its labels; a batch without labels is a
+    configuration error."""
     cb._writer.require_captured(where)
-    if labels is None:
-        labels = cb.extract_labels(batch)
+    write_found(cb, batch, cb.extract_labels(batch), where, strategy)
+
+
+def write_found(cb: MbPA, batch: Any, labels: Tensor | None, where: str, strategy: Any) -> None:
+    """:func:`write_batch` with the labels ``extract_labels`` found (None: an error)."""
     if labels is None:
         raise MisconfigurationException(
             f"MbPA: cannot find labels in the {where}: it contains {describe(batch)}. "
@@ -152,11 +153,12 @@ def write_training_batch(cb: MbPA, pl_module: nn.Module, batch: Any) -> None:
         if writer.skipped_training_step():
             return
         strategy = cb._strategy
-        labels = None
         if writer.captured and strategy is None and not cb.store_inputs:  # maybe the common case
             labels = cb.extract_labels(batch)
-        if labels is None or not writer.write_common(labels, cb.write_fraction):
-            write_batch(cb, batch, "training batch", strategy, labels)
+            if labels is None or not writer.write_common(labels, cb.write_fraction):
+                write_found(cb, batch, labels, "training batch", strategy)
+        else:
+            write_batch(cb, batch, "training batch", strategy)
         writer.head_has_run = True
     finally:
         writer.end_batch()

@@ -263,8 +263,8 @@ def label_bounds(labels: Tensor) -> tuple[int, int, list[int] | None]:
 def keys_are_finite(keys32: Tensor, norms: npt.NDArray[np.float32] | None) -> bool:
     """Whether float32 keys hold no NaN/inf: from their squared norms when given (a sum that
     overflows falls back to the element-wise check)."""
-    if norms is not None:  # non-negative: a finite sum proves them all finite
-        return math.isfinite(norms.sum()) or all_finite(keys32)
+    if norms is not None:  # a finite norm proves its row finite (`isfinite`: no overflow warning)
+        return bool(np.isfinite(norms).all()) or all_finite(keys32)
     return all_finite(keys32)
 
 
@@ -505,20 +505,23 @@ def squared_norms_np(keys: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
     return norms
 
 
+#: Sizes up to which OpenBLAS runs a dot product on one thread (above it, on its own threads).
+_ONE_THREAD_DOT = 10_000
+
+
 def all_finite(x: Tensor) -> bool:
     """Whether a float tensor holds no NaN/inf (numpy on the CPU: no OpenMP region)."""
     if x.is_cpu:
         a = x.numpy()
-        if a.size <= 1 << 16 and x.dtype is torch.float32:
-            # One BLAS dot of the keys with themselves (the cheapest call between two training
-            # steps: it reads them once): a NaN or inf makes it non-finite, and a finite sum of
-            # squares proves every key finite. Only squares that overflow need the element-wise
-            # check.
+        if a.size <= _ONE_THREAD_DOT:
+            # One BLAS dot of the values with themselves (the cheapest call between two
+            # training steps: it reads them once): a NaN or inf makes it non-finite, and a
+            # finite sum of squares proves every value finite. Only squares that overflow need
+            # the element-wise check. `vdot`, unlike `dot`, `sum` and the ufuncs, leaves numpy's
+            # floating-point error handling alone: huge finite values warn or raise nowhere.
             flat = a.reshape(-1)
-            return math.isfinite(np.dot(flat, flat)) or bool(np.isfinite(a).all())
-        # A NaN or inf anywhere makes the sum non-finite; a finite sum proves all are finite.
-        # Only a sum that overflows needs the element-wise check.
-        return bool(np.isfinite(a.sum())) or bool(np.isfinite(a).all())
+            return math.isfinite(np.vdot(flat, flat)) or bool(np.isfinite(a).all())
+        return bool(np.isfinite(a).all())
     return bool(torch.isfinite(x).all())
 
 

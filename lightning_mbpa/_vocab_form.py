@@ -292,9 +292,8 @@ def one_step_outputs(
     coef = torch.where(valid, coef * (-lr * weights), 0.0)
     flat = torch.where(valid, slots, -1).reshape(-1)
     used = flat >= 0
-    out = base.float().clone()
     if not bool(used.any()):
-        return out
+        return base.float().clone()
     unique, inverse = torch.unique(flat[used], return_inverse=True)
     if probs_of is None or memory_keys is None:
         if memory_keys is None:  # the neighbours' own keys
@@ -311,8 +310,9 @@ def one_step_outputs(
     columns[used] = rows[inverse]
     # per query, the coefficient-weighted sum of its K softmax rows (a repeated row sums, as the
     # per-neighbour sum does): an embedding bag, memory-bound
-    out += torch.nn.functional.embedding_bag(
+    out = torch.nn.functional.embedding_bag(
         columns.view(coef.shape), table, per_sample_weights=coef, mode="sum"
     )
+    out += base  # (the sums' own tensor: no copy of the base outputs to page in)
     out.scatter_add_(1, torch.where(valid, labels, 0), -coef)
     return out

@@ -197,7 +197,12 @@ def mix_log_probs(
         log_base_weight = math.log(base_weight)
     if log_base_weight is not None:
         weighted_base = _plus(torch.log_softmax(base_logits.to(dtype), dim=-1), log_base_weight)
-        mixed = weighted_base if mixed is None else torch.logaddexp(mixed, weighted_base)
+        if mixed is None:
+            mixed = weighted_base
+        elif mixed.requires_grad or weighted_base.requires_grad:
+            mixed = torch.logaddexp(mixed, weighted_base)
+        else:  # both are this function's own: no second [B, C] tensor to page in
+            mixed = torch.logaddexp(mixed, weighted_base, out=mixed)
     if mixed is None:  # the memory alone, every row with neighbours
         mixed = torch.full(base_logits.shape, -math.inf, dtype=dtype, device=base_logits.device)
     if memory_weight > 0:
@@ -212,7 +217,10 @@ def mix_log_probs(
         # a label held by several neighbours is written once per neighbour, with equal values;
         # only its first copy carries the gradient (else it would count once per copy)
         at_labels = torch.where(first, at_labels, at_labels.detach())
-        mixed = mixed.scatter(1, labels, at_labels)
+        if mixed.requires_grad or at_labels.requires_grad:
+            mixed = mixed.scatter(1, labels, at_labels)
+        else:  # (`mixed` is this function's own tensor)
+            mixed.scatter_(1, labels, at_labels)
     if mixed.requires_grad:
         return mixed.clamp_min(LOG_FLOOR)
     return mixed.clamp_min_(LOG_FLOOR)

@@ -697,8 +697,43 @@ def test_append_if_valid_writes_as_the_general_path_or_changes_nothing(change, w
 def test_all_finite_agrees_with_numpy(size, value, where, scale):
     from lightning_mbpa._memory_checks import all_finite
 
-    keys = np.random.default_rng(size).standard_normal(size).astype(np.float32) * np.float32(scale)
-    keys[int(where * size)] = value
-    tensor = torch.from_numpy(keys)
-    assert all_finite(tensor) == bool(np.isfinite(keys).all())
-    assert all_finite(tensor.reshape(1, -1).t()) == bool(np.isfinite(keys).all())
+    rng = np.random.default_rng(size)
+    with np.errstate(over="ignore"):  # (3e38 times a normal sample may be inf: no matter)
+        keys = rng.standard_normal((size, 2)).astype(np.float32) * np.float32(scale)
+    keys[int(where * size), 0] = value
+    column = torch.from_numpy(keys)[:, 0]  # strided: every other float
+    expected = bool(np.isfinite(keys[:, 0]).all())
+    with warnings.catch_warnings(), np.errstate(all="raise"):
+        warnings.simplefilter("error")  # huge finite values warn and raise nowhere
+        assert all_finite(column) == expected
+        assert all_finite(column.contiguous()) == expected
+
+
+@pytest.mark.parametrize("eviction", ["fifo", "reservoir"])
+def test_one_pass_appends_fill_the_pending_buffer_and_write_it_in_order(eviction, monkeypatch):
+    """Batches appended in one pass that overflow the pending buffer (a bulk write before the
+    next one waits), reads in between: the memory equals one ``add`` per batch."""
+    monkeypatch.setattr("lightning_mbpa._writing.PENDING_BYTES", 10 * 6 * 4)  # 10 rows pending
+    batches = _batches([3, 4, 2, 5, 1, 3, 4, 2, 6, 3, 5, 2])
+    memory = EpisodicMemory(30, eviction=eviction, seed=3)
+    reference = EpisodicMemory(30, eviction=eviction, seed=3)
+    memory.add(*batches[0])  # the storage exists: the one-pass write applies
+    reference.add(*batches[0])
+    for i, (keys, values) in enumerate(batches[1:]):
+        assert memory.append_if_valid(keys, values, 5)
+        reference.add(keys, values)
+        if i == 6:
+            assert len(memory) == len(reference)  # a read writes the pending rows first
+    assert memory._pending.count > 0
+    assert_same_memory(memory, reference)
+
+
+def test_huge_finite_keys_are_written_without_numpy_warnings():
+    keys, values = torch.full((4, 3), 1e20), torch.tensor([0, 1, 2, 3])
+    memory = EpisodicMemory(20)
+    with warnings.catch_warnings(), np.errstate(all="raise"):
+        warnings.simplefilter("error")
+        memory.add(keys, values)  # the norms overflow: the keys are still finite
+        assert memory.append_if_valid(keys, values)
+        memory.append_checked(memory.check_rows(keys, values))
+    assert len(memory) == 12 and torch.equal(memory.keys[-4:], keys)
