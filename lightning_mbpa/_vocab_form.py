@@ -190,7 +190,7 @@ class SlotSoftmaxCache:
         weight = head.weight.detach().float()
         bias = None if head.bias is None else head.bias.detach().float()
         first = int(rows[0]) if n else 0
-        contiguous = bool((rows == torch.arange(first, first + n)).all())
+        contiguous = bool((rows == torch.arange(first, first + n, device=rows.device)).all())
         for start in range(0, n, SOFTMAX_CHUNK_ROWS):
             stop = min(n, start + SOFTMAX_CHUNK_ROWS)
             logits = self._reused("scratch", SOFTMAX_CHUNK_ROWS, weight.shape[0], memory_keys)
