@@ -35,6 +35,7 @@ per batch.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import logging
 import math
@@ -42,7 +43,7 @@ import os
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import lightning.pytorch as pl
 import numpy as np
@@ -460,6 +461,7 @@ class TimedMbPA(MbPA):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.per_batch: list[int] = []  # ns in MbPA's hooks, per training batch
+        self.parts: dict[str, int] = {}  # ns in the parts of the write, summed over the run
 
     def _timed(self, fn: Callable) -> Callable:
         def timed(*args, **kwargs):
@@ -475,6 +477,41 @@ class TimedMbPA(MbPA):
         name = "_capture" if hasattr(writer, "_capture") else "_capture_hook"
         setattr(writer, name, self._timed(getattr(writer, name)))
         super().on_fit_start(trainer, pl_module)
+
+    @contextlib.contextmanager
+    def parts_timed(self) -> Iterator[None]:
+        """Times the finite check, the copy into the pending buffer and the bulk writes (where
+        this version of the package has them) while the block runs."""
+        import lightning_mbpa._memory_checks as checks
+        import lightning_mbpa._writing as writing
+
+        targets = [
+            (checks, "all_finite", "finite check"),
+            (getattr(writing, "PendingRows", None), "append", "copy into the pending buffer"),
+            (type(self.memory), "_settle", "bulk writes"),
+        ]
+        saved = []
+        for owner, attribute, label in targets:
+            if owner is None or not hasattr(owner, attribute):
+                continue
+            original = getattr(owner, attribute)
+            saved.append((owner, attribute, original))
+            setattr(owner, attribute, self._part(original, label))
+        try:
+            yield
+        finally:
+            for owner, attribute, original in saved:
+                setattr(owner, attribute, original)
+
+    def _part(self, fn: Callable, label: str) -> Callable:
+        def timed(*args, **kwargs):
+            start = time.perf_counter_ns()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.parts[label] = self.parts.get(label, 0) + time.perf_counter_ns() - start
+
+        return timed
 
     def on_train_batch_start(self, *args) -> None:
         self.per_batch.append(0)
@@ -538,7 +575,8 @@ def training(args: argparse.Namespace) -> None:
     batches = math.ceil(n / 64)
     timed_runs = [TimedMbPA(memory_size=n) for _ in range(3)]
     for timed in timed_runs:
-        run([timed])
+        with timed.parts_timed():
+            run([timed])
     print(
         f"training on {cpu_model()}: {n} examples, {described}, batch 64, one epoch, "
         f"{args.rounds} rounds alternated; with MbPA writing every example, and a do-nothing "
@@ -574,6 +612,11 @@ def training(args: argparse.Namespace) -> None:
         f" the bulk writes: {mean / 1e6 / step:.1%} of a step",
         flush=True,
     )
+    parts = ", ".join(
+        f"{label} {statistics.median(t.parts.get(label, 0) for t in timed_runs) / batches / 1e3:.0f}"
+        for label in timed_runs[0].parts
+    )
+    print(f"    of which, in µs per batch (the bulk writes averaged over the batches): {parts}")
 
 
 def main() -> None:
