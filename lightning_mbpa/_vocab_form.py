@@ -105,7 +105,8 @@ class SlotSoftmaxCache:
         missing = ~hit
         num_missing = int(missing.sum())
         if num_missing > capacity - int(hit.sum()):  # the batch does not fit: no caching
-            table = self._reused("batch_table", slots.numel(), classes, memory_keys)
+            self.batch_table = _at_least(self.batch_table, slots.numel(), classes, memory_keys)
+            table = self.batch_table[: slots.numel()]
             if bool(hit.any()):
                 assert self.probs is not None
                 table[hit] = self.probs[rows[hit]]
@@ -187,21 +188,16 @@ class SlotSoftmaxCache:
             if not found:
                 where = None
         self.computed += n if where is None else int((where < 0).sum())
-        weight = head.weight.detach().float()
-        bias = None if head.bias is None else head.bias.detach().float()
         first = int(rows[0]) if n else 0
         contiguous = bool((rows == torch.arange(first, first + n, device=rows.device)).all())
+        scratch = _at_least(self.scratch, SOFTMAX_CHUNK_ROWS, out.shape[1], memory_keys)
+        self.scratch = scratch
         for start in range(0, n, SOFTMAX_CHUNK_ROWS):
             stop = min(n, start + SOFTMAX_CHUNK_ROWS)
-            logits = self._reused("scratch", SOFTMAX_CHUNK_ROWS, weight.shape[0], memory_keys)
-            logits = logits[: stop - start]
+            logits = scratch[: stop - start]
             chunk = None if where is None else where[start:stop]
             if chunk is None or bool((chunk < 0).any()):
-                with torch.autocast(keys.device.type, enabled=False):
-                    if bias is None:
-                        torch.mm(keys[start:stop].float(), weight.t(), out=logits)
-                    else:
-                        torch.addmm(bias, keys[start:stop].float(), weight.t(), out=logits)
+                _linear(head, keys[start:stop], out=logits)
             if chunk is not None:
                 found_rows = chunk >= 0
                 logits[found_rows] = offered_logits[chunk[found_rows]]
@@ -210,15 +206,14 @@ class SlotSoftmaxCache:
             else:
                 out[rows[start:stop]] = torch.softmax(logits, dim=1, out=logits)
 
-    def _reused(self, name: str, rows: int, classes: int, like: Tensor) -> Tensor:
-        """``[rows, C]`` of the scratch buffer ``name``, grown (never shrunk) as needed: its pages
-        stay backed from one batch to the next."""
-        buffer: Tensor | None = getattr(self, name)
-        if buffer is None or buffer.shape[1] != classes or buffer.shape[0] < rows:
-            with torch.inference_mode(False):
-                buffer = like.new_empty((rows, classes))
-            setattr(self, name, buffer)
-        return buffer[:rows]
+
+def _at_least(buffer: Tensor | None, rows: int, classes: int, like: Tensor) -> Tensor:
+    """``buffer`` if it holds at least ``[rows, classes]``, else a new one of that size (a reused
+    buffer only grows, and its pages stay backed from one batch to the next)."""
+    if buffer is None or buffer.shape[1] != classes or buffer.shape[0] < rows:
+        with torch.inference_mode(False):
+            buffer = like.new_empty((rows, classes))
+    return buffer
 
 
 def _match_rows(keys: Tensor, candidates: Tensor) -> Tensor:
@@ -246,12 +241,17 @@ def _match_rows(keys: Tensor, candidates: Tensor) -> Tensor:
     return where
 
 
-def _linear(head: nn.Linear, keys: Tensor) -> Tensor:
-    """``head(keys)`` in float32 with the trained weights, autocast off."""
+def _linear(head: nn.Linear, keys: Tensor, out: Tensor | None = None) -> Tensor:
+    """``head(keys)`` in float32 with the trained weights, autocast off (into ``out`` if
+    given)."""
     with torch.autocast(keys.device.type, enabled=False):
         weight = head.weight.detach().float()
         bias = None if head.bias is None else head.bias.detach().float()
-        return torch.nn.functional.linear(keys.float(), weight, bias)
+        if out is None:
+            return torch.nn.functional.linear(keys.float(), weight, bias)
+        if bias is None:
+            return torch.mm(keys.float(), weight.t(), out=out)
+        return torch.addmm(bias, keys.float(), weight.t(), out=out)
 
 
 def one_step_outputs(

@@ -254,13 +254,8 @@ class Writer:
         captured = self.captured
         if labels is None or fraction != 1.0 or len(captured) != 1:
             return False
-        return self.target.append_if_valid(captured[0][1], labels, self._labels_below())
-
-    def _labels_below(self) -> int | None:
-        """The labels the head can predict are ``[0, this)`` (None: unknown). A single output
-        is a binary head: labels 0 and 1."""
-        classes = self.head.classes()
-        return None if classes is None else (2 if classes == 1 else classes)
+        below = _labels_below(self.head.classes())
+        return self.target.append_if_valid(captured[0][1], labels, below)
 
     def skipped_training_step(self) -> bool:
         """A training step that did not call the head after the head ran in earlier steps.
@@ -331,8 +326,8 @@ class Writer:
                     "index for that width (for 'PQm' and 'IVFn,PQm', m must divide it) or 'Flat'."
                 ) from err
             self._index_checked_dim = width
-        high = self._labels_below()
         classes = self.head.classes()
+        high = _labels_below(classes)
         checked = []
         for keys, values in pairs:
             dim = keys.shape[1] if dim is None else dim
@@ -381,6 +376,12 @@ class Writer:
             rows = rows.select(torch.rand(len(rows), generator=self.generator) < fraction)
         if len(rows):
             self.target.append_checked(rows)
+
+
+def _labels_below(classes: int | None) -> int | None:
+    """A head with ``classes`` outputs predicts the labels ``[0, this)`` (None: unknown). A
+    single output is a binary head: labels 0 and 1."""
+    return None if classes is None else (2 if classes == 1 else classes)
 
 
 def _gather(strategy: Any, *tensors: Tensor) -> tuple[Tensor, ...]:

@@ -405,9 +405,7 @@ class EpisodicMemory:
         if rows.payload is not None or not self._buffers() or not pending.fits(rows):
             self.add_checked(rows)
         elif self._accept(rows):
-            if pending.count and not pending.room(len(rows), rows.keys.shape[1]):
-                self._settle()
-            pending.append(rows)
+            self._pend(rows)
 
     def append_if_valid(
         self, keys: Tensor, values: Tensor, labels_below: int | None = None
@@ -434,13 +432,18 @@ class EpisodicMemory:
             or (labels_below is not None and rows.high >= labels_below)
         ):
             return False
-        pending = self._pending
-        if not pending.fits(rows):
+        if not self._pending.fits(rows):
             return False
-        if pending.count and not pending.room(len(rows), dim):
+        self._pend(rows)
+        return True
+
+    def _pend(self, rows: CheckedRows) -> None:
+        """Appends accepted rows to the pending buffer, writing the pending ones first when the
+        new ones do not fit behind them."""
+        pending = self._pending
+        if pending.count and not pending.room(len(rows), rows.keys.shape[1]):
             self._settle()
         pending.append(rows)
-        return True
 
     def _check_rows(
         self, keys: Tensor, values: Tensor, payload: Mapping[str, Tensor] | None, norms: bool

@@ -185,10 +185,16 @@ def mix_log_probs(
     # The dense part, λa·p_adapted + λb·p_base (a row without neighbours adds its memory share
     # λm to λb), in log space; then the memory's mass, which sits on the K neighbours' labels
     # only, is added at those classes: no [B, C] memory distribution, no log of its zeros.
+    # Every [B, C] tensor below is this function's own: changed in place unless autograd
+    # tracks the inputs (then it may need them unchanged), so no second one is paged in.
+    in_place = not torch.is_grad_enabled() or not any(
+        t is not None and t.requires_grad for t in (base_logits, adapted_logits, memory_weights)
+    )
     mixed = None
     if adapted_weight > 0:
         assert adapted_logits is not None
-        mixed = _plus(torch.log_softmax(adapted_logits.to(dtype), -1), math.log(adapted_weight))
+        log_adapted = torch.log_softmax(adapted_logits.to(dtype), -1)
+        mixed = _plus(log_adapted, math.log(adapted_weight), in_place)
     log_base_weight: Tensor | float | None = None
     if empty is not None and bool(empty.any()):
         row_weight = empty.to(dtype) * memory_weight + base_weight
@@ -196,13 +202,14 @@ def mix_log_probs(
     elif base_weight > 0:
         log_base_weight = math.log(base_weight)
     if log_base_weight is not None:
-        weighted_base = _plus(torch.log_softmax(base_logits.to(dtype), dim=-1), log_base_weight)
+        log_base = torch.log_softmax(base_logits.to(dtype), dim=-1)
+        weighted_base = _plus(log_base, log_base_weight, in_place)
         if mixed is None:
             mixed = weighted_base
-        elif mixed.requires_grad or weighted_base.requires_grad:
-            mixed = torch.logaddexp(mixed, weighted_base)
-        else:  # both are this function's own: no second [B, C] tensor to page in
+        elif in_place:
             mixed = torch.logaddexp(mixed, weighted_base, out=mixed)
+        else:
+            mixed = torch.logaddexp(mixed, weighted_base)
     if mixed is None:  # the memory alone, every row with neighbours
         mixed = torch.full(base_logits.shape, -math.inf, dtype=dtype, device=base_logits.device)
     if memory_weight > 0:
@@ -217,18 +224,16 @@ def mix_log_probs(
         # a label held by several neighbours is written once per neighbour, with equal values;
         # only its first copy carries the gradient (else it would count once per copy)
         at_labels = torch.where(first, at_labels, at_labels.detach())
-        if mixed.requires_grad or at_labels.requires_grad:
-            mixed = mixed.scatter(1, labels, at_labels)
-        else:  # (`mixed` is this function's own tensor)
+        if in_place:
             mixed.scatter_(1, labels, at_labels)
-    if mixed.requires_grad:
-        return mixed.clamp_min(LOG_FLOOR)
-    return mixed.clamp_min_(LOG_FLOOR)
+        else:
+            mixed = mixed.scatter(1, labels, at_labels)
+    return mixed.clamp_min_(LOG_FLOOR) if in_place else mixed.clamp_min(LOG_FLOOR)
 
 
-def _plus(t: Tensor, value: Tensor | float) -> Tensor:
-    """``t + value``, in place where autograd does not need ``t``."""
-    return t + value if t.requires_grad else t.add_(value)
+def _plus(t: Tensor, value: Tensor | float, in_place: bool) -> Tensor:
+    """``t + value``, in ``t`` if ``in_place``."""
+    return t.add_(value) if in_place else t + value
 
 
 def _mass_at_labels(labels: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
